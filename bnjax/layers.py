@@ -1,0 +1,455 @@
+"""Pure-functional layers: Affine, BatchNorm, ReLU/Sigmoid, Dropout, SoftmaxWithLoss.
+
+The names follow ch. 6.3 of Saito's *Deep Learning from Scratch* (``Affine``, ``BatchNorm``, ``Relu``,
+``SoftmaxWithLoss``, ``train_flg``), but nothing here is mutated: every layer is an ``*_init`` that builds
+parameters (and, for batch norm, state) as pytrees of arrays, and an ``*_apply`` that is a pure function.
+Stateful layers return ``(out, new_state)`` as in Equinox and Haiku.
+
+Batch-norm conventions (see ``CONVENTIONS`` and the README for the side-by-side table):
+
+* ``momentum`` multiplies the *old* running value: ``new = momentum * old + (1 - momentum) * batch``,
+  default 0.9 (the book's and Flax's side; PyTorch's ``momentum=0.1`` is our 0.9).
+* Running variance is the biased batch variance by default (the book, Flax); pass
+  ``unbiased_running_var=True`` for the ``n / (n - 1)`` correction that PyTorch stores.
+  Normalisation always uses the biased batch variance.
+* ``eps`` defaults to the book's ``1e-6`` (the book writes ``10e-7``); Flax and PyTorch use ``1e-5``.
+* Running statistics start at mean 0 and variance 0 (the book); Flax and PyTorch start the variance at 1
+  (``batch_norm_init(..., init_var=1.0)``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = jax.Array
+
+__all__ = [
+    "AffineParams",
+    "BatchNormParams",
+    "BatchNormState",
+    "CONVENTIONS",
+    "affine_init",
+    "affine_apply",
+    "resolve_init_std",
+    "batch_norm_init",
+    "batch_norm_apply",
+    "batch_norm_stats",
+    "relu",
+    "sigmoid",
+    "dropout_apply",
+    "softmax_cross_entropy",
+    "torch_batch_norm_to_bnjax",
+]
+
+# Module-level so docs, tests and users can read the defaults from one place.
+CONVENTIONS = {
+    "momentum": 0.9,  # new = momentum * old + (1 - momentum) * batch
+    "eps": 1e-6,  # the book's 10e-7
+    "running_var": "biased",
+    "init_mean": 0.0,
+    "init_var": 0.0,
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Affine
+# --------------------------------------------------------------------------------------------------
+
+
+class AffineParams(NamedTuple):
+    """Parameters of ``y = x @ W + b``: ``W`` is ``[num_in, num_out]``, ``b`` is ``[num_out]``."""
+
+    W: Array
+    b: Array
+
+
+def resolve_init_std(weight_init_std: Any, fan_in: int) -> Any:
+    """The standard deviation the book's ``MultiLayerNetExtend`` uses for a layer with ``fan_in`` inputs.
+
+    Args:
+      weight_init_std: a number or array (used as is), or ``'he'``/``'relu'`` (sqrt(2/fan_in)) or
+        ``'xavier'``/``'sigmoid'`` (sqrt(1/fan_in)).
+      fan_in: number of inputs of the layer.
+    """
+    if isinstance(weight_init_std, str):
+        name = weight_init_std.lower()
+        if name in ("he", "relu"):
+            return (2.0 / fan_in) ** 0.5
+        if name in ("xavier", "sigmoid"):
+            return (1.0 / fan_in) ** 0.5
+        raise ValueError(
+            f"weight_init_std={weight_init_std!r}: expected a number, an array, 'he'/'relu' or "
+            "'xavier'/'sigmoid'"
+        )
+    return weight_init_std
+
+
+def affine_init(
+    key: Array,
+    num_in: int,
+    num_out: int,
+    weight_init_std: Any = 0.01,
+    dtype: Any = jnp.float32,
+) -> AffineParams:
+    """``W = std * normal(key, [num_in, num_out])``, ``b = 0`` (the book's initialisation).
+
+    ``weight_init_std`` may be a traced scalar, so ``jax.vmap`` over scales works.
+    """
+    if num_in < 1 or num_out < 1:
+        raise ValueError(f"affine_init: sizes must be positive, got num_in={num_in}, num_out={num_out}")
+    std = jnp.asarray(resolve_init_std(weight_init_std, num_in), dtype)
+    if std.ndim != 0:
+        raise ValueError(f"affine_init: weight_init_std must be a scalar, got shape {std.shape}")
+    W = std * jax.random.normal(key, (num_in, num_out), dtype)
+    return AffineParams(W=W, b=jnp.zeros((num_out,), dtype))
+
+
+def affine_apply(params: AffineParams, x: Array) -> Array:
+    """``x[..., num_in] -> x @ W + b [..., num_out]``."""
+    W, b = params
+    if x.ndim < 1 or x.shape[-1] != W.shape[0]:
+        raise ValueError(f"affine_apply: x has shape {x.shape}, but W expects {W.shape[0]} input features")
+    return x @ W + b
+
+
+# --------------------------------------------------------------------------------------------------
+# Batch normalisation
+# --------------------------------------------------------------------------------------------------
+
+
+class BatchNormParams(NamedTuple):
+    """Learned scale and offset (``None`` when disabled), each of the feature shape."""
+
+    gamma: Array | None
+    beta: Array | None
+
+
+class BatchNormState(NamedTuple):
+    """Running statistics, each of the feature shape. Not trained: thread it through ``apply``."""
+
+    mean: Array
+    var: Array
+
+
+def batch_norm_init(
+    num_features: int | Sequence[int],
+    *,
+    use_scale: bool = True,
+    use_offset: bool = True,
+    init_mean: float = CONVENTIONS["init_mean"],
+    init_var: float = CONVENTIONS["init_var"],
+    dtype: Any = jnp.float32,
+) -> tuple[BatchNormParams, BatchNormState]:
+    """Parameters (gamma=1, beta=0) and running state for ``num_features`` features.
+
+    Args:
+      num_features: feature size ``C``, or a shape tuple when ``feature_axes`` names several axes.
+      use_scale, use_offset: learn gamma / beta (otherwise the field is ``None``).
+      init_mean, init_var: initial running statistics; the book uses 0 and 0, Flax and PyTorch 0 and 1.
+      dtype: parameter dtype. Running statistics are always float32 (float64 under x64 with a float64
+        ``dtype``) because they are accumulated in full precision.
+    """
+    shape = (num_features,) if isinstance(num_features, int) else tuple(num_features)
+    if not shape or any(int(s) < 1 for s in shape):
+        raise ValueError(f"batch_norm_init: num_features must be positive, got {num_features!r}")
+    stat_dtype = jnp.promote_types(dtype, jnp.float32)
+    params = BatchNormParams(
+        gamma=jnp.ones(shape, dtype) if use_scale else None,
+        beta=jnp.zeros(shape, dtype) if use_offset else None,
+    )
+    state = BatchNormState(mean=jnp.full(shape, init_mean, stat_dtype), var=jnp.full(shape, init_var, stat_dtype))
+    return params, state
+
+
+def _feature_axes(ndim: int, feature_axes: int | Sequence[int]) -> tuple[int, ...]:
+    axes = (feature_axes,) if isinstance(feature_axes, int) else tuple(feature_axes)
+    out = []
+    for a in axes:
+        if not -ndim <= a < ndim:
+            raise ValueError(f"batch_norm: feature axis {a} is out of range for an input of rank {ndim}")
+        out.append(a % ndim)
+    if len(set(out)) != len(out):
+        raise ValueError(f"batch_norm: feature_axes {feature_axes!r} repeat an axis")
+    return tuple(sorted(out))
+
+
+def _psum(x: Any, axis_name: Any) -> Any:
+    try:
+        return lax.psum(x, axis_name)
+    except NameError as err:  # jax's message talks about shard_map; say what the user can do.
+        raise ValueError(
+            f"batch_norm: axis_name={axis_name!r} is not bound. Call batch_norm_apply inside "
+            f"jax.vmap(..., axis_name={axis_name!r}), pmap or shard_map with that axis name, "
+            "or pass axis_name=None for per-device statistics."
+        ) from err
+
+
+def batch_norm_stats(
+    x: Array,
+    *,
+    feature_axes: int | Sequence[int] = -1,
+    axis_name: Any = None,
+    mask: Array | None = None,
+) -> tuple[Array, Array, Array]:
+    """Batch mean, biased variance and count of ``x``, reduced over all non-feature axes.
+
+    Statistics are computed in float32 (float64 for float64 input) whatever the input dtype. The variance is
+    two-pass (centred): the mean is reduced first, then the mean squared deviation from it. With
+    ``axis_name`` the *sums* (of x, of the weights, of squared deviations) are ``psum``-ed, so the result is
+    exactly the statistics of the concatenated batch, also when shards or masks have unequal sizes.
+
+    Args:
+      x: ``[N, C]``, ``[N, H, W, C]``, ... (any rank >= 2).
+      feature_axes: axis or axes that hold features (kept); all others are reduced.
+      axis_name: a bound ``vmap``/``pmap``/``shard_map`` axis to reduce across, or ``None``.
+      mask: optional boolean/0-1 array over the leading non-feature axes (``[N]`` for rows), True = valid.
+
+    Returns:
+      ``(mean, var, count)``: mean and var of the feature shape, ``count`` a scalar (global with axis_name).
+    """
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"batch_norm: x must be a floating-point array, got dtype {x.dtype}")
+    if x.ndim < 2:
+        raise ValueError(
+            f"batch_norm: x must have a batch axis and a feature axis (rank >= 2), got shape {x.shape}"
+        )
+    faxes = _feature_axes(x.ndim, feature_axes)
+    red_axes = tuple(a for a in range(x.ndim) if a not in faxes)
+    if not red_axes:
+        raise ValueError(f"batch_norm: every axis of x {x.shape} is a feature axis; nothing to reduce over")
+    stat_dtype = jnp.promote_types(x.dtype, jnp.float32)
+    xs = x.astype(stat_dtype)
+
+    if mask is None:
+        weight = None
+        local_count = jnp.asarray(float(math.prod(x.shape[a] for a in red_axes)), stat_dtype)
+    else:
+        mask = jnp.asarray(mask)
+        if mask.ndim == 0 or mask.ndim > len(red_axes) or tuple(red_axes[: mask.ndim]) != tuple(range(mask.ndim)):
+            raise ValueError(
+                f"batch_norm: mask of shape {mask.shape} must cover leading non-feature axes of x {x.shape}"
+            )
+        if mask.shape != x.shape[: mask.ndim]:
+            raise ValueError(f"batch_norm: mask shape {mask.shape} does not match x shape {x.shape[: mask.ndim]}")
+        weight = mask.astype(stat_dtype).reshape(mask.shape + (1,) * (x.ndim - mask.ndim))
+        # Rows not covered by the mask (e.g. H, W of an NHWC input) count once per element.
+        local_count = jnp.sum(weight) * float(math.prod(x.shape[a] for a in red_axes[mask.ndim :]))
+
+    def wsum(v: Array) -> Array:
+        if weight is not None:
+            v = v * weight
+        return jnp.sum(v, axis=red_axes, keepdims=True)
+
+    total, count = wsum(xs), local_count
+    if axis_name is not None:
+        total, count = _psum((total, count), axis_name)
+    # A fully masked batch has count 0; divide by 1 instead and let the caller skip the update.
+    safe_count = jnp.maximum(count, 1.0)
+    mean = total / safe_count
+    sq = wsum(jnp.square(xs - mean))
+    if axis_name is not None:
+        sq = _psum(sq, axis_name)
+    var = jnp.maximum(sq / safe_count, 0.0)
+    return jnp.squeeze(mean, red_axes), jnp.squeeze(var, red_axes), count
+
+
+def _normalize(x, mean, var, gamma, beta, eps, faxes):
+    """The one normalisation both train and eval use, so equal statistics give bit-equal outputs."""
+    stat_dtype = mean.dtype
+
+    def expand(v):
+        # [feature shape] -> broadcastable against x.
+        shape = [1] * x.ndim
+        for a, s in zip(faxes, v.shape):
+            shape[a] = s
+        return v.reshape(shape)
+
+    scale = lax.rsqrt(var + jnp.asarray(eps, stat_dtype))
+    if gamma is not None:
+        scale = scale * gamma.astype(stat_dtype)
+    y = (x.astype(stat_dtype) - expand(mean)) * expand(scale)
+    if beta is not None:
+        y = y + expand(beta.astype(stat_dtype))
+    return y.astype(x.dtype)
+
+
+def batch_norm_apply(
+    params: BatchNormParams,
+    state: BatchNormState,
+    x: Array,
+    train: bool = True,
+    *,
+    use_batch_stats: bool | None = None,
+    update_stats: bool | None = None,
+    momentum: float | Array = CONVENTIONS["momentum"],
+    eps: float = CONVENTIONS["eps"],
+    feature_axes: int | Sequence[int] = -1,
+    axis_name: Any = None,
+    mask: Array | None = None,
+    unbiased_running_var: bool = False,
+) -> tuple[Array, BatchNormState]:
+    """Batch normalisation ``y = gamma * (x - mu) / sqrt(var + eps) + beta``.
+
+    Args:
+      params: from ``batch_norm_init``.
+      state: running statistics from ``batch_norm_init`` or a previous call.
+      x: ``[N, C]`` or ``[N, H, W, C]`` (any rank >= 2), floating point. bf16/float16 inputs are
+        normalised with float32 statistics and returned in their own dtype.
+      train: the book's ``train_flg``. Sets the defaults of the next two flags: True -> normalise with
+        batch statistics and update the running ones; False -> normalise with running statistics, no update.
+      use_batch_stats: normalise with the batch statistics (True) or the running ones (False).
+      update_stats: fold this batch's statistics into the running ones. Independent of ``use_batch_stats``:
+        ``use_batch_stats=True, update_stats=False`` evaluates with batch statistics;
+        ``train=True`` without taking gradients re-estimates running statistics.
+      momentum: ``new = momentum * old + (1 - momentum) * batch`` (the book's / Flax's side).
+      eps: added to the variance; the book's 1e-6 by default.
+      feature_axes: axis (or axes) of the features, -1 for ``[N, C]`` and NHWC.
+      axis_name: reduce statistics across this bound ``vmap``/``pmap``/``shard_map`` axis (exact for
+        unequal shards: sums and counts are reduced, not per-device means).
+      mask: optional valid-row mask over leading non-feature axes (``[N]``); masked rows do not enter the
+        batch statistics, the running update or the cross-device reduction. If no row is valid the running
+        statistics are left unchanged.
+      unbiased_running_var: store ``var * n / (n - 1)`` in the running variance (PyTorch's convention).
+
+    Returns:
+      ``(y, new_state)``: ``y`` has the shape and dtype of ``x``; ``new_state`` is ``state`` itself when no
+      update is made.
+    """
+    use_batch_stats = train if use_batch_stats is None else use_batch_stats
+    update_stats = train if update_stats is None else update_stats
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"batch_norm_apply: x must be a floating-point array, got dtype {x.dtype}")
+    if x.ndim < 2:
+        raise ValueError(
+            f"batch_norm_apply: x must have a batch axis and a feature axis (rank >= 2), got shape {x.shape}"
+        )
+    faxes = _feature_axes(x.ndim, feature_axes)
+    feature_shape = tuple(x.shape[a] for a in faxes)
+    for name, v in (("gamma", params.gamma), ("beta", params.beta), ("running mean", state.mean),
+                    ("running var", state.var)):
+        if v is not None and tuple(v.shape) != feature_shape:
+            raise ValueError(
+                f"batch_norm_apply: {name} has shape {tuple(v.shape)} but x {tuple(x.shape)} has features "
+                f"{feature_shape} on axes {faxes}; no broadcasting is done"
+            )
+
+    new_state = state
+    if use_batch_stats or update_stats:
+        mean, var, count = batch_norm_stats(x, feature_axes=faxes, axis_name=axis_name, mask=mask)
+        if update_stats:
+            run_var = var
+            if unbiased_running_var:
+                run_var = var * (count / jnp.maximum(count - 1.0, 1.0))
+            m = jnp.asarray(momentum, state.mean.dtype)
+            new_mean = m * state.mean + (1 - m) * mean.astype(state.mean.dtype)
+            new_var = m * state.var + (1 - m) * run_var.astype(state.var.dtype)
+            # An all-masked batch carries no information: keep the old statistics.
+            has_rows = count > 0
+            new_state = BatchNormState(
+                mean=jnp.where(has_rows, new_mean, state.mean), var=jnp.where(has_rows, new_var, state.var)
+            )
+    if not use_batch_stats:
+        mean, var = state.mean, state.var
+    y = _normalize(x, mean, var, params.gamma, params.beta, eps, faxes)
+    return y, new_state
+
+
+# --------------------------------------------------------------------------------------------------
+# Activations, dropout, loss
+# --------------------------------------------------------------------------------------------------
+
+
+def relu(x: Array) -> Array:
+    """``max(x, 0)``; gradient 0 at exactly 0, as in the book's ``Relu``."""
+    return jax.nn.relu(x)
+
+
+def sigmoid(x: Array) -> Array:
+    """``1 / (1 + exp(-x))``."""
+    return jax.nn.sigmoid(x)
+
+
+def dropout_apply(
+    x: Array, key: Array | None, rate: float, train: bool = True, *, inverted: bool = True
+) -> Array:
+    """Dropout with an explicit key.
+
+    Args:
+      x: any shape.
+      key: a ``jax.random`` key; required when ``train`` and ``rate > 0``.
+      rate: probability of dropping a unit (the book's ``dropout_ratio``), in [0, 1).
+      train: apply the random mask (True) or the deterministic evaluation path (False).
+      inverted: scale kept units by ``1 / (1 - rate)`` at training time and do nothing at evaluation
+        (the modern convention). ``False`` is the book's: no scaling at training, multiply by
+        ``1 - rate`` at evaluation. Both have the same expectation.
+    """
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"dropout_apply: rate must be in [0, 1), got {rate}")
+    if rate == 0.0:
+        return x
+    if not train:
+        return x if inverted else x * jnp.asarray(1.0 - rate, x.dtype)
+    if key is None:
+        raise ValueError("dropout_apply: a jax.random key is required when train=True and rate > 0")
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    kept = x / jnp.asarray(1.0 - rate, x.dtype) if inverted else x
+    return jnp.where(keep, kept, jnp.zeros_like(x))
+
+
+def softmax_cross_entropy(logits: Array, labels: Array) -> Array:
+    """Mean softmax cross-entropy (the book's ``SoftmaxWithLoss``) with integer labels.
+
+    Uses ``log_softmax``, whose gradient is exactly the book's ``(softmax - onehot) / N``; the book's
+    ``log(y + 1e-7)`` only changes the reported loss value for near-certain wrong predictions.
+
+    Args:
+      logits: ``[N, K]`` scores.
+      labels: ``[N]`` integer class indices in ``[0, K)``.
+    """
+    if logits.ndim != 2:
+        raise ValueError(f"softmax_cross_entropy: logits must be [N, K], got shape {logits.shape}")
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise TypeError(f"softmax_cross_entropy: labels must be integer class indices, got dtype {labels.dtype}")
+    if labels.shape != logits.shape[:1]:
+        raise ValueError(f"softmax_cross_entropy: labels shape {labels.shape} != [N]={logits.shape[:1]}")
+    logp = jax.nn.log_softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), axis=-1)
+    return -jnp.mean(jnp.take_along_axis(logp, labels[:, None].astype(jnp.int32), axis=-1))
+
+
+# --------------------------------------------------------------------------------------------------
+# Interop
+# --------------------------------------------------------------------------------------------------
+
+
+def torch_batch_norm_to_bnjax(torch_state: dict) -> tuple[BatchNormParams, BatchNormState, dict]:
+    """Convert a PyTorch ``BatchNorm1d/2d`` ``state_dict()`` into bnjax params, state and apply kwargs.
+
+    PyTorch stores ``weight``, ``bias``, ``running_mean`` and the *unbiased* ``running_var``; its
+    ``momentum=0.1`` weights the new batch, i.e. bnjax ``momentum=0.9``; its eps default is 1e-5.
+    Returns ``(params, state, kwargs)`` where ``kwargs`` holds the ``batch_norm_apply`` arguments that
+    reproduce PyTorch's behaviour (``momentum``, ``eps``, ``unbiased_running_var``; and
+    ``feature_axes=-1``, so move NCHW tensors to NHWC first).
+
+    Values may be torch tensors or NumPy arrays; torch itself is not imported.
+    """
+    import numpy as np
+
+    def arr(name):
+        v = torch_state.get(name)
+        if v is None:
+            return None
+        v = v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)
+        return jnp.asarray(v, jnp.float32)
+
+    missing = [k for k in ("running_mean", "running_var") if k not in torch_state]
+    if missing:
+        raise KeyError(f"torch_batch_norm_to_bnjax: state_dict lacks {missing} (track_running_stats=False?)")
+    params = BatchNormParams(gamma=arr("weight"), beta=arr("bias"))
+    state = BatchNormState(mean=arr("running_mean"), var=arr("running_var"))
+    kwargs = {"momentum": 0.9, "eps": 1e-5, "unbiased_running_var": True, "feature_axes": -1}
+    return params, state, kwargs
