@@ -1,0 +1,27 @@
+"""Shared test setup: 8 emulated CPU devices (for the cross-device tests) and a float64 switch."""
+
+import contextlib
+import os
+
+# Must happen before jax is imported anywhere; harmless for single-device tests.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+
+def x64():
+    """Context manager enabling float64 (jax.enable_x64 in new JAX, jax.experimental.enable_x64 in old)."""
+    if hasattr(jax, "enable_x64"):
+        return jax.enable_x64(True)
+    from jax.experimental import enable_x64
+
+    return enable_x64()
+
+
+@pytest.fixture
+def float64():
+    with x64():
+        yield
