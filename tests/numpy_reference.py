@@ -119,7 +119,8 @@ class Net:
         return self.last.forward(self.predict(x, train_flg), t) + decay
 
     def gradient(self, x, t):
-        self.loss(x, t, True)
+        """One training forward (updating running statistics once) and backward; returns the loss."""
+        value = self.loss(x, t, True)
         d = self.last.backward()
         d = self.affines[-1].backward(d)
         for i in reversed(range(len(self.affines) - 1)):
@@ -127,6 +128,7 @@ class Net:
             if self.bns:
                 d = self.bns[i].backward(d)
             d = self.affines[i].backward(d)
+        return value
 
     def sgd_step(self, x, t, lr):
         self.gradient(x, t)

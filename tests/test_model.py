@@ -1,0 +1,121 @@
+"""bnjax.model against the NumPy reference network (book formulas, hand-written backward)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bnjax import layers, model
+from conftest import x64
+from numpy_reference import Net
+
+SIZES = (12, [9, 7, 8], 5)
+
+
+def _data(rng, n=16):
+    x = rng.normal(size=(n, SIZES[0]))
+    t = rng.integers(0, SIZES[2], n)
+    return x, t
+
+
+@pytest.mark.parametrize("use_bn", [True, False])
+@pytest.mark.parametrize("decay", [0.0, 0.1])
+def test_loss_and_gradients_match_numpy_reference_float64(use_bn, decay):
+    rng = np.random.default_rng(0)
+    with x64():
+        params, state = model.init(jax.random.key(0), *SIZES, weight_init_std=0.5, use_batchnorm=use_bn,
+                                   dtype=jnp.float64)
+        ref = Net([np.asarray(a.W) for a in params.affine], use_bn, weight_decay_lambda=decay)
+        x, t = _data(rng)
+        (value, new_state), grads = jax.value_and_grad(model.loss, has_aux=True)(
+            params, state, jnp.asarray(x), jnp.asarray(t), True, None, decay
+        )
+        ref_value = ref.gradient(x, t)
+        np.testing.assert_allclose(float(value), ref_value, rtol=1e-10)
+        for g, a in zip(grads.affine, ref.affines):
+            # the reference adds the decay term in its SGD step; autodiff includes it in the gradient
+            np.testing.assert_allclose(np.asarray(g.W), a.dW + decay * a.W, atol=1e-10)
+            np.testing.assert_allclose(np.asarray(g.b), a.db, atol=1e-10)
+        for g, bn in zip(grads.batch_norm, ref.bns):
+            np.testing.assert_allclose(np.asarray(g.gamma), bn.dgamma, atol=1e-10)
+            np.testing.assert_allclose(np.asarray(g.beta), bn.dbeta, atol=1e-10)
+        for s, bn in zip(new_state.batch_norm, ref.bns):
+            np.testing.assert_allclose(np.asarray(s.mean), bn.running_mean, atol=1e-10)
+            np.testing.assert_allclose(np.asarray(s.var), bn.running_var, atol=1e-10)
+        # Evaluation mode with the updated running statistics.
+        logits, _ = model.apply(params, new_state, jnp.asarray(x), train=False)
+        np.testing.assert_allclose(np.asarray(logits), ref.predict(x, False), atol=1e-9)
+
+
+def test_init_structure_scale_and_vmap_over_scales():
+    key = jax.random.key(1)
+    params, state = model.init(key, 784, [100] * 5, 10, 0.01, use_batchnorm=True)
+    assert [a.W.shape for a in params.affine] == [(784, 100)] + [(100, 100)] * 4 + [(100, 10)]
+    assert len(params.batch_norm) == 5 and len(state.batch_norm) == 5
+    assert all(np.all(np.asarray(p.gamma) == 1) and np.all(np.asarray(p.beta) == 0) for p in params.batch_norm)
+    assert all(np.all(np.asarray(s.mean) == 0) and np.all(np.asarray(s.var) == 0) for s in state.batch_norm)
+    assert abs(float(params.affine[0].W.std()) / 0.01 - 1) < 0.02
+    he, _ = model.init(key, 784, [100] * 5, 10, "he")
+    assert abs(float(he.affine[1].W.std()) / np.sqrt(2 / 100) - 1) < 0.05
+    plain, plain_state = model.init(key, 784, [100] * 5, 10, 0.01)
+    assert plain.batch_norm == () and plain_state.batch_norm == ()
+    scales = jnp.array([1.0, 0.1, 0.01])
+    stacked, _ = jax.vmap(lambda s: model.init(key, 784, [100] * 5, 10, s, use_batchnorm=True))(scales)
+    for i, s in enumerate([1.0, 0.1, 0.01]):
+        single, _ = model.init(key, 784, [100] * 5, 10, s, use_batchnorm=True)
+        np.testing.assert_allclose(np.asarray(stacked.affine[2].W[i]), np.asarray(single.affine[2].W), rtol=1e-6)
+
+
+def test_same_key_same_model_and_different_keys_differ():
+    a, _ = model.init(jax.random.key(3), 10, [4], 3, 0.1)
+    b, _ = model.init(jax.random.key(3), 10, [4], 3, 0.1)
+    c, _ = model.init(jax.random.key(4), 10, [4], 3, 0.1)
+    np.testing.assert_array_equal(np.asarray(a.affine[0].W), np.asarray(b.affine[0].W))
+    assert not np.allclose(np.asarray(a.affine[0].W), np.asarray(c.affine[0].W))
+
+
+def test_dropout_needs_key_in_training_and_is_off_in_eval():
+    params, state = model.init(jax.random.key(5), 12, [50, 50], 5, "he", use_dropout=True, dropout_ratio=0.5)
+    x = jnp.ones((4, 12))
+    y1, _ = model.apply(params, state, x, True, jax.random.key(0))
+    y2, _ = model.apply(params, state, x, True, jax.random.key(1))
+    assert not np.allclose(np.asarray(y1), np.asarray(y2))
+    e1, _ = model.apply(params, state, x, False)
+    e2, _ = model.apply(params, state, x, False)
+    np.testing.assert_array_equal(np.asarray(e1), np.asarray(e2))
+    with pytest.raises(ValueError, match="key"):
+        model.apply(params, state, x, True, None)
+
+
+def test_accuracy_counts_nan_rows_as_class_zero():
+    params, state = model.init(jax.random.key(6), 4, [3], 3, 0.1)
+    bad = jax.tree_util.tree_map(lambda a: a * jnp.nan, params)
+    t = jnp.array([0, 1, 2, 0])
+    acc = model.accuracy(bad, state, jnp.ones((4, 4)), t)
+    assert float(acc) == pytest.approx(0.5)
+
+
+def test_apply_rejects_bad_input():
+    params, state = model.init(jax.random.key(7), 4, [3], 2, 0.1, use_batchnorm=True)
+    with pytest.raises(ValueError, match="features"):
+        model.apply(params, state, jnp.ones((2, 5)), True)
+    with pytest.raises(ValueError, match=r"\[N, features\]"):
+        model.apply(params, state, jnp.ones(4), True)
+    with pytest.raises(ValueError, match="activation"):
+        model.init(jax.random.key(0), 4, [3], 2, 0.1, activation="tanh")
+    with pytest.raises(ValueError, match="state and params"):
+        model.apply(params, model.MLPState(()), jnp.ones((2, 4)))
+
+
+def test_flop_count():
+    # 784-100-10 with batch 1: 2 * (78400 + 1000) forward.
+    assert model.num_flops([784, 100, 10], 1) == 2 * 79400
+    assert model.num_flops([784, 100, 10], 1, backward=True) == 2 * 79400 * 2 + 2 * 1000
+
+
+def test_sigmoid_network_and_layers_compose():
+    params, state = model.init(jax.random.key(8), 6, [5], 3, "xavier", activation="sigmoid")
+    x = jax.random.normal(jax.random.key(9), (7, 6))
+    logits, _ = model.apply(params, state, x)
+    h = layers.sigmoid(layers.affine_apply(params.affine[0], x))
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(layers.affine_apply(params.affine[1], h)), atol=1e-6)
