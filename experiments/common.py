@@ -1,0 +1,80 @@
+"""Helpers the experiment scripts share: atomic files, the environment record, the compilation cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to a temporary file beside ``path``, then rename it into place."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def write_json(path: str | os.PathLike, obj) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
+
+
+def check_writable(directory: str | os.PathLike) -> Path:
+    """Create ``directory`` and prove a file can be written there; raise ``OSError`` with a clear message."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise OSError(f"cannot write to output directory {directory}: {err.strerror or err}") from err
+    return directory
+
+
+def environment() -> dict:
+    import jax
+    import jaxlib
+    import optax
+
+    devices = jax.devices()
+    return {
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "optax": optax.__version__,
+        "backend": jax.default_backend(),
+        "device_count": len(devices),
+        "device_kind": devices[0].device_kind,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+    }
+
+
+def enable_compilation_cache(directory: str | os.PathLike | None = None) -> str | None:
+    """Turn on JAX's persistent compilation cache (a warm second run skips most of the compile).
+
+    Returns the directory, or ``None`` if this JAX cannot use it.
+    """
+    import jax
+
+    if directory is None:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        directory = os.path.join(base, "bnjax", "jax-compilation-cache")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", str(directory))
+        # Our programs compile in about a second: cache them all.
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    except (OSError, AttributeError, KeyError):
+        return None
+    return str(directory)

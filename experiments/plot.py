@@ -1,0 +1,73 @@
+"""The book's figure: one panel per weight scale, BN solid, plain dashed (matplotlib lives here, not in bnjax)."""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+BN_LABEL = "Batch Normalization"
+PLAIN_LABEL = "Normal(without BatchNorm)"
+
+
+def grid_shape(num_panels: int) -> tuple[int, int]:
+    """(rows, cols): 4 x 4 for the book's 16 scales, near-square otherwise."""
+    cols = math.ceil(math.sqrt(num_panels))
+    return math.ceil(num_panels / cols), cols
+
+
+def plot_sweep(weight_scales, bn_acc, plain_acc, path: str | os.PathLike, *, title: str | None = None) -> Path:
+    """Draw ``bn_acc``/``plain_acc`` ``[seeds, S, R]`` and write a PNG atomically to ``path``.
+
+    With several seeds the line is the mean and the shaded band spans min..max over seeds.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bn_acc, plain_acc = np.asarray(bn_acc, float), np.asarray(plain_acc, float)
+    num_scales, num_records = bn_acc.shape[1], bn_acc.shape[2]
+    rows, cols = grid_shape(num_scales)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 2.4 * rows), squeeze=False)
+    x = np.arange(num_records)
+    for i, ax in enumerate(axes.flat):
+        if i >= num_scales:
+            ax.axis("off")
+            continue
+        for acc, style, label in ((bn_acc, "-", BN_LABEL), (plain_acc, "--", PLAIN_LABEL)):
+            runs = acc[:, i, :]
+            (line,) = ax.plot(x, runs.mean(0), style, label=label, markevery=2)
+            if runs.shape[0] > 1:
+                ax.fill_between(x, runs.min(0), runs.max(0), color=line.get_color(), alpha=0.2, linewidth=0)
+        ax.set_title(f"W:{weight_scales[i]:.4g}", fontsize=9)
+        ax.set_ylim(0, 1.0)
+        row, col = divmod(i, cols)
+        if col == 0:
+            ax.set_ylabel("accuracy")
+        else:
+            ax.set_yticks([])
+        # Bottom row of the filled panels: no panel below this one.
+        if i + cols >= num_scales:
+            ax.set_xlabel("epochs")
+        else:
+            ax.set_xticks([])
+        if i == num_scales - 1:
+            ax.legend(loc="lower right", fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=100)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
