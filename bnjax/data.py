@@ -374,7 +374,7 @@ def load_tfds(
             raise ValueError(f"num_heldout={n_held} must be in [0, {len(test)}]")
 
         def take(ds, n):
-            items = ds.__getitems__(list(range(n))) if n else []
+            items = [ds[i] for i in range(n)]  # plain indexing: works for real and mocked sources
             images = np.stack([np.asarray(e["image"]).reshape(28, 28) for e in items]) if n else np.zeros((0, 28, 28))
             labels = np.asarray([int(e["label"]) for e in items], np.int64)
             return images, labels

@@ -7,7 +7,7 @@ import pytest
 
 from bnjax import layers, model
 from conftest import x64
-from numpy_reference import Net
+from experiments.numpy_book import Net
 
 SIZES = (12, [9, 7, 8], 5)
 

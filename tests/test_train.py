@@ -9,7 +9,7 @@ import pytest
 
 from bnjax import data, model, train
 from conftest import x64
-from numpy_reference import Net
+from experiments.numpy_book import Net
 
 
 @pytest.fixture(scope="module")

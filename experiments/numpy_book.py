@@ -1,11 +1,14 @@
-"""An independent NumPy oracle: the book's layers written from the formulas, with hand-written backward passes.
+"""The book's network in NumPy, written from the formulas with hand-written backward passes.
 
-Nothing here imports bnjax. Float64 by default, as the book. Conventions follow ``shared/book_protocol.md``:
+It is the tests' independent oracle and the benchmark's NumPy variant; nothing here imports bnjax or JAX.
+Float64 by default, as the book. Conventions follow ``shared/book_protocol.md``:
 eps 1e-6, running = momentum * running + (1 - momentum) * batch with the biased variance, ReLU gradient 0 at 0,
 softmax cross-entropy gradient (softmax - onehot) / N.
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 
@@ -142,3 +145,59 @@ class Net:
     def accuracy(self, x, t):
         with np.errstate(all="ignore"):
             return float(np.mean(np.argmax(self.predict(x, False), axis=1) == t))
+
+
+def run_sweep(x, t, weight_scales, *, num_records=20, batch_size=100, lr=0.01, seed=0,
+              hidden_sizes=(100, 100, 100, 100, 100), num_classes=10):
+    """The book's ``batch_norm_test.py`` loop for every scale: BN and plain nets, own initial weights, same
+    batches (drawn with replacement), a record after 1 update and then every ``train_size // batch_size``.
+
+    Returns ``{'batchnorm': [S, R], 'plain': [S, R]}`` training accuracies (evaluation mode).
+    """
+    rng = np.random.RandomState(seed)
+    x = np.asarray(x, np.float64)
+    n = x.shape[0]
+    sizes = [x.shape[1], *hidden_sizes, num_classes]
+    iters = max(n // batch_size, 1)
+    out = {"batchnorm": np.zeros((len(weight_scales), num_records)), "plain": np.zeros((len(weight_scales), num_records))}
+    for i, w in enumerate(weight_scales):
+        nets = {
+            name: Net([w * rng.randn(a, b) for a, b in zip(sizes[:-1], sizes[1:])], use_bn)
+            for name, use_bn in (("batchnorm", True), ("plain", False))
+        }
+        record, step = 0, 0
+        with np.errstate(all="ignore"):  # the plain net at large scales overflows, as in the book
+            while record < num_records:
+                idx = rng.choice(n, batch_size)
+                for net in nets.values():
+                    net.sgd_step(x[idx], t[idx], lr)
+                if step % iters == 0:
+                    for name, net in nets.items():
+                        out[name][i, record] = net.accuracy(x, t)
+                    record += 1
+                step += 1
+    return out
+
+
+if __name__ == "__main__":
+    # python -m experiments.numpy_book: time the book's protocol (used by the benchmark in a subprocess,
+    # so BLAS threads can be pinned with OPENBLAS_NUM_THREADS=1 before NumPy loads).
+    import argparse
+    import json
+    import time
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num-scales", type=int, default=16)
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--train-size", type=int, default=1000)
+    args = parser.parse_args()
+    with np.load(os.path.join(os.path.dirname(__file__), "..", "bnjax", "assets", "mnist_5k.npz")) as z:
+        images, labels = z["images"], z["labels"]
+    perm = np.random.RandomState(0).permutation(len(labels))[: args.train_size]
+    xs = images[perm].reshape(len(perm), -1) / 255.0
+    ts = labels[perm].astype(np.int64)
+    t0 = time.perf_counter()
+    acc = run_sweep(xs, ts, np.logspace(0, -4, args.num_scales), num_records=args.epochs)
+    run_s = time.perf_counter() - t0
+    print(json.dumps({"run_s": run_s, "final_batchnorm": acc["batchnorm"][:, -1].tolist(),
+                      "final_plain": acc["plain"][:, -1].tolist()}))

@@ -1,0 +1,287 @@
+"""Benchmark: the book's sweep as one compiled program against the obvious alternatives, side by side.
+
+Variants, all on the same data and protocol (the bundled MNIST subset, 1000 training images, 191 updates and
+20 records per model, 16 scales x BN/plain by default):
+
+  (a) bnjax's sweep: every model in one jitted, vmapped program (bnjax.train.run_sweep)
+  (b) the same jitted train step, looping over the models (and steps) in Python
+  (c) the book's network in NumPy, float64, as the book runs it (all BLAS threads, and one BLAS thread)
+  (d) Flax linen + optax, one model at a time, with one compile per structure (if flax is installed)
+
+Reports compile and run time separately, each variant's run-time ratio to (a), and achieved GFLOP/s
+(matmul FLOPs counted by bnjax.train.sweep_flops) against a float32 matmul peak measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m experiments.benchmark", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="2 scales x 2 records: checks that every variant runs")
+    p.add_argument("--repeats", type=int, default=3, help="runs of (a) to take the median of (default: 3)")
+    p.add_argument("--skip", default="", help="comma-separated variants to skip, e.g. 'c,d'")
+    p.add_argument("--out", type=Path, default=Path("runs") / "benchmark.json", help="JSON output path")
+    return p
+
+
+def measure_peak_gflops(n: int | None = None, repeats: int = 5) -> dict:
+    """Median float32 GFLOP/s of a large jitted square matmul on the default device."""
+    import jax
+    import jax.numpy as jnp
+
+    n = n or (8192 if jax.default_backend() != "cpu" else 2048)
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    mm = jax.jit(lambda x, y: x @ y)
+    mm(a, b).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        mm(a, b).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return {"n": n, "gflops": 2 * n**3 / statistics.median(times) / 1e9}
+
+
+def bench_sweep(config, x, t, repeats: int) -> dict:
+    from bnjax import train
+
+    runs = [train.run_sweep(config, x, t) for _ in range(repeats)]
+    return {
+        "compile_s": runs[0].timing["compile_s"],  # the first is the cold compile
+        "run_s": statistics.median(r.timing["run_s"] for r in runs),
+        "final_batchnorm": runs[0].train_accuracy["batchnorm"][0, :, -1].tolist(),
+        "final_plain": runs[0].train_accuracy["plain"][0, :, -1].tolist(),
+    }
+
+
+def bench_python_loop(config, x, t) -> dict:
+    """(b): the same train step, jitted once per network structure, called model by model, step by step."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from bnjax import model, train
+
+    opt = train.make_optimizer(config.optimizer, config.learning_rate)
+    num_train = x.shape[0]
+    _, init_keys = train.sweep_keys(config)
+    batch_idx = np.asarray(train.sweep_batch_indices(config, num_train))[0]
+    steps_at = set(train.record_steps(config, num_train).tolist())
+    xd, td = jnp.asarray(x), jnp.asarray(t)
+    batches = [(xd[i], td[i]) for i in batch_idx]  # gathered up front: the loop times the steps alone
+
+    def init(key, scale, use_bn):
+        params, state = model.init(key, x.shape[1], config.hidden_sizes, config.num_classes, scale,
+                                   use_batchnorm=use_bn)
+        return train.train_state_init(params, state, opt)
+
+    t0 = time.perf_counter()
+    compiled = {}
+    for use_bn in (True, False):
+        ts = init(init_keys[0, 0, 0], jnp.float32(1.0), use_bn)
+        step = jax.jit(functools.partial(train.train_step, optimizer=opt))
+        acc = jax.jit(lambda p, s, xx, tt: model.accuracy(p, s, xx, tt))
+        compiled[use_bn] = (
+            jax.jit(functools.partial(init, use_bn=use_bn)).lower(init_keys[0, 0, 0], jnp.float32(1.0)).compile(),
+            step.lower(ts, *batches[0]).compile(),
+            acc.lower(ts.params, ts.state, xd, td).compile(),
+        )
+    compile_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    finals = {True: [], False: []}
+    for v, use_bn in enumerate((True, False)):
+        init_c, step_c, acc_c = compiled[use_bn]
+        for i, scale in enumerate(config.weight_scales):
+            ts = init_c(init_keys[0, v, i], jnp.float32(scale))
+            accs = []
+            for u, (xb, tb) in enumerate(batches):
+                ts, _ = step_c(ts, xb, tb)
+                if u + 1 in steps_at:
+                    accs.append(acc_c(ts.params, ts.state, xd, td))
+            finals[use_bn].append(float(accs[-1]))
+    run_s = time.perf_counter() - t0
+    return {"compile_s": compile_s, "run_s": run_s, "final_batchnorm": finals[True], "final_plain": finals[False]}
+
+
+def bench_numpy(config, num_train: int, threads: int | None) -> dict:
+    """(c): the NumPy network in a subprocess, so the BLAS thread count can be pinned before NumPy loads."""
+    env = dict(os.environ)
+    if threads is not None:
+        for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            env[var] = str(threads)
+    root = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "experiments.numpy_book", "--num-scales", str(len(config.weight_scales)),
+           "--epochs", str(config.num_records), "--train-size", str(num_train)]
+    proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, check=True)
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"compile_s": 0.0, "run_s": out["run_s"], "final_batchnorm": out["final_batchnorm"],
+            "final_plain": out["final_plain"]}
+
+
+def bench_flax(config, x, t) -> dict | None:
+    """(d): idiomatic Flax linen + optax, one model at a time.
+
+    The scale is applied to the initialised kernels (not baked into the module), so each structure compiles
+    once; Flax's BatchNorm starts its running variance at 1 (the book's at 0).
+    """
+    try:
+        import flax.linen as nn
+    except ImportError:
+        return None
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from bnjax import train
+
+    class MLP(nn.Module):
+        hidden: tuple
+        use_bn: bool
+
+        @nn.compact
+        def __call__(self, h, train_flg: bool):
+            for size in self.hidden:
+                h = nn.Dense(size, kernel_init=nn.initializers.normal(1.0))(h)
+                if self.use_bn:
+                    h = nn.BatchNorm(use_running_average=not train_flg, momentum=0.9, epsilon=1e-6)(h)
+                h = nn.relu(h)
+            return nn.Dense(config.num_classes, kernel_init=nn.initializers.normal(1.0))(h)
+
+    opt = optax.sgd(config.learning_rate)
+    num_train = x.shape[0]
+    batch_idx = np.asarray(train.sweep_batch_indices(config, num_train))[0]
+    steps_at = set(train.record_steps(config, num_train).tolist())
+    xd, td = jnp.asarray(x), jnp.asarray(t)
+    batches = [(xd[i], td[i]) for i in batch_idx]
+
+    def make(use_bn):
+        net = MLP(tuple(config.hidden_sizes), use_bn)
+
+        def init(key, scale):
+            variables = net.init(key, xd[:2], False)
+            params = jax.tree_util.tree_map_with_path(
+                lambda path, p: p * scale if "kernel" in jax.tree_util.keystr(path) else p, variables["params"])
+            stats = variables.get("batch_stats", {})
+            return params, stats, opt.init(params)
+
+        def step(params, stats, opt_state, xb, tb):
+            def loss_fn(p):
+                if use_bn:
+                    logits, upd = net.apply({"params": p, "batch_stats": stats}, xb, True, mutable=["batch_stats"])
+                    new_stats = upd["batch_stats"]
+                else:
+                    logits, new_stats = net.apply({"params": p}, xb, True), stats
+                return optax.softmax_cross_entropy_with_integer_labels(logits, tb).mean(), new_stats
+
+            (_, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+            updates, opt_state = opt.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), new_stats, opt_state
+
+        def acc(params, stats):
+            variables = {"params": params, "batch_stats": stats} if use_bn else {"params": params}
+            return jnp.mean(jnp.argmax(net.apply(variables, xd, False), -1) == td)
+
+        key0 = jax.random.key(0)
+        init_c = jax.jit(init).lower(key0, jnp.float32(1.0)).compile()
+        p, s, o = init_c(key0, jnp.float32(1.0))
+        return init_c, jax.jit(step).lower(p, s, o, *batches[0]).compile(), jax.jit(acc).lower(p, s).compile()
+
+    t0 = time.perf_counter()
+    compiled = {use_bn: make(use_bn) for use_bn in (True, False)}
+    compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    finals = {True: [], False: []}
+    for v, use_bn in enumerate((True, False)):
+        init_c, step_c, acc_c = compiled[use_bn]
+        for i, scale in enumerate(config.weight_scales):
+            params, stats, opt_state = init_c(jax.random.key(1000 * v + i), jnp.float32(scale))
+            last = None
+            for u, (xb, tb) in enumerate(batches):
+                params, stats, opt_state = step_c(params, stats, opt_state, xb, tb)
+                if u + 1 in steps_at:
+                    last = acc_c(params, stats)
+            finals[use_bn].append(float(last))
+    run_s = time.perf_counter() - t0
+    return {"compile_s": compile_s, "run_s": run_s, "final_batchnorm": finals[True], "final_plain": finals[False],
+            "note": "Flax BatchNorm running var starts at 1; own init keys"}
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    skip = {s.strip().lower() for s in args.skip.split(",") if s.strip()}
+    import jax
+
+    from bnjax import data, train
+    from experiments import common
+
+    common.check_writable(args.out.parent)
+    ds = data.load_bundled(1000, 0)
+    config = train.SweepConfig()
+    if args.quick:
+        config = config._replace(weight_scales=(0.1, 0.01), num_records=2)
+        args.repeats = 1
+    num_train, input_size = ds.x_train.shape
+    flops = train.sweep_flops(config, num_train, input_size)
+    env = common.environment()
+    print(f"bnjax benchmark on {env['backend']} ({env['device_kind']}, {env['device_count']} device(s), "
+          f"{env['cpu_count']} CPUs), jax {env['jax']}; {2 * len(config.weight_scales)} models, "
+          f"{train.num_updates(config, num_train)} updates, {flops['total'] / 1e9:.0f} GFLOP of matmuls",
+          flush=True)
+    peak = measure_peak_gflops()
+    print(f"float32 matmul peak: {peak['gflops']:.0f} GFLOP/s ({peak['n']}^3)", flush=True)
+
+    plan = [
+        ("a", "(a) bnjax sweep, one vmapped program", lambda: bench_sweep(config, ds.x_train, ds.t_train,
+                                                                          args.repeats)),
+        ("b", "(b) same jitted step, Python loop over models", lambda: bench_python_loop(config, ds.x_train,
+                                                                                          ds.t_train)),
+        ("c", "(c) NumPy float64 (book), all BLAS threads", lambda: bench_numpy(config, num_train, None)),
+        ("c", "(c) NumPy float64 (book), 1 BLAS thread", lambda: bench_numpy(config, num_train, 1)),
+        ("d", "(d) Flax linen + optax, one model at a time", lambda: bench_flax(config, ds.x_train, ds.t_train)),
+    ]
+    variants = []
+    for letter, name, fn in plan:
+        if letter in skip:
+            continue
+        print(f"running {name} ...", flush=True)
+        res = fn()
+        if res is None:
+            print("  skipped (flax is not installed: pip install -e '.[bench]')", flush=True)
+            continue
+        res["name"] = name
+        variants.append(res)
+    base = next((v["run_s"] for v in variants if v["name"].startswith("(a)")), None)
+    for v in variants:
+        v["ratio_to_a"] = round(v["run_s"] / base, 2) if base else None
+        v["gflops_per_s"] = flops["total"] / v["run_s"] / 1e9
+        v["percent_of_peak"] = 100 * v["gflops_per_s"] / peak["gflops"]
+
+    header = f"{'variant':<50} {'compile s':>9} {'run s':>8} {'run ratio to (a)':>16} {'GFLOP/s':>8} {'% peak':>7}"
+    print("\n" + header + "\n" + "-" * len(header))
+    for v in variants:
+        print(f"{v['name']:<50} {v['compile_s']:>9.2f} {v['run_s']:>8.2f} {v['ratio_to_a']:>16.2f} "
+              f"{v['gflops_per_s']:>8.1f} {v['percent_of_peak']:>6.0f}%")
+    print(f"\nratio = run time / run time of (a); FLOPs = {flops['train'] / 1e9:.0f} G train + "
+          f"{flops['eval'] / 1e9:.0f} G eval; peak = {peak['gflops']:.0f} GFLOP/s measured now.")
+    common.write_json(args.out, {"environment": env, "config": config._asdict(), "flops": flops, "peak": peak,
+                                 "variants": variants, "quick": args.quick})
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
