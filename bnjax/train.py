@@ -10,6 +10,7 @@ matmul.
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -173,6 +174,7 @@ def _optimizer(config: SweepConfig) -> optax.GradientTransformation:
     return make_optimizer(config.optimizer, config.learning_rate)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))  # one compiled program instead of hundreds of eager ops
 def sweep_init(config: SweepConfig, input_size: int) -> SweepCarry:
     """Initial parameters, running statistics and optimizer states of every model, stacked ``[seeds, S]``."""
     _, init_keys = sweep_keys(config)
@@ -277,6 +279,7 @@ def run_sweep(
     t_heldout: Any = None,
     *,
     progress: Callable[[int, int], None] | None = None,
+    devices: Sequence[Any] | None = None,
 ) -> SweepResult:
     """Train every model of ``config`` on ``x_train [N, D]``, ``t_train [N]``; one jitted call per record.
 
@@ -285,6 +288,8 @@ def run_sweep(
       x_train, t_train: training images (float, flattened) and integer labels.
       x_heldout, t_heldout: optional held-out set, also scored at each record.
       progress: called as ``progress(records_done, num_records)`` after each record.
+      devices: devices to spread the weight scales over (default: all of the default backend). The models are
+        independent, so each device trains its share of scales with no communication; the data is replicated.
     """
     _validate(config, x_train, t_train)
     dtype = jnp.dtype(config.dtype)
@@ -297,6 +302,7 @@ def run_sweep(
 
     carry = sweep_init(config, input_size)
     batch_idx = sweep_batch_indices(config, num_train)
+    carry, (x, t, batch_idx, xe, te) = _place(carry, (x, t, batch_idx, xe, te), len(config.weight_scales), devices)
     record_fn = make_sweep_step(config, num_train, with_heldout=with_heldout)
     t0 = time.perf_counter()
     # donate the carry: the models' state is updated in place between records.
@@ -333,6 +339,23 @@ def run_sweep(
         timing={"compile_s": compile_s, "run_s": run_s},
         final=carry,
     )
+
+
+def _place(carry: SweepCarry, replicated: tuple, num_scales: int, devices: Sequence[Any] | None):
+    """Shard the scale axis of every model leaf over as many devices as divide ``num_scales``."""
+    devices = list(jax.devices() if devices is None else devices)
+    num_shards = max(d for d in range(1, len(devices) + 1) if num_scales % d == 0)
+    if num_shards == 1:
+        put = functools.partial(jax.device_put, device=devices[0])
+        return jax.tree_util.tree_map(put, carry), jax.tree_util.tree_map(put, replicated)
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    mesh = Mesh(np.array(devices[:num_shards]), ("scales",))
+    by_scale = NamedSharding(mesh, PartitionSpec(None, "scales"))  # leaves are [seeds, scales, ...]
+    models = jax.tree_util.tree_map(lambda a: jax.device_put(a, by_scale), (carry.batchnorm, carry.plain))
+    diverged = jax.device_put(carry.diverged, NamedSharding(mesh, PartitionSpec(None, None, "scales")))
+    everywhere = NamedSharding(mesh, PartitionSpec())
+    return SweepCarry(*models, diverged), jax.tree_util.tree_map(lambda a: jax.device_put(a, everywhere), replicated)
 
 
 def _validate(config: SweepConfig, x_train: Any, t_train: Any) -> None:

@@ -158,3 +158,18 @@ def test_flop_count_of_default_sweep():
     # ~342 GFLOP training + ~153 GFLOP evaluation (the issue's own count).
     assert flops["train"] == pytest.approx(342e9, rel=0.01)
     assert flops["eval"] == pytest.approx(153e9, rel=0.01)
+
+
+def test_scales_spread_over_devices_equal_one_device(bundled):
+    if jax.device_count() < 4:
+        pytest.skip("needs several devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+    cfg = train.SweepConfig(weight_scales=(0.3, 0.1, 0.03, 0.01), num_records=2, hidden_sizes=(24, 24),
+                            num_seeds=2)
+    x, t = bundled.x_train, bundled.t_train
+    one = train.run_sweep(cfg, x, t, devices=jax.devices()[:1])
+    many = train.run_sweep(cfg, x, t, devices=jax.devices()[:4])
+    assert len(many.final.batchnorm.params.affine[0].W.sharding.device_set) == 4
+    for name in ("batchnorm", "plain"):
+        np.testing.assert_allclose(many.train_accuracy[name], one.train_accuracy[name], atol=2e-3)
+        np.testing.assert_allclose(np.asarray(getattr(many.final, name).params.affine[1].W),
+                                   np.asarray(getattr(one.final, name).params.affine[1].W), rtol=1e-4, atol=1e-5)
