@@ -122,6 +122,8 @@ class SweepConfig(NamedTuple):
     dtype: str = "float32"
     bn_eps: float = 1e-6
     bn_momentum: float = 0.9
+    # True float32 matmuls: on GPUs XLA's default may use TF32, which rounds inputs to 10 mantissa bits.
+    matmul_precision: str = "highest"
 
 
 def _iters_per_record(num_train: int, batch_size: int) -> int:
@@ -306,11 +308,12 @@ def run_sweep(
     record_fn = make_sweep_step(config, num_train, with_heldout=with_heldout)
     t0 = time.perf_counter()
     # donate the carry: the models' state is updated in place between records.
-    compiled = (
-        jax.jit(record_fn, donate_argnums=0)
-        .lower(carry, jnp.int32(0), x, t, batch_idx, xe, te)
-        .compile()
-    )
+    with jax.default_matmul_precision(config.matmul_precision):
+        compiled = (
+            jax.jit(record_fn, donate_argnums=0)
+            .lower(carry, jnp.int32(0), x, t, batch_idx, xe, te)
+            .compile()
+        )
     compile_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()

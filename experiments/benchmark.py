@@ -43,7 +43,7 @@ def measure_peak_gflops(n: int | None = None, repeats: int = 5) -> dict:
     n = n or (8192 if jax.default_backend() != "cpu" else 2048)
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-    mm = jax.jit(lambda x, y: x @ y)
+    mm = jax.jit(lambda x, y: jnp.matmul(x, y, precision="highest"))  # true float32, as the sweep
     mm(a, b).block_until_ready()
     times = []
     for _ in range(repeats):
@@ -221,7 +221,15 @@ def bench_flax(config, x, t) -> dict | None:
 
 
 def main(argv=None) -> int:
+    import jax
+
     args = _parser().parse_args(argv)
+    # Every JAX variant multiplies in true float32, as bnjax's sweep does (no TF32 on GPUs).
+    with jax.default_matmul_precision("highest"):
+        return _main(args)
+
+
+def _main(args) -> int:
     skip = {s.strip().lower() for s in args.skip.split(",") if s.strip()}
     import jax
 
