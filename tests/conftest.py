@@ -11,6 +11,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+# The oracles are float64 NumPy: compare against true float32 matmuls, not TF32 (the GPU default).
+jax.config.update("jax_default_matmul_precision", "highest")
+
 
 def x64():
     """Context manager enabling float64 (jax.enable_x64 in new JAX, jax.experimental.enable_x64 in old)."""
