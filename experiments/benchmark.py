@@ -221,9 +221,12 @@ def bench_flax(config, x, t) -> dict | None:
 
 
 def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    from experiments.common import set_xla_flags
+
+    set_xla_flags()  # the same XLA defaults as the sweep CLI
     import jax
 
-    args = _parser().parse_args(argv)
     # Every JAX variant multiplies in true float32, as bnjax's sweep does (no TF32 on GPUs).
     with jax.default_matmul_precision("highest"):
         return _main(args)
