@@ -19,16 +19,22 @@ def grid_shape(num_panels: int) -> tuple[int, int]:
     return math.ceil(num_panels / cols), cols
 
 
-def plot_sweep(weight_scales, bn_acc, plain_acc, path: str | os.PathLike, *, title: str | None = None) -> Path:
-    """Draw ``bn_acc``/``plain_acc`` ``[seeds, S, R]`` and write a PNG atomically to ``path``.
-
-    With several seeds the line is the mean and the shaded band spans min..max over seeds.
-    """
+def _pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend (files only, no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_sweep(weight_scales, bn_acc, plain_acc, path: str | os.PathLike, *, title: str | None = None) -> Path:
+    """Draw ``bn_acc``/``plain_acc`` ``[seeds, S, R]`` and write a PNG atomically to ``path``.
+
+    With several seeds the line is the mean and the shaded band spans min..max over seeds.
+    """
+    plt = _pyplot()
     bn_acc, plain_acc = np.asarray(bn_acc, float), np.asarray(plain_acc, float)
     num_scales, num_records = bn_acc.shape[1], bn_acc.shape[2]
     rows, cols = grid_shape(num_scales)
