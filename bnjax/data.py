@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import importlib.util
 import io
 import os
 import struct
@@ -343,6 +344,20 @@ def _with_timeout(fn: Callable[[], Any], timeout: float, what: str) -> Any:
     return box["value"]
 
 
+def _tfds_precheck(tfds: Any, name: str, data_dir: Any) -> None:
+    """Fail at once where tfds could only get the data by downloading and preparing it with TensorFlow."""
+    try:
+        prepared = tfds.builder(name, data_dir=data_dir).is_prepared()
+    except Exception:  # unknown builder or odd install: let data_source say what is wrong
+        return
+    if not prepared and importlib.util.find_spec("tensorflow") is None:
+        raise DataUnavailableError(
+            f"tensorflow-datasets has no prepared {name!r} in {data_dir or 'its default data_dir'}, and preparing it "
+            "needs TensorFlow, which is not installed (as on Colab's TPU runtime). Use source 'mnist' (the idx "
+            "files, no TensorFlow needed) or 'bundled'."
+        )
+
+
 def load_tfds(
     num_train: int = 1000,
     num_heldout: int | None = None,
@@ -363,6 +378,8 @@ def load_tfds(
             "tensorflow-datasets is not installed: pip install 'bnjax[tfds]' (preparing MNIST also needs "
             "TensorFlow), or use source 'bundled' / 'mnist'"
         ) from err
+
+    _tfds_precheck(tfds, name, data_dir)
 
     def fetch():
         train = tfds.data_source(name, split="train", data_dir=data_dir)

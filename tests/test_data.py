@@ -148,8 +148,10 @@ def test_auto_never_downloads_and_falls_back_to_bundled(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------------------------
 
 
-def test_tfds_adapter_under_mock_data():
+def test_tfds_adapter_under_mock_data(monkeypatch):
     tfds = pytest.importorskip("tensorflow_datasets")
+    # mock_data replaces the data, not the builder's on-disk state: skip the "is it prepared?" check here.
+    monkeypatch.setattr(data, "_tfds_precheck", lambda *args: None)
     with tfds.testing.mock_data(num_examples=40):
         ds = data.load_tfds(num_train=25, num_heldout=7, timeout=60)
     assert ds.x_train.shape == (25, 784) and ds.x_train.dtype == np.float32
@@ -157,6 +159,19 @@ def test_tfds_adapter_under_mock_data():
     assert 0.0 <= ds.x_train.min() and ds.x_train.max() <= 1.0
     assert set(np.unique(ds.t_train)) <= set(range(10))
     assert ds.source["name"] == "tfds" and ds.source["num_train"] == 25
+
+
+def test_tfds_without_prepared_data_or_tensorflow_fails_at_once(tmp_path):
+    pytest.importorskip("tensorflow_datasets")
+    import importlib.util
+    import time
+
+    if importlib.util.find_spec("tensorflow") is not None:
+        pytest.skip("TensorFlow is installed: tfds could prepare MNIST (needs the network)")
+    start = time.perf_counter()
+    with pytest.raises(data.DataUnavailableError, match="needs TensorFlow"):
+        data.load_tfds(10, 0, data_dir=tmp_path)
+    assert time.perf_counter() - start < 10  # no retrying on an absent network
 
 
 def test_timeout_wrapper_gives_up():
