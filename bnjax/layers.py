@@ -178,6 +178,15 @@ def _feature_axes(ndim: int, feature_axes: int | Sequence[int]) -> tuple[int, ..
     return tuple(sorted(out))
 
 
+def _check_input(x: Array, feature_axes: int | Sequence[int], who: str) -> tuple[int, ...]:
+    """Floating point, rank >= 2; returns the sorted, non-negative feature axes."""
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{who}: x must be a floating-point array, got dtype {x.dtype}")
+    if x.ndim < 2:
+        raise ValueError(f"{who}: x must have a batch axis and a feature axis (rank >= 2), got shape {x.shape}")
+    return _feature_axes(x.ndim, feature_axes)
+
+
 def _psum(x: Any, axis_name: Any) -> Any:
     try:
         return lax.psum(x, axis_name)
@@ -212,13 +221,7 @@ def batch_norm_stats(
     Returns:
       ``(mean, var, count)``: mean and var of the feature shape, ``count`` a scalar (global with axis_name).
     """
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(f"batch_norm: x must be a floating-point array, got dtype {x.dtype}")
-    if x.ndim < 2:
-        raise ValueError(
-            f"batch_norm: x must have a batch axis and a feature axis (rank >= 2), got shape {x.shape}"
-        )
-    faxes = _feature_axes(x.ndim, feature_axes)
+    faxes = _check_input(x, feature_axes, "batch_norm_stats")
     red_axes = tuple(a for a in range(x.ndim) if a not in faxes)
     if not red_axes:
         raise ValueError(f"batch_norm: every axis of x {x.shape} is a feature axis; nothing to reduce over")
@@ -322,13 +325,7 @@ def batch_norm_apply(
     """
     use_batch_stats = train if use_batch_stats is None else use_batch_stats
     update_stats = train if update_stats is None else update_stats
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(f"batch_norm_apply: x must be a floating-point array, got dtype {x.dtype}")
-    if x.ndim < 2:
-        raise ValueError(
-            f"batch_norm_apply: x must have a batch axis and a feature axis (rank >= 2), got shape {x.shape}"
-        )
-    faxes = _feature_axes(x.ndim, feature_axes)
+    faxes = _check_input(x, feature_axes, "batch_norm_apply")
     feature_shape = tuple(x.shape[a] for a in faxes)
     for name, v in (("gamma", params.gamma), ("beta", params.beta), ("running mean", state.mean),
                     ("running var", state.var)):

@@ -65,15 +65,18 @@ def bench_sweep(config, x, t, repeats: int) -> dict:
     }
 
 
-def bench_python_loop(config, x, t) -> dict:
-    """(b): the same train step, jitted once per network structure, called model by model, step by step."""
-    import jax
+def _one_model_at_a_time(config, x, t, make) -> dict:
+    """Compile per network structure, then train the models one by one, step by step, from Python.
+
+    ``make(use_bn, xd, td, example_batch)`` returns compiled ``init(key, scale) -> state``,
+    ``step(state, xb, tb) -> state`` and ``accuracy(state) -> scalar`` (on ``xd``, ``td``). Every model gets
+    the sweep's init keys and batches.
+    """
     import jax.numpy as jnp
     import numpy as np
 
-    from bnjax import model, train
+    from bnjax import train
 
-    opt = train.make_optimizer(config.optimizer, config.learning_rate)
     num_train = x.shape[0]
     _, init_keys = train.sweep_keys(config)
     batch_idx = np.asarray(train.sweep_batch_indices(config, num_train))[0]
@@ -81,22 +84,8 @@ def bench_python_loop(config, x, t) -> dict:
     xd, td = jnp.asarray(x), jnp.asarray(t)
     batches = [(xd[i], td[i]) for i in batch_idx]  # gathered up front: the loop times the steps alone
 
-    def init(key, scale, use_bn):
-        params, state = model.init(key, x.shape[1], config.hidden_sizes, config.num_classes, scale,
-                                   use_batchnorm=use_bn)
-        return train.train_state_init(params, state, opt)
-
     t0 = time.perf_counter()
-    compiled = {}
-    for use_bn in (True, False):
-        ts = init(init_keys[0, 0, 0], jnp.float32(1.0), use_bn)
-        step = jax.jit(functools.partial(train.train_step, optimizer=opt))
-        acc = jax.jit(lambda p, s, xx, tt: model.accuracy(p, s, xx, tt))
-        compiled[use_bn] = (
-            jax.jit(functools.partial(init, use_bn=use_bn)).lower(init_keys[0, 0, 0], jnp.float32(1.0)).compile(),
-            step.lower(ts, *batches[0]).compile(),
-            acc.lower(ts.params, ts.state, xd, td).compile(),
-        )
+    compiled = {use_bn: make(use_bn, xd, td, batches[0]) for use_bn in (True, False)}
     compile_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -104,15 +93,44 @@ def bench_python_loop(config, x, t) -> dict:
     for v, use_bn in enumerate((True, False)):
         init_c, step_c, acc_c = compiled[use_bn]
         for i, scale in enumerate(config.weight_scales):
-            ts = init_c(init_keys[0, v, i], jnp.float32(scale))
-            accs = []
+            state = init_c(init_keys[0, v, i], jnp.float32(scale))
+            last = None
             for u, (xb, tb) in enumerate(batches):
-                ts, _ = step_c(ts, xb, tb)
+                state = step_c(state, xb, tb)
                 if u + 1 in steps_at:
-                    accs.append(acc_c(ts.params, ts.state, xd, td))
-            finals[use_bn].append(float(accs[-1]))
+                    last = acc_c(state)
+            finals[use_bn].append(float(last))
     run_s = time.perf_counter() - t0
     return {"compile_s": compile_s, "run_s": run_s, "final_batchnorm": finals[True], "final_plain": finals[False]}
+
+
+def bench_python_loop(config, x, t) -> dict:
+    """(b): bnjax's own train step, jitted once per network structure, called model by model, step by step."""
+    import jax
+    import jax.numpy as jnp
+
+    from bnjax import model, train
+
+    opt = train.make_optimizer(config.optimizer, config.learning_rate)
+
+    def make(use_bn, xd, td, batch):
+        def init(key, scale):
+            params, state = model.init(key, xd.shape[1], config.hidden_sizes, config.num_classes, scale,
+                                       use_batchnorm=use_bn)
+            return train.train_state_init(params, state, opt)
+
+        def step(ts, xb, tb):
+            return train.train_step(ts, xb, tb, opt)[0]
+
+        def acc(ts):
+            return model.accuracy(ts.params, ts.state, xd, td)
+
+        key, scale = jax.random.key(0), jnp.float32(1.0)
+        ts = init(key, scale)
+        return (jax.jit(init).lower(key, scale).compile(), jax.jit(step).lower(ts, *batch).compile(),
+                jax.jit(acc).lower(ts).compile())
+
+    return _one_model_at_a_time(config, x, t, make)
 
 
 def bench_numpy(config, num_train: int, threads: int | None) -> dict:
@@ -143,10 +161,7 @@ def bench_flax(config, x, t) -> dict | None:
         return None
     import jax
     import jax.numpy as jnp
-    import numpy as np
     import optax
-
-    from bnjax import train
 
     class MLP(nn.Module):
         hidden: tuple
@@ -162,62 +177,43 @@ def bench_flax(config, x, t) -> dict | None:
             return nn.Dense(config.num_classes, kernel_init=nn.initializers.normal(1.0))(h)
 
     opt = optax.sgd(config.learning_rate)
-    num_train = x.shape[0]
-    batch_idx = np.asarray(train.sweep_batch_indices(config, num_train))[0]
-    steps_at = set(train.record_steps(config, num_train).tolist())
-    xd, td = jnp.asarray(x), jnp.asarray(t)
-    batches = [(xd[i], td[i]) for i in batch_idx]
 
-    def make(use_bn):
+    def make(use_bn, xd, td, batch):
         net = MLP(tuple(config.hidden_sizes), use_bn)
 
         def init(key, scale):
             variables = net.init(key, xd[:2], False)
             params = jax.tree_util.tree_map_with_path(
                 lambda path, p: p * scale if "kernel" in jax.tree_util.keystr(path) else p, variables["params"])
-            stats = variables.get("batch_stats", {})
-            return params, stats, opt.init(params)
+            return params, variables.get("batch_stats", {}), opt.init(params)
 
-        def step(params, stats, opt_state, xb, tb):
+        def step(state, xb, tb):
+            params, stats, opt_state = state
+
             def loss_fn(p):
                 if use_bn:
                     logits, upd = net.apply({"params": p, "batch_stats": stats}, xb, True, mutable=["batch_stats"])
-                    new_stats = upd["batch_stats"]
-                else:
-                    logits, new_stats = net.apply({"params": p}, xb, True), stats
-                return optax.softmax_cross_entropy_with_integer_labels(logits, tb).mean(), new_stats
+                    return optax.softmax_cross_entropy_with_integer_labels(logits, tb).mean(), upd["batch_stats"]
+                logits = net.apply({"params": p}, xb, True)
+                return optax.softmax_cross_entropy_with_integer_labels(logits, tb).mean(), stats
 
             (_, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
             updates, opt_state = opt.update(grads, opt_state, params)
             return optax.apply_updates(params, updates), new_stats, opt_state
 
-        def acc(params, stats):
+        def acc(state):
+            params, stats, _ = state
             variables = {"params": params, "batch_stats": stats} if use_bn else {"params": params}
             return jnp.mean(jnp.argmax(net.apply(variables, xd, False), -1) == td)
 
-        key0 = jax.random.key(0)
-        init_c = jax.jit(init).lower(key0, jnp.float32(1.0)).compile()
-        p, s, o = init_c(key0, jnp.float32(1.0))
-        return init_c, jax.jit(step).lower(p, s, o, *batches[0]).compile(), jax.jit(acc).lower(p, s).compile()
+        key, scale = jax.random.key(0), jnp.float32(1.0)
+        state = init(key, scale)
+        return (jax.jit(init).lower(key, scale).compile(), jax.jit(step).lower(state, *batch).compile(),
+                jax.jit(acc).lower(state).compile())
 
-    t0 = time.perf_counter()
-    compiled = {use_bn: make(use_bn) for use_bn in (True, False)}
-    compile_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    finals = {True: [], False: []}
-    for v, use_bn in enumerate((True, False)):
-        init_c, step_c, acc_c = compiled[use_bn]
-        for i, scale in enumerate(config.weight_scales):
-            params, stats, opt_state = init_c(jax.random.key(1000 * v + i), jnp.float32(scale))
-            last = None
-            for u, (xb, tb) in enumerate(batches):
-                params, stats, opt_state = step_c(params, stats, opt_state, xb, tb)
-                if u + 1 in steps_at:
-                    last = acc_c(params, stats)
-            finals[use_bn].append(float(last))
-    run_s = time.perf_counter() - t0
-    return {"compile_s": compile_s, "run_s": run_s, "final_batchnorm": finals[True], "final_plain": finals[False],
-            "note": "Flax BatchNorm running var starts at 1; own init keys"}
+    result = _one_model_at_a_time(config, x, t, make)
+    result["note"] = "Flax BatchNorm's running variance starts at 1 (the book's at 0)"
+    return result
 
 
 def main(argv=None) -> int:
