@@ -289,7 +289,7 @@ def run_sweep(
       config: the sweep.
       x_train, t_train: training images (float, flattened) and integer labels.
       x_heldout, t_heldout: optional held-out set, also scored at each record.
-      progress: called as ``progress(records_done, num_records)`` after each record.
+      progress: called as ``progress(records_done, num_records)`` once compiled (0 done) and after each record.
       devices: devices to spread the weight scales over (default: all of the default backend). The models are
         independent, so each device trains its share of scales with no communication; the data is replicated.
     """
@@ -316,6 +316,8 @@ def run_sweep(
         )
     compile_s = time.perf_counter() - t0
 
+    if progress is not None:
+        progress(0, config.num_records)
     t0 = time.perf_counter()
     accs = []
     for r in range(config.num_records):

@@ -205,14 +205,16 @@ def main(argv=None) -> int:
          "compiling...")
 
     bar = None
-    if not args.quiet:
-        from tqdm import tqdm
-
-        bar = tqdm(total=args.epochs, unit="epoch", desc="training", leave=True)
 
     def progress(done, total):
-        if bar is not None:
-            bar.update(1)
+        nonlocal bar
+        if args.quiet:
+            return
+        if bar is None:  # created once compiled, so the bar times training alone
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, unit="epoch", desc="training", leave=True)
+        bar.update(done - bar.n)
 
     held = (ds.x_heldout, ds.t_heldout) if args.heldout else (None, None)
     try:

@@ -126,7 +126,7 @@ def test_heldout_accuracy_and_progress(bundled):
     seen = []
     result = train.run_sweep(cfg, bundled.x_train, bundled.t_train, bundled.x_heldout, bundled.t_heldout,
                              progress=lambda done, total: seen.append((done, total)))
-    assert seen == [(1, 3), (2, 3), (3, 3)]
+    assert seen == [(0, 3), (1, 3), (2, 3), (3, 3)]
     assert result.heldout_accuracy["plain"].shape == (1, 1, 3)
     assert np.all((result.heldout_accuracy["batchnorm"] >= 0) & (result.heldout_accuracy["batchnorm"] <= 1))
 
