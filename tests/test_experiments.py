@@ -84,6 +84,13 @@ def test_bad_options_exit_2_naming_the_problem(bad, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_cli_choices_match_the_library():
+    from bnjax import data, train
+
+    assert tuple(sweep.OPTIMIZERS) == tuple(train.OPTIMIZERS)
+    assert tuple(sweep.DATA_SOURCES) == tuple(data.SOURCES)
+
+
 def test_summary_table_counts_wins():
     bn = np.array([[[0.1, 0.9], [0.2, 0.3]]])
     plain = np.array([[[0.1, 0.5], [0.2, 0.4]]])
