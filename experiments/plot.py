@@ -35,6 +35,8 @@ def plot_sweep(weight_scales, bn_acc, plain_acc, path: str | os.PathLike, *, tit
     With several seeds the line is the mean and the shaded band spans min..max over seeds.
     """
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     bn_acc, plain_acc = np.asarray(bn_acc, float), np.asarray(plain_acc, float)
     num_scales, num_records = bn_acc.shape[1], bn_acc.shape[2]
     rows, cols = grid_shape(num_scales)
@@ -50,6 +52,7 @@ def plot_sweep(weight_scales, bn_acc, plain_acc, path: str | os.PathLike, *, tit
             if runs.shape[0] > 1:
                 ax.fill_between(x, runs.min(0), runs.max(0), color=line.get_color(), alpha=0.2, linewidth=0)
         ax.set_title(f"W:{weight_scales[i]:.4g}", fontsize=9)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # records are whole epochs
         ax.set_ylim(0, 1.0)
         row, col = divmod(i, cols)
         if col == 0:
@@ -65,7 +68,11 @@ def plot_sweep(weight_scales, bn_acc, plain_acc, path: str | os.PathLike, *, tit
             ax.legend(loc="lower right", fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    # Fixed margins in inches instead of tight_layout, which costs ~0.2 s of text measuring per figure.
+    width, height = fig.get_size_inches()
+    top_in = 0.35 + (0.3 if title else 0.0)
+    fig.subplots_adjust(left=0.75 / width, right=1 - 0.15 / width, bottom=0.55 / height, top=1 - top_in / height,
+                        wspace=0.06, hspace=0.3)
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
