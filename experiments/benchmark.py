@@ -15,7 +15,6 @@ Reports compile and run time separately, each variant's run-time ratio to (a), a
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import statistics
@@ -230,7 +229,6 @@ def main(argv=None) -> int:
 
 def _main(args) -> int:
     skip = {s.strip().lower() for s in args.skip.split(",") if s.strip()}
-    import jax
 
     from bnjax import data, train
     from experiments import common

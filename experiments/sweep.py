@@ -123,7 +123,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.heldout_size is not None:
         args.heldout = True
     if args.data == "bundled" and args.train_size + (args.heldout_size or 0) > 5000:
-        parser.error(f"--train-size plus --heldout-size exceed the 5000 images of the bundled subset")
+        parser.error("--train-size plus --heldout-size exceed the 5000 images of the bundled subset")
     if args.heldout:
         args.heldout_size = args.heldout_size or 1000
     if args.out is None:
@@ -176,7 +176,6 @@ def main(argv=None) -> int:
 
     if args.dtype == "float64":
         jax.config.update("jax_enable_x64", True)
-    import numpy as np
 
     from bnjax import data, train
     from experiments import common

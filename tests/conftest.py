@@ -1,6 +1,5 @@
 """Shared test setup: 8 emulated CPU devices (for the cross-device tests) and a float64 switch."""
 
-import contextlib
 import os
 
 # Must happen before jax is imported anywhere; harmless for single-device tests.
