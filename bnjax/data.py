@@ -278,20 +278,24 @@ def load_mnist_idx(
         if not directory.is_dir():
             raise DataUnavailableError(f"data_dir {directory} is not a directory")
         paths = {}
-        for name, sha in checksums.items():
+        for name in checksums:
             p = _find_idx(directory, name)
             if p is None:
                 raise DataUnavailableError(f"{directory} has no {name} (nor its uncompressed form)")
-            if p.suffix == ".gz" and _sha256_file(p) != sha:
-                raise ChecksumError(f"{p}: sha256 does not match the standard MNIST file")
             paths[name] = p
+        hashes = {n: _sha256_file(p) for n, p in paths.items()}  # each file read once: checked and recorded
+        for name, p in paths.items():
+            if p.suffix == ".gz" and hashes[name] != checksums[name]:
+                raise ChecksumError(f"{p}: sha256 does not match the standard MNIST file")
     else:
         cache = default_cache_dir()
         if download:
             paths = download_mnist(cache, base_url=base_url, checksums=checksums, timeout=timeout)
+            hashes = dict(checksums)  # download_mnist verified every file against these
         else:
             paths = {n: cache / n for n in checksums}
-            missing = [n for n, s in checksums.items() if not _verified(paths[n], s)]
+            hashes = {n: _sha256_file(p) for n, p in paths.items() if p.is_file()}
+            missing = [n for n, s in checksums.items() if hashes.get(n) != s]
             if missing:
                 raise DataUnavailableError(f"{cache} lacks verified {missing}; allow download or pass data_dir")
     train_images, train_labels = read_idx(paths[_TRAIN_IMAGES]), read_idx(paths[_TRAIN_LABELS])
@@ -307,7 +311,7 @@ def load_mnist_idx(
         "name": "mnist",
         "description": "MNIST idx files: first num_train training images, first num_heldout test images",
         "license": "CC BY-SA 3.0 (Yann LeCun and Corinna Cortes)",
-        "files_sha256": {n: _sha256_file(p) for n, p in paths.items()},
+        "files_sha256": hashes,
         "path": str(Path(paths[_TRAIN_IMAGES]).parent),
     }
     return _finish(
