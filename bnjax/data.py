@@ -436,7 +436,7 @@ def load(
     if source == "auto":
         cached = all(_verified(default_cache_dir() / n, s) for n, s in MNIST_FILES.items())
         if data_dir is not None or cached:
-            return load_mnist_idx(data_dir, num_train, num_heldout, download=False)
+            return load_mnist_idx(data_dir, num_train, num_heldout, download=False, checksums=MNIST_FILES)
         return load_bundled(num_train, num_heldout, seed)
     if source == "bundled":
         return load_bundled(num_train, num_heldout, seed)

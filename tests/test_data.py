@@ -110,6 +110,20 @@ def test_idx_download_verify_cache_and_load(fake_mnist, tmp_path, monkeypatch):
     assert named.x_train.shape == (3, 784) and named.x_heldout.shape == (12, 784)
 
 
+def test_auto_uses_verified_cached_mnist_and_falls_back_when_corrupt(fake_mnist, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("BNJAX_DATA_DIR", str(cache))
+    monkeypatch.setattr(data, "MNIST_FILES", fake_mnist["checksums"])
+    data.download_mnist(cache, base_url=fake_mnist["url"], checksums=fake_mnist["checksums"], timeout=5)
+    ds = data.load("auto", 10, 4)
+    assert ds.source["name"] == "mnist" and ds.source["files_sha256"] == fake_mnist["checksums"]
+    np.testing.assert_array_equal(ds.t_train, fake_mnist["arrays"]["train-labels-idx1-ubyte.gz"][:10])
+    (cache / "t10k-labels-idx1-ubyte.gz").write_bytes(b"corrupt")
+    assert data.load("auto", 10, 4).source["name"] == "bundled"
+    with pytest.raises(data.DataUnavailableError, match="lacks verified"):
+        data.load_mnist_idx(None, 10, 4, download=False, checksums=fake_mnist["checksums"])
+
+
 def test_corrupt_download_raises_and_leaves_nothing(fake_mnist, tmp_path):
     cache = tmp_path / "cache"
     bad = dict(fake_mnist["checksums"])
