@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import time
 from datetime import datetime
@@ -170,8 +169,6 @@ def main(argv=None) -> int:
     from experiments.common import set_xla_flags
 
     set_xla_flags(args.cpu_devices)
-    if args.dtype == "float64":
-        os.environ["JAX_ENABLE_X64"] = "1"
     import jax
 
     if args.dtype == "float64":
@@ -209,8 +206,6 @@ def main(argv=None) -> int:
 
     def progress(done, total):
         nonlocal bar
-        if args.quiet:
-            return
         if bar is None:  # created once compiled, so the bar times training alone
             from tqdm import tqdm
 
@@ -219,7 +214,7 @@ def main(argv=None) -> int:
 
     held = (ds.x_heldout, ds.t_heldout) if args.heldout else (None, None)
     try:
-        result = train.run_sweep(config, ds.x_train, ds.t_train, *held, progress=progress)
+        result = train.run_sweep(config, ds.x_train, ds.t_train, *held, progress=None if args.quiet else progress)
     finally:
         if bar is not None:
             bar.close()
