@@ -27,7 +27,6 @@ import importlib.util
 import io
 import os
 import struct
-import tempfile
 import threading
 import urllib.error
 import urllib.request
@@ -36,6 +35,8 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 import numpy as np
+
+from bnjax._files import atomic_file
 
 __all__ = [
     "Dataset",
@@ -140,12 +141,12 @@ def _bundled_path():
     return resources.files("bnjax").joinpath("assets", "mnist_5k.npz")
 
 
-def load_bundled(num_train: int = 1000, num_heldout: int | None = None, seed: int = 0) -> Dataset:
-    """The shipped 5,000-image subset, split by ``np.random.RandomState(seed).permutation(5000)``.
+def load_bundled(num_train: int = 1000, num_heldout: int | None = None, split_seed: int = 0) -> Dataset:
+    """The shipped 5,000-image subset, split by ``np.random.RandomState(split_seed).permutation(5000)``.
 
     Training images are the first ``num_train`` of the permutation, held-out images the next
     ``num_heldout`` (default: all the rest). A seeded ``RandomState`` is used (not the global NumPy RNG) because
-    its permutation is fixed across NumPy versions; with ``seed=0`` the 1000 training images hold
+    its permutation is fixed across NumPy versions; with ``split_seed=0`` the 1000 training images hold
     [99, 106, 102, 92, 82, 117, 89, 107, 105, 101] of digits 0..9.
     """
     num_heldout = _check_counts(num_train, num_heldout, BUNDLED_SIZE, "the bundled subset")
@@ -154,14 +155,14 @@ def load_bundled(num_train: int = 1000, num_heldout: int | None = None, seed: in
         raw = f.read()
     with np.load(io.BytesIO(raw)) as z:
         images, labels = z["images"], z["labels"]
-    perm = np.random.RandomState(seed).permutation(len(labels))
+    perm = np.random.RandomState(split_seed).permutation(len(labels))
     tr, he = perm[:num_train], perm[num_train : num_train + num_heldout]
     source = {
         "name": "bundled",
         "description": "MNIST 5k subset shipped with bnjax (500 per digit, from the MNIST training set)",
         "license": "CC BY-SA 3.0 (Yann LeCun and Corinna Cortes)",
         "file_sha256": hashlib.sha256(raw).hexdigest(),
-        "split_seed": int(seed),
+        "split_seed": int(split_seed),
     }
     return _finish(images[tr], labels[tr], images[he], labels[he], source)
 
@@ -223,26 +224,21 @@ def download_mnist(
         path = cache / name
         if not _verified(path, sha):
             url = base_url.rstrip("/") + "/" + name
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=cache)
-            try:
-                with os.fdopen(fd, "wb") as out:
-                    try:
-                        with urllib.request.urlopen(url, timeout=timeout) as resp:
-                            for chunk in iter(lambda: resp.read(1 << 20), b""):
-                                out.write(chunk)
-                    except (urllib.error.URLError, OSError, TimeoutError) as err:
-                        raise DataUnavailableError(
-                            f"could not download {url} within {timeout:g} s ({err}). Offline? Use the bundled "
-                            "subset (source 'bundled'), or put the four MNIST idx .gz files in a directory "
-                            "and pass it as data_dir."
-                        ) from err
-                got = _sha256_file(Path(tmp))
+            with atomic_file(path, "wb") as out:
+                try:
+                    with urllib.request.urlopen(url, timeout=timeout) as resp:
+                        for chunk in iter(lambda: resp.read(1 << 20), b""):
+                            out.write(chunk)
+                except (urllib.error.URLError, OSError, TimeoutError) as err:
+                    raise DataUnavailableError(
+                        f"could not download {url} within {timeout:g} s ({err}). Offline? Use the bundled "
+                        "subset (source 'bundled'), or put the four MNIST idx .gz files in a directory "
+                        "and pass it as data_dir."
+                    ) from err
+                out.flush()
+                got = _sha256_file(Path(out.name))
                 if got != sha:
                     raise ChecksumError(f"{url}: sha256 {got} does not match the expected {sha}; nothing was kept")
-                os.replace(tmp, path)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
         paths[name] = path
     return paths
 
@@ -423,13 +419,14 @@ def load(
     num_heldout: int | None = None,
     *,
     data_dir: str | os.PathLike | None = None,
-    seed: int = 0,
+    split_seed: int = 0,
     timeout: float = 10.0,
 ) -> Dataset:
     """Load MNIST from ``source`` (one of ``SOURCES``).
 
     ``auto`` uses full MNIST when ``data_dir`` is given or verified idx files are already in the cache, and the
-    bundled subset otherwise; it never downloads. ``seed`` only splits the bundled subset.
+    bundled subset otherwise; it never downloads. ``split_seed`` only splits the bundled subset
+    (the training seeds never change the data).
     """
     if source not in SOURCES:
         raise ValueError(f"unknown data source {source!r}; choose one of {', '.join(SOURCES)}")
@@ -437,9 +434,9 @@ def load(
         cached = all(_verified(default_cache_dir() / n, s) for n, s in MNIST_FILES.items())
         if data_dir is not None or cached:
             return load_mnist_idx(data_dir, num_train, num_heldout, download=False, checksums=MNIST_FILES)
-        return load_bundled(num_train, num_heldout, seed)
+        return load_bundled(num_train, num_heldout, split_seed)
     if source == "bundled":
-        return load_bundled(num_train, num_heldout, seed)
+        return load_bundled(num_train, num_heldout, split_seed)
     if source == "mnist":
         return load_mnist_idx(data_dir, num_train, num_heldout, timeout=timeout)
     return load_tfds(num_train, num_heldout, data_dir=data_dir, timeout=max(timeout, 60.0))

@@ -1,16 +1,16 @@
 """The book's ``MultiLayerNetExtend`` as pure functions.
 
 ``Affine -> [BatchNorm] -> activation -> [Dropout]`` for each hidden layer, then ``Affine`` to the scores.
-Parameters are an ``MLPParams`` pytree whose *structure* (number of layers, whether batch norm is used, the
-activation, the dropout ratio, the batch-norm hyper-parameters) is static metadata, so
-``apply(params, state, x, train, key)`` needs no extra configuration, while ``weight_init_std`` may be an
-array: ``jax.vmap(lambda s, k: init(k, ..., weight_init_std=s))`` builds a stack of models, one per scale.
+The network's *structure* (sizes, activation, whether batch norm is used, the dropout ratio, batch-norm
+hyper-parameters) is an ``MLPConfig``: static, hashable, passed first to every function, as a Flax module is.
+The trained parameters (``MLPParams``) and the running statistics (``MLPState``) are plain pytrees of arrays,
+so ``weight_init_std`` may be an array: ``jax.vmap(lambda s, k: init(k, config, s))`` builds a stack of
+models, one per scale.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -19,40 +19,65 @@ from bnjax import layers
 
 Array = jax.Array
 
-__all__ = ["MLPParams", "MLPState", "init", "apply", "loss", "predict", "accuracy", "num_flops"]
+__all__ = ["MLPConfig", "MLPParams", "MLPState", "ACTIVATIONS", "init", "apply", "loss", "predict", "accuracy",
+           "num_flops"]
 
-_ACTIVATIONS = {"relu": layers.relu, "sigmoid": layers.sigmoid}
+ACTIVATIONS = {"relu": layers.relu, "sigmoid": layers.sigmoid}
 
 
-@dataclasses.dataclass(frozen=True)
-class MLPParams:
-    """Trainable parameters; the last four fields are static structure, not leaves.
+class MLPConfig(NamedTuple):
+    """Static structure of the network (defaults: the book's 784-100x5-10 ReLU net without batch norm).
+
+    Attributes:
+      input_size, hidden_sizes, output_size: layer widths.
+      activation: ``'relu'`` or ``'sigmoid'``.
+      batch_norm: insert batch norm between each hidden Affine and its activation.
+      dropout_ratio: dropout after each hidden activation (0.0: none).
+      dropout_inverted: ``True`` scales kept units by ``1/(1-ratio)`` in training (modern); ``False`` is the
+        book's (no scaling in training, times ``1-ratio`` at evaluation).
+      bn_momentum, bn_eps, bn_init_var: batch-norm conventions (defaults: ``layers.CONVENTIONS``).
+    """
+
+    input_size: int = 784
+    hidden_sizes: tuple[int, ...] = (100, 100, 100, 100, 100)
+    output_size: int = 10
+    activation: str = "relu"
+    batch_norm: bool = False
+    dropout_ratio: float = 0.0
+    dropout_inverted: bool = True
+    bn_momentum: float = layers.CONVENTIONS["momentum"]
+    bn_eps: float = layers.CONVENTIONS["eps"]
+    bn_init_var: float = layers.CONVENTIONS["init_var"]
+
+    @property
+    def sizes(self) -> list[int]:
+        return [int(self.input_size), *[int(h) for h in self.hidden_sizes], int(self.output_size)]
+
+    def check(self) -> "MLPConfig":
+        """Raise ``ValueError`` naming the field if the configuration cannot build a network."""
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation={self.activation!r}: expected one of {sorted(ACTIVATIONS)}")
+        if any(s < 1 for s in self.sizes):
+            raise ValueError(f"layer sizes must be positive, got {self.sizes}")
+        if not 0.0 <= self.dropout_ratio < 1.0:
+            raise ValueError(f"dropout_ratio must be in [0, 1), got {self.dropout_ratio}")
+        if not 0.0 <= self.bn_momentum <= 1.0:
+            raise ValueError(f"bn_momentum must be in [0, 1], got {self.bn_momentum}")
+        if not self.bn_eps > 0.0:
+            raise ValueError(f"bn_eps must be > 0, got {self.bn_eps}")
+        return self
+
+
+class MLPParams(NamedTuple):
+    """Trainable parameters.
 
     Attributes:
       affine: one ``AffineParams`` per layer, hidden layers first, the output layer last.
       batch_norm: one ``BatchNormParams`` per hidden layer, or ``()`` without batch norm.
-      activation: ``'relu'`` or ``'sigmoid'``.
-      dropout_ratio: 0.0 without dropout.
-      bn_momentum, bn_eps: batch-norm hyper-parameters (book: 0.9, 1e-6).
     """
 
     affine: tuple
     batch_norm: tuple
-    activation: str = "relu"
-    dropout_ratio: float = 0.0
-    bn_momentum: float = layers.CONVENTIONS["momentum"]
-    bn_eps: float = layers.CONVENTIONS["eps"]
-
-    @property
-    def use_batchnorm(self) -> bool:
-        return len(self.batch_norm) > 0
-
-
-jax.tree_util.register_dataclass(
-    MLPParams,
-    data_fields=["affine", "batch_norm"],
-    meta_fields=["activation", "dropout_ratio", "bn_momentum", "bn_eps"],
-)
 
 
 class MLPState(NamedTuple):
@@ -62,44 +87,22 @@ class MLPState(NamedTuple):
 
 
 def init(
-    key: Array,
-    input_size: int,
-    hidden_sizes: Sequence[int],
-    output_size: int,
-    weight_init_std: Any = "relu",
-    activation: str = "relu",
-    use_batchnorm: bool = False,
-    use_dropout: bool = False,
-    dropout_ratio: float = 0.5,
-    *,
-    bn_momentum: float = layers.CONVENTIONS["momentum"],
-    bn_eps: float = layers.CONVENTIONS["eps"],
-    bn_init_var: float = layers.CONVENTIONS["init_var"],
-    dtype: Any = jnp.float32,
+    key: Array, config: MLPConfig, weight_init_std: Any = "relu", dtype: Any = jnp.float32
 ) -> tuple[MLPParams, MLPState]:
     """Initialise the network: ``W = std * normal``, ``b = 0``, gamma = 1, beta = 0, running stats 0.
 
     Args:
       key: ``jax.random`` key.
-      input_size, hidden_sizes, output_size: e.g. 784, [100] * 5, 10 (static).
+      config: the network's structure.
       weight_init_std: a number or scalar array used for every layer (the book's experiment), or
         ``'he'``/``'relu'``, ``'xavier'``/``'sigmoid'`` for a per-layer ``sqrt(2 / fan_in)``/``sqrt(1 / fan_in)``.
-      activation: ``'relu'`` or ``'sigmoid'``.
-      use_batchnorm: insert batch norm between each hidden Affine and its activation (static).
-      use_dropout, dropout_ratio: dropout after each hidden activation.
-      bn_momentum, bn_eps, bn_init_var: batch-norm conventions (see ``bnjax.layers``).
       dtype: parameter dtype.
 
     Returns:
       ``(params, state)``.
     """
-    if activation not in _ACTIVATIONS:
-        raise ValueError(f"activation={activation!r}: expected one of {sorted(_ACTIVATIONS)}")
-    sizes = [int(input_size), *[int(h) for h in hidden_sizes], int(output_size)]
-    if any(s < 1 for s in sizes):
-        raise ValueError(f"layer sizes must be positive, got {sizes}")
-    if use_dropout and not 0.0 < dropout_ratio < 1.0:
-        raise ValueError(f"dropout_ratio must be in (0, 1), got {dropout_ratio}")
+    config.check()
+    sizes = config.sizes
     # One normal draw for all weights, sliced afterwards: under vmap one draw per layer compiles ~20x slower.
     shapes = list(zip(sizes[:-1], sizes[1:]))
     noise = jax.random.normal(key, (sum(i * o for i, o in shapes),), dtype)
@@ -112,28 +115,21 @@ def init(
         affine.append(layers.AffineParams(W=W, b=jnp.zeros((num_out,), dtype)))
         offset += num_in * num_out
     bn_params, bn_state = [], []
-    if use_batchnorm:
+    if config.batch_norm:
         for size in sizes[1:-1]:
-            p, s = layers.batch_norm_init(size, init_var=bn_init_var, dtype=dtype)
+            p, s = layers.batch_norm_init(size, init_var=config.bn_init_var, dtype=dtype)
             bn_params.append(p)
             bn_state.append(s)
-    params = MLPParams(
-        affine=tuple(affine),
-        batch_norm=tuple(bn_params),
-        activation=activation,
-        dropout_ratio=float(dropout_ratio) if use_dropout else 0.0,
-        bn_momentum=float(bn_momentum),
-        bn_eps=float(bn_eps),
-    )
-    return params, MLPState(batch_norm=tuple(bn_state))
+    return MLPParams(tuple(affine), tuple(bn_params)), MLPState(tuple(bn_state))
 
 
 def apply(
-    params: MLPParams, state: MLPState, x: Array, train: bool = False, key: Array | None = None
+    config: MLPConfig, params: MLPParams, state: MLPState, x: Array, train: bool = False, key: Array | None = None
 ) -> tuple[Array, MLPState]:
     """Scores of the network.
 
     Args:
+      config: the structure ``params`` were made with.
       params, state: from ``init``.
       x: ``[N, input_size]``.
       train: the book's ``train_flg``: batch statistics + running update + dropout (True), or running
@@ -145,33 +141,32 @@ def apply(
     """
     if x.ndim != 2:
         raise ValueError(f"model.apply: x must be [N, features], got shape {x.shape}")
-    if len(state.batch_norm) != len(params.batch_norm):
-        raise ValueError("model.apply: state and params disagree on batch norm (use the pair init returned)")
-    act = _ACTIVATIONS[params.activation]
+    num_bn = len(config.hidden_sizes) if config.batch_norm else 0
+    if len(params.batch_norm) != num_bn or len(state.batch_norm) != num_bn:
+        raise ValueError("model.apply: config, params and state disagree on batch norm (use the pair init returned "
+                         "with the same config)")
+    act = ACTIVATIONS[config.activation]
     hidden = params.affine[:-1]
-    keys = (
-        jax.random.split(key, len(hidden))
-        if (train and params.dropout_ratio > 0.0 and key is not None)
-        else [None] * len(hidden)
-    )
+    dropout = config.dropout_ratio > 0.0
+    keys = jax.random.split(key, len(hidden)) if (train and dropout and key is not None) else [None] * len(hidden)
     new_bn = []
     h = x
     for i, aff in enumerate(hidden):
         h = layers.affine_apply(aff, h)
-        if params.use_batchnorm:
+        if config.batch_norm:
             h, s = layers.batch_norm_apply(
-                params.batch_norm[i], state.batch_norm[i], h, train,
-                momentum=params.bn_momentum, eps=params.bn_eps,
+                params.batch_norm[i], state.batch_norm[i], h, train, momentum=config.bn_momentum, eps=config.bn_eps,
             )
             new_bn.append(s)
         h = act(h)
-        if params.dropout_ratio > 0.0:
-            h = layers.dropout_apply(h, keys[i], params.dropout_ratio, train)
+        if dropout:
+            h = layers.dropout_apply(h, keys[i], config.dropout_ratio, train, inverted=config.dropout_inverted)
     logits = layers.affine_apply(params.affine[-1], h)
     return logits, MLPState(batch_norm=tuple(new_bn))
 
 
 def loss(
+    config: MLPConfig,
     params: MLPParams,
     state: MLPState,
     x: Array,
@@ -182,27 +177,27 @@ def loss(
 ) -> tuple[Array, MLPState]:
     """Softmax cross-entropy plus ``lambda / 2 * sum(W ** 2)`` over every Affine weight (the book's).
 
-    Returns ``(loss, new_state)``: use ``jax.value_and_grad(loss, has_aux=True)``.
+    Returns ``(loss, new_state)``: use ``jax.value_and_grad(loss, argnums=1, has_aux=True)``.
     """
-    logits, new_state = apply(params, state, x, train, key)
+    logits, new_state = apply(config, params, state, x, train, key)
     value = layers.softmax_cross_entropy(logits, t)
     decay = sum(jnp.sum(jnp.square(a.W)) for a in params.affine)
     return value + 0.5 * weight_decay_lambda * decay, new_state
 
 
-def predict(params: MLPParams, state: MLPState, x: Array) -> Array:
+def predict(config: MLPConfig, params: MLPParams, state: MLPState, x: Array) -> Array:
     """Predicted classes ``[N]`` in evaluation mode; a row with a NaN score counts as the first NaN's class
     (class 0 for an all-NaN row), as NumPy's argmax does in the book."""
-    logits, _ = apply(params, state, x, train=False)
+    logits, _ = apply(config, params, state, x, train=False)
     return jnp.argmax(logits, axis=-1)
 
 
-def accuracy(params: MLPParams, state: MLPState, x: Array, t: Array) -> Array:
+def accuracy(config: MLPConfig, params: MLPParams, state: MLPState, x: Array, t: Array) -> Array:
     """Share of ``x`` classified as ``t``, in evaluation mode (running statistics, no update)."""
-    return jnp.mean((predict(params, state, x) == t).astype(jnp.float32))
+    return jnp.mean((predict(config, params, state, x) == t).astype(jnp.float32))
 
 
-def num_flops(sizes: Sequence[int], batch_size: int, *, backward: bool = False) -> int:
+def num_flops(sizes: Any, batch_size: int, *, backward: bool = False) -> int:
     """Multiply-add FLOPs (2 per MAC) of the Affine layers for one batch, ignoring elementwise work.
 
     With ``backward`` the weight gradients of every layer and the input gradients of all but the first

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-BN_LABEL = "Batch Normalization"
-PLAIN_LABEL = "Normal(without BatchNorm)"
+from bnjax._files import atomic_file
+
+# The book's legend and line styles for its two arms; any other arm is drawn with its own name.
+LABELS = {"batchnorm": "Batch Normalization", "plain": "Normal(without BatchNorm)"}
+STYLES = ("-", "--", ":", "-.")
 
 
 def grid_shape(num_panels: int) -> tuple[int, int]:
@@ -29,16 +31,18 @@ def _pyplot():
     return plt
 
 
-def plot_sweep(weight_scales, bn_acc, plain_acc, path: str | os.PathLike, *, title: str | None = None) -> Path:
-    """Draw ``bn_acc``/``plain_acc`` ``[seeds, S, R]`` and write a PNG atomically to ``path``.
+def plot_sweep(weight_scales, accuracy: dict, path: str | os.PathLike, *, title: str | None = None) -> Path:
+    """Draw ``accuracy`` (arm name -> ``[seeds, S, R]``) one panel per scale and write a PNG atomically.
 
-    With several seeds the line is the mean and the shaded band spans min..max over seeds.
+    The first arm is solid, the second dashed (the book's BN and plain). With several seeds the line is the
+    mean and the shaded band spans min..max over seeds.
     """
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
-    bn_acc, plain_acc = np.asarray(bn_acc, float), np.asarray(plain_acc, float)
-    num_scales, num_records = bn_acc.shape[1], bn_acc.shape[2]
+    curves = [(np.asarray(acc, float), STYLES[i % len(STYLES)], LABELS.get(name, name))
+              for i, (name, acc) in enumerate(accuracy.items())]
+    num_scales, num_records = curves[0][0].shape[1], curves[0][0].shape[2]
     rows, cols = grid_shape(num_scales)
     fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 2.4 * rows), squeeze=False)
     x = np.arange(num_records)
@@ -46,7 +50,7 @@ def plot_sweep(weight_scales, bn_acc, plain_acc, path: str | os.PathLike, *, tit
         if i >= num_scales:
             ax.axis("off")
             continue
-        for acc, style, label in ((bn_acc, "-", BN_LABEL), (plain_acc, "--", PLAIN_LABEL)):
+        for acc, style, label in curves:
             runs = acc[:, i, :]
             (line,) = ax.plot(x, runs.mean(0), style, label=label, markevery=2)
             if runs.shape[0] > 1:
@@ -73,14 +77,9 @@ def plot_sweep(weight_scales, bn_acc, plain_acc, path: str | os.PathLike, *, tit
     top_in = 0.35 + (0.3 if title else 0.0)
     fig.subplots_adjust(left=0.75 / width, right=1 - 0.15 / width, bottom=0.55 / height, top=1 - top_in / height,
                         wspace=0.06, hspace=0.3)
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
+        with atomic_file(path, "wb") as f:
+            fig.savefig(f, format="png", dpi=100)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return Path(path)

@@ -30,10 +30,10 @@ def test_bundled_shapes_dtypes_ranges_and_known_class_counts():
 
 
 def test_bundled_is_deterministic_and_disjoint():
-    a, b = data.load_bundled(300, 200, seed=4), data.load_bundled(300, 200, seed=4)
+    a, b = data.load_bundled(300, 200, split_seed=4), data.load_bundled(300, 200, split_seed=4)
     np.testing.assert_array_equal(a.x_train, b.x_train)
     assert a.source["train_sha256"] == b.source["train_sha256"]
-    c = data.load_bundled(300, 200, seed=5)
+    c = data.load_bundled(300, 200, split_seed=5)
     assert a.source["train_sha256"] != c.source["train_sha256"]
     train_rows = {r.tobytes() for r in (a.x_train * 255).astype(np.uint8)}
     held_rows = {r.tobytes() for r in (a.x_heldout * 255).astype(np.uint8)}
@@ -131,7 +131,7 @@ def test_corrupt_download_raises_and_leaves_nothing(fake_mnist, tmp_path):
     with pytest.raises(data.ChecksumError, match="does not match"):
         data.download_mnist(cache, base_url=fake_mnist["url"], checksums=bad, timeout=5)
     assert not (cache / "train-labels-idx1-ubyte.gz").exists()
-    assert not [p for p in cache.iterdir() if p.name.endswith(".part")]
+    assert not [p for p in cache.iterdir() if p.name.startswith(".")]
 
 
 def test_unreachable_server_fails_fast_with_advice(tmp_path):

@@ -1,32 +1,50 @@
-"""The command-line experiments end to end (tiny configurations) and their error handling."""
+"""The command-line experiments end to end (tiny configurations): devices, processes, seeds, files, errors."""
 
 import json
 import os
+import signal
+import socket
+import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from experiments import sweep
+from experiments import harness, sweep
 
 ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--scales", "0.08,0.05,0.03,0.02,0.01", "--epochs", "2", "--num-seeds", "2", "--train-size", "300",
+        "--data", "bundled", "--no-plot", "--no-cache", "--heldout-size", "100"]
 
 
-def _run(*args, timeout=300):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+def _env(**extra):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **extra)
+    # conftest's 8 host devices must not leak into the CLI, whose --cpu-devices sets its own.
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+    env["XLA_FLAGS"] = " ".join(flags)
+    return env
+
+
+def _run(*args, timeout=300, **env):
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=_env(**env), capture_output=True, text=True,
                           timeout=timeout)
+
+
+def _results(directory: Path) -> dict:
+    return json.loads((directory / "results.json").read_text())
 
 
 def test_help_explains_itself():
     proc = _run("experiments.sweep", "--help")
     assert proc.returncode == 0
-    for flag in ("--scales", "--num-scales", "--epochs", "--optimizer", "--num-seeds", "--data", "--heldout",
-                 "--out", "--dtype", "--no-plot", "--quiet"):
+    for flag in ("--scales", "--num-scales", "--epochs", "--optimizer", "--num-seeds", "--split-seed", "--data",
+                 "--heldout", "--out", "--dtype", "--no-plot", "--quiet", "--coordinator", "--num-processes",
+                 "--process-id", "--max-models-per-chunk"):
         assert flag in proc.stdout
-    assert "same mini-batches" in proc.stdout
+    assert "same mini-batches" in proc.stdout and "Exit status" in proc.stdout
 
 
 def test_tiny_sweep_end_to_end(tmp_path):
@@ -34,36 +52,118 @@ def test_tiny_sweep_end_to_end(tmp_path):
     code = sweep.main(["--num-scales", "2", "--epochs", "2", "--num-seeds", "2", "--heldout", "--heldout-size", "50",
                        "--data", "bundled", "--out", str(out), "--quiet", "--no-cache"])
     assert code == 0
-    res = json.loads((out / "results.json").read_text())
-    assert (out / "sweep.png").stat().st_size > 10_000
+    res = _results(out)
+    png = out / "sweep.png"
+    assert png.stat().st_size > 10_000
     assert res["weight_scales"] == [1.0, 1e-4]
-    assert np.array(res["train_accuracy"]["batchnorm"]).shape == (2, 2, 2)
-    assert np.array(res["train_accuracy"]["plain"]).shape == (2, 2, 2)
-    assert np.array(res["heldout_accuracy"]["plain"]).shape == (2, 2, 2)
+    for metric in ("train_accuracy", "train_loss", "heldout_accuracy", "heldout_loss"):
+        for arm in ("batchnorm", "plain"):
+            assert np.array(res[metric][arm], dtype=float).shape == (2, 2, 2), (metric, arm)
     assert np.array(res["diverged"]["plain"]).shape == (2, 2)
-    assert res["diverged"]["plain"][0][0] is True  # w = 1.0 overflows, as in the book
+    assert res["diverged"]["plain"][0][0] is True  # w = 1.0 overflows, as in the book ...
+    assert res["train_loss"]["plain"][0][0][-1] is None  # ... and its loss is null, not NaN (strict JSON)
     assert res["record_steps"] == [1, 11]
+    assert res["arms"]["batchnorm"]["batch_norm"] is True and res["arms"]["plain"]["batch_norm"] is False
+    assert res["axes"] == {"weight_scale": [1.0, 1e-4]} and res["seeds"] == [0, 1]
     assert set(res["data"]) >= {"name", "train_sha256", "num_train"} and res["data"]["num_train"] == 1000
     assert set(res["timing"]) >= {"compile_s", "run_s", "total_s"}
-    assert set(res["environment"]) >= {"jax", "backend", "device_count", "device_kind"}
-    for key in ("epochs", "lr", "optimizer", "seed", "num_seeds", "data", "dtype", "batch_size", "train_size"):
+    assert set(res["environment"]) >= {"jax", "backend", "device_count", "device_kind", "devices_used", "processes"}
+    for key in ("epochs", "lr", "optimizer", "seed", "num_seeds", "split_seed", "data", "dtype", "batch_size",
+                "train_size"):
         assert key in res["config"]
+    assert res["summary"]["bn_wins"] == res["summary"]["wins"]["batchnorm"]
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
+    # Files get the umask's permissions (mkstemp alone makes them 0600).
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for path in (png, out / "results.json"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
 
 
-def test_same_seed_same_results(tmp_path):
-    args = ["--scales", "0.1,0.01", "--epochs", "2", "--data", "bundled", "--no-plot", "--quiet", "--no-cache"]
-    assert sweep.main(args + ["--out", str(tmp_path / "a")]) == 0
-    assert sweep.main(args + ["--out", str(tmp_path / "b")]) == 0
-    a = json.loads((tmp_path / "a" / "results.json").read_text())
-    b = json.loads((tmp_path / "b" / "results.json").read_text())
-    assert a["train_accuracy"] == b["train_accuracy"]
+def test_seed_i_of_a_run_equals_a_run_at_seed_plus_i_with_the_same_split(tmp_path):
+    base = ["--scales", "0.1,0.02", "--epochs", "2", "--data", "bundled", "--no-plot", "--quiet", "--no-cache",
+            "--heldout-size", "200"]
+    assert sweep.main(base + ["--num-seeds", "3", "--out", str(tmp_path / "three")]) == 0
+    assert sweep.main(base + ["--seed", "2", "--out", str(tmp_path / "two")]) == 0
+    assert sweep.main(base + ["--seed", "2", "--out", str(tmp_path / "again")]) == 0
+    three, two, again = _results(tmp_path / "three"), _results(tmp_path / "two"), _results(tmp_path / "again")
+    assert three["data"] == two["data"]  # the training seed never changes the split
+    for metric in ("train_accuracy", "heldout_accuracy", "train_loss"):
+        for arm in ("batchnorm", "plain"):
+            assert two[metric][arm] == again[metric][arm]  # same seed, same numbers
+            np.testing.assert_array_equal(np.array(three[metric][arm][2], float), np.array(two[metric][arm][0], float))
+    assert two["train_accuracy"] != _results(tmp_path / "three")["train_accuracy"]
+    # The split is its own option.
+    assert sweep.main(base + ["--split-seed", "3", "--out", str(tmp_path / "split")]) == 0
+    split = _results(tmp_path / "split")
+    assert split["data"]["split_seed"] == 3 and split["data"]["train_sha256"] != two["data"]["train_sha256"]
+
+
+def _compare(a: dict, b: dict, tol: float = 1e-4):
+    for metric in ("train_accuracy", "train_loss", "heldout_accuracy", "heldout_loss"):
+        for arm in ("batchnorm", "plain"):
+            x, y = np.array(a[metric][arm], float), np.array(b[metric][arm], float)
+            assert x.shape == y.shape == (2, 5, 2)  # no padded model appears
+            np.testing.assert_allclose(x, y, atol=tol, rtol=tol, err_msg=metric)
+    assert a["diverged"] == b["diverged"]
+
+
+def test_one_three_and_eight_cpu_devices_give_the_same_results(tmp_path):
+    runs = {}
+    for n in (1, 3, 8):
+        proc = _run("experiments.sweep", *TINY, "--cpu-devices", str(n), "--quiet", "--out", str(tmp_path / str(n)))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs[n] = _results(tmp_path / str(n))
+        assert runs[n]["environment"]["device_count"] == n
+        assert runs[n]["environment"]["devices_used"] == n  # read from the arrays' shardings
+    assert runs[3]["environment"]["layout"]["padded_models"] > 0
+    _compare(runs[1], runs[3])
+    _compare(runs[1], runs[8])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_equal_one_and_only_process_0_writes(tmp_path):
+    port = _free_port()
+    procs = []
+    for pid in (0, 1):
+        cmd = [sys.executable, "-m", "experiments.sweep", *TINY, "--cpu-devices", "2", "--coordinator",
+               f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(pid), "--out", str(tmp_path / f"p{pid}")]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    assert "in 2 processes" in outs[0][0] and "wrote" in outs[0][0]
+    assert "wrote" not in outs[1][0] and not (tmp_path / "p1").exists()
+    two = _results(tmp_path / "p0")
+    assert two["environment"]["processes"] == 2 and two["environment"]["devices_used"] == 4
+    proc = _run("experiments.sweep", *TINY, "--cpu-devices", "4", "--quiet", "--out", str(tmp_path / "one"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    one = _results(tmp_path / "one")
+    assert one["environment"]["processes"] == 1
+    _compare(one, two, tol=1e-6)
+
+
+def test_chunked_cli_run_equals_one_chunk(tmp_path):
+    args = TINY + ["--quiet", "--cpu-devices", "2"]
+    assert _run("experiments.sweep", *args, "--out", str(tmp_path / "one")).returncode == 0
+    proc = _run("experiments.sweep", *args, "--max-models-per-chunk", "4", "--out", str(tmp_path / "chunks"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    one, chunks = _results(tmp_path / "one"), _results(tmp_path / "chunks")
+    assert one["environment"]["layout"]["num_chunks"] == 1 and chunks["environment"]["layout"]["num_chunks"] == 5
+    _compare(one, chunks)
 
 
 @pytest.mark.parametrize(
     "bad, message",
     [
         (["--epochs", "0"], "--epochs"),
+        (["--epochs", "1e9"], "--epochs"),
         (["--lr", "-1"], "--lr"),
         (["--lr", "nan"], "--lr"),
         (["--scales", "0.1,abc"], "--scales"),
@@ -75,6 +175,14 @@ def test_same_seed_same_results(tmp_path):
         (["--data-dir", "/nonexistent/dir"], "--data-dir"),
         (["--data", "bundled", "--train-size", "6000"], "bundled"),
         (["--out", "/proc/forbidden"], "--out"),
+        (["--seed", "2147483648"], "--seed"),
+        (["--seed", "2147483647", "--num-seeds", "2"], "--num-seeds"),
+        (["--split-seed", "-1"], "--split-seed"),
+        (["--coordinator", "127.0.0.1:1234"], "go together"),
+        (["--coordinator", "nohost", "--num-processes", "2", "--process-id", "0"], "HOST:PORT"),
+        (["--coordinator", "h:1", "--num-processes", "2", "--process-id", "2"], "--process-id"),
+        (["--max-models-per-chunk", "0"], "--max-models-per-chunk"),
+        (["--cpu-devices", "100000"], "--cpu-devices"),
     ],
 )
 def test_bad_options_exit_2_naming_the_problem(bad, message, capsys):
@@ -84,28 +192,63 @@ def test_bad_options_exit_2_naming_the_problem(bad, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_cli_choices_match_the_library():
-    from bnjax import data, train
+def test_summary_table_counts_wins_over_any_arms():
+    acc = {"batchnorm": np.array([[[0.1, 0.9], [0.2, 0.3], [0.0, 0.5]]]),
+           "plain": np.array([[[0.1, 0.5], [0.2, 0.4], [0.0, 0.5]]]),
+           "dropout": np.array([[[0.0, 0.1], [0.0, 0.2], [0.0, 0.1]]])}
+    diverged = {"batchnorm": np.zeros((1, 3), bool), "plain": np.array([[False, True, False]]),
+                "dropout": np.zeros((1, 3), bool)}
+    table, wins = sweep.summary_table([1.0, 0.1, 0.01], acc, diverged)
+    assert wins == {"batchnorm": 1, "plain": 1, "dropout": 0}
+    assert "plain diverged" in table and "BN wins at 1 of 3" in table and "tie" in table.splitlines()[3]
 
-    assert tuple(sweep.OPTIMIZERS) == tuple(train.OPTIMIZERS)
-    assert tuple(sweep.DATA_SOURCES) == tuple(data.SOURCES)
+
+def test_plot_draws_every_arm(tmp_path):
+    from experiments.plot import plot_sweep
+
+    rng = np.random.default_rng(0)
+    acc = {name: rng.uniform(size=(2, 3, 4)) for name in ("batchnorm", "plain", "dropout")}
+    path = plot_sweep([1.0, 0.1, 0.01], acc, tmp_path / "f.png", title="t")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
-def test_summary_table_counts_wins():
-    bn = np.array([[[0.1, 0.9], [0.2, 0.3]]])
-    plain = np.array([[[0.1, 0.5], [0.2, 0.4]]])
-    table, wins = sweep.summary_table([1.0, 0.1], bn, plain, np.array([[False, True]]), np.zeros((1, 2), bool))
-    assert wins == 1
-    assert "plain diverged" in table and "BN wins at 1 of 2" in table
+@pytest.mark.parametrize("sig, status, word", [(signal.SIGINT, 130, "interrupted"),
+                                              (signal.SIGTERM, 143, "terminated")])
+def test_interrupt_prints_one_line_and_exits_non_zero(tmp_path, sig, status, word):
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.sweep", "--num-seeds", "64", "--data", "bundled",
+                             "--no-cache", "--out", str(tmp_path / "run")], cwd=ROOT, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and "compiling" not in (proc.stdout.readline() or ""):
+        pass
+    time.sleep(1.0)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == status, err[-2000:]
+    assert "Traceback" not in err and word in err
+    assert not (tmp_path / "run" / "results.json").exists()
+    assert not [p for p in (tmp_path / "run").iterdir() if p.name.startswith(".")]
+
+
+def test_json_writer_turns_non_finite_numbers_into_null(tmp_path):
+    path = harness.write_json(tmp_path / "r.json", {"a": np.array([1.0, np.nan, np.inf]), "b": np.float32(0.5),
+                                                     "c": np.bool_(True), "d": Path("x")})
+    assert json.loads(path.read_text()) == {"a": [1.0, None, None], "b": 0.5, "c": True, "d": "x"}
 
 
 def test_benchmark_quick_runs(tmp_path):
-    proc = _run("experiments.benchmark", "--quick", "--out", str(tmp_path / "bench.json"), timeout=600)
+    proc = _run("experiments.benchmark", "--quick", "--skip", "d", "--out", str(tmp_path / "bench.json"),
+                timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads((tmp_path / "bench.json").read_text())
     names = [v["name"] for v in res["variants"]]
     assert names[0].startswith("(a)") and any(n.startswith("(b)") for n in names)
     assert any(n.startswith("(c)") for n in names)
     assert res["variants"][0]["ratio_to_a"] == 1.0
-    # The variants train the same protocol: their final accuracies agree on finite, non-diverged models.
-    assert "ratio" in proc.stdout
+    # (a) and (b) train the same models on the same batches: their final accuracies agree.
+    finals = {v["name"][:3]: v["final_batchnorm"] + v["final_plain"] for v in res["variants"]}
+    np.testing.assert_allclose(finals["(b)"], finals["(a)"], atol=2e-3)
+    assert [row["models"] for row in res["scaling"]] == [32]
+    assert res["scaling"][0]["model_updates_per_s"] > 0 and res["scaling"][0]["peak_rss_gb"] > 0
+    assert "ratio" in proc.stdout and "scaling" in proc.stdout

@@ -8,8 +8,8 @@ from jax.test_util import check_grads
 
 from bnjax import layers
 from conftest import x64
-from experiments.numpy_book import BatchNorm as RefBatchNorm
-from experiments.numpy_book import SoftmaxWithLoss, softmax
+from numpy_book import BatchNorm as RefBatchNorm
+from numpy_book import SoftmaxWithLoss, softmax
 
 
 def _bn_jax(gamma, beta, mean, var, x, train=True, **kw):

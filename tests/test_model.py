@@ -7,9 +7,13 @@ import pytest
 
 from bnjax import layers, model
 from conftest import x64
-from experiments.numpy_book import Net
+from numpy_book import Net
 
-SIZES = (12, [9, 7, 8], 5)
+SIZES = (12, (9, 7, 8), 5)
+
+
+def net(*sizes, **kw):
+    return model.MLPConfig(*sizes, **kw)
 
 
 def _data(rng, n=16):
@@ -23,12 +27,12 @@ def _data(rng, n=16):
 def test_loss_and_gradients_match_numpy_reference_float64(use_bn, decay):
     rng = np.random.default_rng(0)
     with x64():
-        params, state = model.init(jax.random.key(0), *SIZES, weight_init_std=0.5, use_batchnorm=use_bn,
-                                   dtype=jnp.float64)
+        cfg = net(*SIZES, batch_norm=use_bn)
+        params, state = model.init(jax.random.key(0), cfg, weight_init_std=0.5, dtype=jnp.float64)
         ref = Net([np.asarray(a.W) for a in params.affine], use_bn, weight_decay_lambda=decay)
         x, t = _data(rng)
-        (value, new_state), grads = jax.value_and_grad(model.loss, has_aux=True)(
-            params, state, jnp.asarray(x), jnp.asarray(t), True, None, decay
+        (value, new_state), grads = jax.value_and_grad(model.loss, argnums=1, has_aux=True)(
+            cfg, params, state, jnp.asarray(x), jnp.asarray(t), True, None, decay
         )
         ref_value = ref.gradient(x, t)
         np.testing.assert_allclose(float(value), ref_value, rtol=1e-10)
@@ -43,68 +47,78 @@ def test_loss_and_gradients_match_numpy_reference_float64(use_bn, decay):
             np.testing.assert_allclose(np.asarray(s.mean), bn.running_mean, atol=1e-10)
             np.testing.assert_allclose(np.asarray(s.var), bn.running_var, atol=1e-10)
         # Evaluation mode with the updated running statistics.
-        logits, _ = model.apply(params, new_state, jnp.asarray(x), train=False)
+        logits, _ = model.apply(cfg, params, new_state, jnp.asarray(x), train=False)
         np.testing.assert_allclose(np.asarray(logits), ref.predict(x, False), atol=1e-9)
 
 
 def test_init_structure_scale_and_vmap_over_scales():
     key = jax.random.key(1)
-    params, state = model.init(key, 784, [100] * 5, 10, 0.01, use_batchnorm=True)
+    params, state = model.init(key, net(784, (100,) * 5, 10, batch_norm=True), 0.01)
     assert [a.W.shape for a in params.affine] == [(784, 100)] + [(100, 100)] * 4 + [(100, 10)]
     assert len(params.batch_norm) == 5 and len(state.batch_norm) == 5
     assert all(np.all(np.asarray(p.gamma) == 1) and np.all(np.asarray(p.beta) == 0) for p in params.batch_norm)
     assert all(np.all(np.asarray(s.mean) == 0) and np.all(np.asarray(s.var) == 0) for s in state.batch_norm)
     assert abs(float(params.affine[0].W.std()) / 0.01 - 1) < 0.02
-    he, _ = model.init(key, 784, [100] * 5, 10, "he")
+    he, _ = model.init(key, net(784, (100,) * 5, 10), "he")
     assert abs(float(he.affine[1].W.std()) / np.sqrt(2 / 100) - 1) < 0.05
-    plain, plain_state = model.init(key, 784, [100] * 5, 10, 0.01)
+    plain, plain_state = model.init(key, net(784, (100,) * 5, 10), 0.01)
     assert plain.batch_norm == () and plain_state.batch_norm == ()
     scales = jnp.array([1.0, 0.1, 0.01])
-    stacked, _ = jax.vmap(lambda s: model.init(key, 784, [100] * 5, 10, s, use_batchnorm=True))(scales)
+    bn_net = net(784, (100,) * 5, 10, batch_norm=True)
+    stacked, _ = jax.vmap(lambda s: model.init(key, bn_net, s))(scales)
     for i, s in enumerate([1.0, 0.1, 0.01]):
-        single, _ = model.init(key, 784, [100] * 5, 10, s, use_batchnorm=True)
+        single, _ = model.init(key, bn_net, s)
         np.testing.assert_allclose(np.asarray(stacked.affine[2].W[i]), np.asarray(single.affine[2].W), rtol=1e-6)
 
 
 def test_same_key_same_model_and_different_keys_differ():
-    a, _ = model.init(jax.random.key(3), 10, [4], 3, 0.1)
-    b, _ = model.init(jax.random.key(3), 10, [4], 3, 0.1)
-    c, _ = model.init(jax.random.key(4), 10, [4], 3, 0.1)
+    a, _ = model.init(jax.random.key(3), net(10, (4,), 3), 0.1)
+    b, _ = model.init(jax.random.key(3), net(10, (4,), 3), 0.1)
+    c, _ = model.init(jax.random.key(4), net(10, (4,), 3), 0.1)
     np.testing.assert_array_equal(np.asarray(a.affine[0].W), np.asarray(b.affine[0].W))
     assert not np.allclose(np.asarray(a.affine[0].W), np.asarray(c.affine[0].W))
 
 
 def test_dropout_needs_key_in_training_and_is_off_in_eval():
-    params, state = model.init(jax.random.key(5), 12, [50, 50], 5, "he", use_dropout=True, dropout_ratio=0.5)
+    cfg = net(12, (50, 50), 5, dropout_ratio=0.5)
+    params, state = model.init(jax.random.key(5), cfg, "he")
     x = jnp.ones((4, 12))
-    y1, _ = model.apply(params, state, x, True, jax.random.key(0))
-    y2, _ = model.apply(params, state, x, True, jax.random.key(1))
+    y1, _ = model.apply(cfg, params, state, x, True, jax.random.key(0))
+    y2, _ = model.apply(cfg, params, state, x, True, jax.random.key(1))
     assert not np.allclose(np.asarray(y1), np.asarray(y2))
-    e1, _ = model.apply(params, state, x, False)
-    e2, _ = model.apply(params, state, x, False)
+    e1, _ = model.apply(cfg, params, state, x, False)
+    e2, _ = model.apply(cfg, params, state, x, False)
     np.testing.assert_array_equal(np.asarray(e1), np.asarray(e2))
     with pytest.raises(ValueError, match="key"):
-        model.apply(params, state, x, True, None)
+        model.apply(cfg, params, state, x, True, None)
 
 
 def test_accuracy_counts_nan_rows_as_class_zero():
-    params, state = model.init(jax.random.key(6), 4, [3], 3, 0.1)
+    cfg = net(4, (3,), 3)
+    params, state = model.init(jax.random.key(6), cfg, 0.1)
     bad = jax.tree_util.tree_map(lambda a: a * jnp.nan, params)
     t = jnp.array([0, 1, 2, 0])
-    acc = model.accuracy(bad, state, jnp.ones((4, 4)), t)
+    acc = model.accuracy(cfg, bad, state, jnp.ones((4, 4)), t)
     assert float(acc) == pytest.approx(0.5)
 
 
 def test_apply_rejects_bad_input():
-    params, state = model.init(jax.random.key(7), 4, [3], 2, 0.1, use_batchnorm=True)
+    cfg = net(4, (3,), 2, batch_norm=True)
+    params, state = model.init(jax.random.key(7), cfg, 0.1)
     with pytest.raises(ValueError, match="features"):
-        model.apply(params, state, jnp.ones((2, 5)), True)
+        model.apply(cfg, params, state, jnp.ones((2, 5)), True)
     with pytest.raises(ValueError, match=r"\[N, features\]"):
-        model.apply(params, state, jnp.ones(4), True)
+        model.apply(cfg, params, state, jnp.ones(4), True)
     with pytest.raises(ValueError, match="activation"):
-        model.init(jax.random.key(0), 4, [3], 2, 0.1, activation="tanh")
-    with pytest.raises(ValueError, match="state and params"):
-        model.apply(params, model.MLPState(()), jnp.ones((2, 4)))
+        model.init(jax.random.key(0), net(4, (3,), 2, activation="tanh"), 0.1)
+    with pytest.raises(ValueError, match="disagree on batch norm"):
+        model.apply(cfg, params, model.MLPState(()), jnp.ones((2, 4)))
+    with pytest.raises(ValueError, match="disagree on batch norm"):
+        model.apply(cfg._replace(batch_norm=False), params, state, jnp.ones((2, 4)))
+    for bad, field in (({"dropout_ratio": 1.0}, "dropout_ratio"), ({"bn_eps": 0.0}, "bn_eps"),
+                       ({"bn_momentum": 1.5}, "bn_momentum"), ({"hidden_sizes": (0,)}, "sizes")):
+        with pytest.raises(ValueError, match=field):
+            model.init(jax.random.key(0), cfg._replace(**bad), 0.1)
 
 
 def test_flop_count():
@@ -114,8 +128,9 @@ def test_flop_count():
 
 
 def test_sigmoid_network_and_layers_compose():
-    params, state = model.init(jax.random.key(8), 6, [5], 3, "xavier", activation="sigmoid")
+    cfg = net(6, (5,), 3, activation="sigmoid")
+    params, state = model.init(jax.random.key(8), cfg, "xavier")
     x = jax.random.normal(jax.random.key(9), (7, 6))
-    logits, _ = model.apply(params, state, x)
+    logits, _ = model.apply(cfg, params, state, x)
     h = layers.sigmoid(layers.affine_apply(params.affine[0], x))
     np.testing.assert_allclose(np.asarray(logits), np.asarray(layers.affine_apply(params.affine[1], h)), atol=1e-6)

@@ -14,6 +14,15 @@ def test_readme_example_runs(capsys):
     assert out.startswith("loss ") and "eval accuracy" in out
 
 
+def test_readme_grid_engine_example_runs(capsys):
+    blocks = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+    engine = [b for b in blocks if "run_grid" in b]
+    assert engine, "no grid-engine example in README.md"
+    exec(compile(engine[0], "README.md", "exec"), {"__name__": "readme_example"})
+    out = capsys.readouterr().out
+    assert out.startswith("(2, 4, 2, 4) "), out  # [seeds, learning rates, weight scales, records]
+
+
 def test_readme_names_the_commands_ci_uses():
     for marker, needle in (("ci:test-command", "python -m pytest"), ("ci:run-command", "python -m experiments.sweep")):
         after = README.split(f"<!-- {marker} -->", 1)[1]

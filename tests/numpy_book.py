@@ -1,7 +1,7 @@
 """The book's network in NumPy, written from the formulas with hand-written backward passes.
 
 It is the tests' independent oracle and the benchmark's NumPy variant; nothing here imports bnjax or JAX.
-Float64 by default, as the book. Conventions follow ``shared/book_protocol.md``:
+Float64 by default, as the book. Conventions are the book's ch. 6.3 protocol (README, "The sweep"):
 eps 1e-6, running = momentum * running + (1 - momentum) * batch with the biased variance, ReLU gradient 0 at 0,
 softmax cross-entropy gradient (softmax - onehot) / N.
 """
@@ -180,7 +180,7 @@ def run_sweep(x, t, weight_scales, *, num_records=20, batch_size=100, lr=0.01, s
 
 
 if __name__ == "__main__":
-    # python -m experiments.numpy_book: time the book's protocol (used by the benchmark in a subprocess,
+    # python tests/numpy_book.py: time the book's protocol (used by the benchmark in a subprocess,
     # so BLAS threads can be pinned with OPENBLAS_NUM_THREADS=1 before NumPy loads).
     import argparse
     import json

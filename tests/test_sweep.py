@@ -1,0 +1,374 @@
+"""The grid engine against models trained one by one, the NumPy reference network and its own invariants.
+
+The keys are re-derived here from the documented scheme (``key(seed)`` split into a data and an init key; init
+keys split ``[arms, weight scales]``; batches ``randint(data_key, [updates, B], 0, N)``), so a test fails when
+the engine reuses or swaps a key.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from bnjax import data, model, sweep, train
+from conftest import x64
+from numpy_book import Net
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    return data.load_bundled(1000, 500)
+
+
+def reference_keys(seed, num_arms, num_scales, num_updates, batch, num_train):
+    data_key, init_key = jax.random.split(jax.random.key(seed))
+    init_keys = jax.random.split(init_key, (num_arms, num_scales))
+    batches = np.asarray(jax.random.randint(data_key, (num_updates, batch), 0, num_train))
+    return init_keys, batches
+
+
+def test_book_protocol_counts():
+    cfg = sweep.SweepConfig()
+    assert len(cfg.weight_scales) == 16 and cfg.weight_scales[0] == 1.0
+    assert cfg.weight_scales[-1] == pytest.approx(1e-4)
+    assert sweep.num_updates(cfg, 1000) == 191
+    np.testing.assert_array_equal(sweep.record_steps(cfg, 1000), 1 + 10 * np.arange(20))
+    assert sweep.num_updates(cfg._replace(num_records=1), 1000) == 1
+    assert sweep.num_updates(cfg, 50) == 20  # fewer images than a batch: one iteration per record
+    grid = cfg.to_grid()
+    assert list(grid.arms) == ["batchnorm", "plain"] and grid.arms["batchnorm"].batch_norm
+    assert not grid.arms["plain"].batch_norm and grid.num_models == 32
+    assert (grid.bn_eps, grid.bn_momentum) == (1e-6, 0.9)
+
+
+def test_vmapped_sweep_equals_models_trained_alone(bundled):
+    cfg = sweep.SweepConfig(weight_scales=(0.3, 0.02), num_records=3, batch_size=25, num_seeds=2, seed=3,
+                            hidden_sizes=(16, 16), optimizer="momentum")
+    x, t = bundled.x_train[:100], bundled.t_train[:100]
+    result = sweep.run_sweep(cfg, x, t)
+    assert result.train_accuracy["batchnorm"].shape == (2, 2, 3)
+    opt = train.make_optimizer(cfg.optimizer, cfg.learning_rate)
+    steps_at = sweep.record_steps(cfg, 100)
+    for s in range(2):
+        init_keys, batch_idx = reference_keys(cfg.seed + s, 2, 2, steps_at[-1], 25, 100)
+        for v, (name, use_bn) in enumerate((("batchnorm", True), ("plain", False))):
+            net = model.MLPConfig(784, cfg.hidden_sizes, 10, batch_norm=use_bn)
+            step = jax.jit(functools.partial(train.train_step, net, optimizer=opt))
+            for i, scale in enumerate(cfg.weight_scales):
+                params, state = model.init(init_keys[v, i], net, jnp.float32(scale))
+                ts = train.train_state_init(params, state, opt)
+                accs = []
+                for u in range(steps_at[-1]):
+                    ts, _ = step(ts, x[batch_idx[u]], t[batch_idx[u]])
+                    if u + 1 in steps_at:
+                        accs.append(float(model.accuracy(net, ts.params, ts.state, x, t)))
+                np.testing.assert_allclose(result.train_accuracy[name][s, i], accs, atol=1e-6)
+                np.testing.assert_allclose(np.asarray(result.final[name].params.affine[0].W[s, i]),
+                                           np.asarray(ts.params.affine[0].W), rtol=1e-4, atol=1e-6)
+
+
+def _numpy_eval_loss(net: Net, x, t):
+    """Mean cross-entropy in evaluation mode, from log-softmax (finite where softmax underflows to 0)."""
+    with np.errstate(all="ignore"):
+        scores = net.predict(x, False)
+        z = scores - scores.max(axis=1, keepdims=True)
+        log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        return -np.mean(log_p[np.arange(len(t)), t])
+
+
+def test_sweep_matches_numpy_reference_float64(bundled):
+    # 300 images, batch 30: 10 iterations per record, so 2 records = 11 updates (1 + 10).
+    cfg = sweep.SweepConfig(weight_scales=(0.16, 0.05, 0.005), num_records=2, batch_size=30, dtype="float64",
+                            seed=1)
+    x, t = bundled.x_train[:300].astype(np.float64), bundled.t_train[:300]
+    xh, th = bundled.x_heldout[:77].astype(np.float64), bundled.t_heldout[:77]
+    with x64():
+        # eval_batch_size 64: both sets are scored in several padded batches.
+        result = sweep.run_sweep(cfg, x, t, xh, th, eval_batch_size=64)
+        init_keys, batch_idx = reference_keys(1, 2, 3, 11, 30, 300)
+        inits = {name: [model.init(init_keys[v, i], model.MLPConfig(batch_norm=bn), jnp.float64(w), jnp.float64)[0]
+                        for i, w in enumerate(cfg.weight_scales)]
+                 for v, (name, bn) in enumerate((("batchnorm", True), ("plain", False)))}
+        inits = jax.device_get(inits)
+    metrics = result.grid.metrics
+    for name, use_bn in (("batchnorm", True), ("plain", False)):
+        final = result.final[name]
+        for i in range(3):
+            net = Net([np.asarray(a.W) for a in inits[name][i].affine], use_bn)
+            accs, losses, held = [], [], []
+            with np.errstate(all="ignore"):
+                for u in range(11):
+                    net.sgd_step(x[batch_idx[u]], t[batch_idx[u]], cfg.learning_rate)
+                    if u in (0, 10):
+                        accs.append(net.accuracy(x, t))
+                        losses.append(_numpy_eval_loss(net, x, t))
+                        held.append((net.accuracy(xh, th), _numpy_eval_loss(net, xh, th)))
+            np.testing.assert_allclose(result.train_accuracy[name][0, i], accs, atol=1e-12)
+            np.testing.assert_allclose(metrics["train_loss"][name][0, i], losses, rtol=1e-9)
+            np.testing.assert_allclose(metrics["heldout_accuracy"][name][0, i], [h[0] for h in held], atol=1e-12)
+            np.testing.assert_allclose(metrics["heldout_loss"][name][0, i], [h[1] for h in held], rtol=1e-9)
+            for a_ref, a in zip(net.affines, final.params.affine):
+                np.testing.assert_allclose(np.asarray(a.W[0, i]), a_ref.W, rtol=1e-8, atol=1e-10)
+                np.testing.assert_allclose(np.asarray(a.b[0, i]), a_ref.b, rtol=1e-8, atol=1e-10)
+            for bn_ref, p, s in zip(net.bns, final.params.batch_norm, final.state.batch_norm):
+                np.testing.assert_allclose(np.asarray(p.gamma[0, i]), bn_ref.gamma, rtol=1e-8, atol=1e-10)
+                np.testing.assert_allclose(np.asarray(s.mean[0, i]), bn_ref.running_mean, rtol=1e-8, atol=1e-10)
+                np.testing.assert_allclose(np.asarray(s.var[0, i]), bn_ref.running_var, rtol=1e-8, atol=1e-10)
+
+
+def test_vmapped_learning_rate_and_weight_decay_equal_models_trained_alone_float64(bundled):
+    """A grid weight_scale x learning_rate x weight_decay: every model against the NumPy network."""
+    lrs, decays, scales = (0.3, 0.03), (0.0, 0.2, 0.05), (0.1, 0.04)
+    cfg = sweep.GridConfig(axes={"learning_rate": lrs, "weight_decay": decays, "weight_scale": scales},
+                           num_records=2, batch_size=20, hidden_sizes=(12, 9), dtype="float64", seed=5,
+                           keep_final=True)
+    x, t = bundled.x_train[:80].astype(np.float64), bundled.t_train[:80]
+    with x64():
+        result = sweep.run_grid(cfg, x, t)
+        init_keys, batch_idx = reference_keys(5, 2, 2, 5, 20, 80)
+        inits = jax.device_get({
+            (name, j): model.init(init_keys[v, j], cfg.network(arm, 784), jnp.float64(w), jnp.float64)[0]
+            for v, (name, arm) in enumerate(cfg.arms.items()) for j, w in enumerate(scales)})
+    assert result.metrics["train_accuracy"]["plain"].shape == (1, 2, 3, 2, 2)
+    for name, arm in cfg.arms.items():
+        for a, lr in enumerate(lrs):
+            for b, lam in enumerate(decays):
+                for c, _ in enumerate(scales):
+                    net = Net([np.asarray(p.W) for p in inits[(name, c)].affine], arm.batch_norm,
+                              weight_decay_lambda=lam)
+                    with np.errstate(all="ignore"):
+                        for u in range(5):
+                            net.sgd_step(x[batch_idx[u]], t[batch_idx[u]], lr)
+                    np.testing.assert_allclose(result.metrics["train_accuracy"][name][0, a, b, c, -1],
+                                               net.accuracy(x, t), atol=1e-12)
+                    np.testing.assert_allclose(result.metrics["train_loss"][name][0, a, b, c, -1],
+                                               _numpy_eval_loss(net, x, t), rtol=1e-9)
+                    for ref, got in zip(net.affines, result.final[name].params.affine):
+                        np.testing.assert_allclose(got.W[0, a, b, c], ref.W, rtol=1e-8, atol=1e-11)
+
+
+def test_arms_as_a_dict_equal_one_arm_runs(bundled):
+    arms = {
+        "plain": sweep.Arm(),
+        "batchnorm": sweep.Arm(batch_norm=True),
+        "dropout": sweep.Arm(dropout_ratio=0.3, dropout_inverted=False),
+    }
+    base = sweep.GridConfig(arms=arms, axes={"weight_scale": (0.2, 0.05)}, num_records=3, batch_size=50,
+                            hidden_sizes=(24, 24), num_seeds=2, seed=7, keep_final=True)
+    x, t, xh, th = bundled.x_train[:200], bundled.t_train[:200], bundled.x_heldout[:50], bundled.t_heldout[:50]
+    together = sweep.run_grid(base, x, t, xh, th)
+    assert list(together.metrics["train_accuracy"]) == list(arms) == list(together.diverged)
+    for position, (name, arm) in enumerate(arms.items()):
+        alone = sweep.run_grid(base.replace(arms={name: arm._replace(init_stream=position)}), x, t, xh, th)
+        for metric in together.metrics:
+            np.testing.assert_allclose(alone.metrics[metric][name], together.metrics[metric][name], atol=1e-6)
+        np.testing.assert_allclose(alone.final[name].params.affine[0].W, together.final[name].params.affine[0].W,
+                                   rtol=1e-5, atol=1e-7)
+    # Each arm draws its own weights by default; a shared stream pairs two arms' initial weights.
+    w = {name: together.final[name].params.affine[2].W for name in arms}
+    assert not np.allclose(w["plain"], w["dropout"], atol=1e-3)
+    paired = sweep.run_grid(base.replace(arms={"plain": arms["plain"], "dropout": arms["dropout"]._replace(
+        init_stream=0)}, num_records=1, batch_size=1, learning_rate=1e-12), x, t)
+    np.testing.assert_allclose(paired.final["plain"].params.affine[2].W, paired.final["dropout"].params.affine[2].W,
+                               rtol=1e-6)
+
+
+def test_each_arm_equals_a_model_trained_alone_with_its_structure(bundled):
+    """Dropout (book style) and He/sigmoid arms trained by hand with the engine's keys and dropout keys."""
+    arms = {"dropout": sweep.Arm(dropout_ratio=0.3, dropout_inverted=False),
+            "he_sigmoid": sweep.Arm(batch_norm=True, activation="sigmoid", weight_init="he")}
+    cfg = sweep.GridConfig(arms=arms, axes={"weight_scale": (0.5,)}, num_records=2, batch_size=40,
+                           hidden_sizes=(20,), seed=11, keep_final=True)
+    x, t = bundled.x_train[:120], bundled.t_train[:120]
+    result = sweep.run_grid(cfg, x, t)
+    init_keys, batch_idx = reference_keys(11, 2, 1, 4, 40, 120)
+    dropout_key = jax.random.fold_in(jax.random.split(jax.random.key(11))[0], 1)
+    opt = optax.sgd(0.01)
+    for a, (name, arm) in enumerate(arms.items()):
+        net = cfg.network(arm, 784)
+        init = arm.weight_init if arm.weight_init else 0.5
+        params, state = model.init(init_keys[a, 0], net, init)
+        if arm.weight_init:
+            params = params._replace(affine=tuple(p._replace(W=p.W * 0.5) for p in params.affine))
+        ts = train.train_state_init(params, state, opt)
+        for u in range(4):
+            ts, _ = train.train_step(net, ts, x[batch_idx[u]], t[batch_idx[u]], opt,
+                                     jax.random.fold_in(dropout_key, u))
+        np.testing.assert_allclose(result.final[name].params.affine[1].W[0, 0], ts.params.affine[1].W,
+                                   rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(result.metrics["train_accuracy"][name][0, 0, -1],
+                                   model.accuracy(net, ts.params, ts.state, x, t), atol=1e-6)
+
+
+def test_book_qualitative_result_on_bundled_data(bundled):
+    cfg = sweep.SweepConfig()
+    result = sweep.run_sweep(cfg, bundled.x_train, bundled.t_train)
+    bn = result.train_accuracy["batchnorm"][0, :, -1]
+    plain = result.train_accuracy["plain"][0, :, -1]
+    assert np.sum(bn > plain) >= 13, (bn, plain)
+    assert result.diverged["plain"][0, :2].all()
+    assert not result.diverged["batchnorm"].any()
+    shares = np.bincount(bundled.t_train, minlength=10) / len(bundled.t_train)
+    small = np.asarray(cfg.weight_scales) <= 0.05
+    for acc in plain[small]:
+        assert np.isclose(shares, acc, atol=1e-6).any(), f"plain accuracy {acc} is not a class share {shares}"
+    # A diverged net is scored as the book scores NaN rows: class 0's share; its loss is not a number.
+    np.testing.assert_allclose(plain[:2], shares[0], atol=1e-6)
+    assert np.all(np.isnan(result.grid.metrics["train_loss"]["plain"][0, :2, -1]))
+    assert np.all(np.isfinite(bn))
+    # A net predicting one class c has a loss of at least -log(max softmax) >= 0; BN at w=0.01 learns.
+    assert result.grid.metrics["train_loss"]["batchnorm"][0, 10, -1] < result.grid.metrics["train_loss"]["batchnorm"][0, 10, 0]
+
+
+def test_same_seed_same_result_and_seed_i_equals_a_run_at_seed_plus_i(bundled):
+    cfg = sweep.SweepConfig(weight_scales=(0.1, 0.01), num_records=2, hidden_sizes=(32,))
+    x, t = bundled.x_train, bundled.t_train
+    a = sweep.run_sweep(cfg, x, t).train_accuracy["batchnorm"]
+    b = sweep.run_sweep(cfg, x, t).train_accuracy["batchnorm"]
+    c = sweep.run_sweep(cfg._replace(seed=1), x, t)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c.train_accuracy["batchnorm"])
+    multi = sweep.run_sweep(cfg._replace(num_seeds=3), x, t)
+    for name in ("batchnorm", "plain"):
+        np.testing.assert_array_equal(multi.train_accuracy[name][1], c.train_accuracy[name][0])
+        np.testing.assert_array_equal(multi.train_accuracy[name][0], sweep.run_sweep(cfg, x, t).train_accuracy[name][0])
+        np.testing.assert_allclose(multi.final[name].params.affine[0].W[1], c.final[name].params.affine[0].W[0],
+                                   rtol=1e-5, atol=1e-7)
+
+
+def test_models_differing_only_in_learning_rate_share_initial_weights(bundled):
+    cfg = sweep.GridConfig(axes={"weight_scale": (0.1, 0.05), "learning_rate": (1e-9, 0.5)}, num_records=1,
+                           hidden_sizes=(8,), keep_final=True)
+    result = sweep.run_grid(cfg, bundled.x_train[:100], bundled.t_train[:100])
+    w = result.final["plain"].params.affine[0].W  # [seeds, scales, lrs, 784, 8]
+    init_keys, _ = reference_keys(0, 2, 2, 1, 1, 1)
+    for j, scale in enumerate((0.1, 0.05)):
+        w0 = model.init(init_keys[1, j], cfg.network(cfg.arms["plain"], 784), jnp.float32(scale))[0].affine[0].W
+        np.testing.assert_allclose(w[0, j, 0], w0, rtol=1e-6, atol=1e-9)  # lr 1e-9: one step barely moves it
+        assert not np.allclose(w[0, j, 1], w0)
+
+
+def test_chunked_run_equals_one_chunk(bundled):
+    cfg = sweep.GridConfig(axes={"weight_scale": (0.3, 0.1, 0.05, 0.02, 0.01), "learning_rate": (0.01, 0.03)},
+                           num_records=2, hidden_sizes=(16, 16), num_seeds=3, keep_final=True)
+    x, t, xh, th = bundled.x_train[:300], bundled.t_train[:300], bundled.x_heldout[:100], bundled.t_heldout[:100]
+    two = jax.devices()[:2]  # a chunk holds at least one model per device
+    one = sweep.run_grid(cfg, x, t, xh, th, devices=two)
+    progress = []
+    many = sweep.run_grid(cfg.replace(max_models_per_chunk=8), x, t, xh, th, devices=two,
+                          progress=lambda d, n: progress.append((d, n)))
+    assert one.layout["num_chunks"] == 1 and many.layout["num_chunks"] >= 4
+    assert many.layout["models_per_chunk"] <= 8
+    total = many.layout["num_chunks"] * 2
+    assert progress == [(i, total) for i in range(total + 1)]
+    for metric in one.metrics:
+        for arm in cfg.arms:
+            np.testing.assert_allclose(many.metrics[metric][arm], one.metrics[metric][arm], atol=1e-4, rtol=1e-4)
+    for arm in cfg.arms:
+        np.testing.assert_array_equal(many.diverged[arm], one.diverged[arm])
+        for leaf_one, leaf_many in zip(jax.tree_util.tree_leaves(one.final[arm]),
+                                       jax.tree_util.tree_leaves(many.final[arm])):
+            assert leaf_one.shape == leaf_many.shape
+            np.testing.assert_allclose(leaf_many, leaf_one, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("num_devices", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("seeds, grid, arms, limit", [(1, 16, 2, None), (3, 5, 2, None), (7, 6, 3, 20),
+                                                      (40, 16, 2, 64), (1, 1, 1, None), (2, 3, 4, 1)])
+def test_layout_uses_every_device_and_covers_every_model(num_devices, seeds, grid, arms, limit):
+    cfg = sweep.GridConfig(arms={f"a{i}": sweep.Arm() for i in range(arms)},
+                           axes={"learning_rate": tuple(np.linspace(0.01, 0.1, grid))}, num_seeds=seeds,
+                           max_models_per_chunk=limit)
+    layout = sweep.plan_layout(cfg, num_devices)
+    d_seed, d_grid = layout.mesh_shape
+    assert d_seed * d_grid == num_devices
+    assert layout.seed_block % d_seed == 0 and layout.grid_block % d_grid == 0
+    assert layout.seed_chunks * layout.seed_block >= seeds > (layout.seed_chunks - 1) * layout.seed_block
+    assert layout.grid_chunks * layout.grid_block >= grid > (layout.grid_chunks - 1) * layout.grid_block
+    if limit is not None and limit >= arms * num_devices:
+        assert layout.models_per_chunk(arms) <= limit
+    # Padding never exceeds one mesh row or column of each block (balanced chunks).
+    assert layout.seed_block - (-(-seeds // layout.seed_chunks)) < d_seed
+    assert layout.grid_block - (-(-grid // layout.grid_chunks)) < d_grid
+
+
+def test_one_device_is_unchanged_and_several_devices_are_really_used(bundled):
+    if jax.device_count() < 3:
+        pytest.skip("needs several devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+    cfg = sweep.SweepConfig(weight_scales=(0.3, 0.1, 0.03, 0.01, 0.005), num_records=2, hidden_sizes=(24, 24),
+                            num_seeds=2)
+    x, t = bundled.x_train, bundled.t_train
+    one = sweep.run_sweep(cfg, x, t, devices=jax.devices()[:1])
+    three = sweep.run_sweep(cfg, x, t, devices=jax.devices()[:3])
+    assert one.grid.layout["devices_used"] == 1 and three.grid.layout["devices_used"] == 3
+    assert three.grid.layout["padded_models"] > 0  # 5 scales x 2 seeds do not divide 3 devices ...
+    for name in ("batchnorm", "plain"):  # ... and no padded model shows
+        assert three.train_accuracy[name].shape == (2, 5, 2)
+        assert three.final[name].params.affine[1].W.shape == (2, 5, 24, 24)
+        np.testing.assert_allclose(three.train_accuracy[name], one.train_accuracy[name], atol=1e-4)
+        np.testing.assert_allclose(three.final[name].params.affine[1].W, one.final[name].params.affine[1].W,
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_heldout_accuracy_and_progress(bundled):
+    cfg = sweep.SweepConfig(weight_scales=(0.05,), num_records=3, hidden_sizes=(20,))
+    seen = []
+    result = sweep.run_sweep(cfg, bundled.x_train, bundled.t_train, bundled.x_heldout, bundled.t_heldout,
+                             progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(0, 3), (1, 3), (2, 3), (3, 3)]
+    assert result.heldout_accuracy["plain"].shape == (1, 1, 3)
+    assert np.all((result.heldout_accuracy["batchnorm"] >= 0) & (result.heldout_accuracy["batchnorm"] <= 1))
+    assert "heldout_loss" in result.grid.metrics
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"axes": {"momentum": (0.9,)}}, "unknown axis 'momentum'"),
+    ({"axes": {"learning_rate": ()}}, "learning_rate"),
+    ({"axes": {"learning_rate": (0.1, -1.0)}}, "learning_rate values must be > 0"),
+    ({"axes": {"weight_decay": (float("nan"),)}}, "weight_decay values must be finite"),
+    ({"axes": {"weight_scale": (0.0,)}}, "weight_scale values must be > 0"),
+    ({"arms": {}}, "arms"),
+    ({"arms": {"x": "bn"}}, "bnjax.sweep.Arm"),
+    ({"arms": {"x": sweep.Arm(activation="tanh")}}, "activation"),
+    ({"arms": {"x": sweep.Arm(dropout_ratio=1.0)}}, "dropout_ratio"),
+    ({"arms": {"x": sweep.Arm(weight_init="lecun")}}, "weight_init"),
+    ({"optimizer": "sgdd"}, "unknown optimizer"),
+    ({"seed": 2**31 - 2, "num_seeds": 3}, "seeds must lie"),
+    ({"num_records": 0}, "num_records"),
+    ({"dtype": "int8"}, "dtype"),
+    ({"max_models_per_chunk": 0}, "max_models_per_chunk"),
+])
+def test_bad_config_rejected(change, message, bundled):
+    with pytest.raises(ValueError, match=message):
+        sweep.run_grid(sweep.GridConfig(**change), bundled.x_train[:10], bundled.t_train[:10])
+
+
+def test_bad_data_rejected(bundled):
+    x, t = bundled.x_train[:10], bundled.t_train[:10]
+    cfg = sweep.GridConfig()
+    with pytest.raises(ValueError, match="t_train"):
+        sweep.run_grid(cfg, x, t[:5])
+    with pytest.raises(ValueError, match="labels must lie in 0..9"):
+        sweep.run_grid(cfg, x, t + 10)
+    with pytest.raises(ValueError, match="integer labels"):
+        sweep.run_grid(cfg, x, t.astype(float))
+    with pytest.raises(ValueError, match="features"):
+        sweep.run_grid(cfg, x, t, x[:, :5], t)
+
+
+def test_grid_points_last_axis_fastest():
+    cfg = sweep.GridConfig(axes={"learning_rate": (1.0, 2.0), "weight_decay": (0.0, 0.1, 0.2)}, weight_scale=0.5)
+    points = sweep.grid_points(cfg)
+    np.testing.assert_array_equal(points["learning_rate"], [1, 1, 1, 2, 2, 2])
+    np.testing.assert_allclose(points["weight_decay"], [0, 0.1, 0.2] * 2)
+    np.testing.assert_array_equal(points["weight_scale"], [0.5] * 6)
+
+
+def test_flop_count_of_default_sweep():
+    flops = sweep.sweep_flops(sweep.SweepConfig(), 1000, 784)
+    # ~342 GFLOP training + ~153 GFLOP evaluation.
+    assert flops["train"] == pytest.approx(342e9, rel=0.01)
+    assert flops["eval"] == pytest.approx(153e9, rel=0.01)
