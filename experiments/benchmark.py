@@ -182,6 +182,8 @@ def bench_flax(config, x, t) -> dict | None:
     import jax.numpy as jnp
     import optax
 
+    from bnjax.layers import CONVENTIONS
+
     class MLP(nn.Module):
         hidden: tuple
         use_bn: bool
@@ -191,7 +193,8 @@ def bench_flax(config, x, t) -> dict | None:
             for size in self.hidden:
                 h = nn.Dense(size, kernel_init=nn.initializers.normal(1.0))(h)
                 if self.use_bn:
-                    h = nn.BatchNorm(use_running_average=not train_flg, momentum=0.9, epsilon=1e-6)(h)
+                    h = nn.BatchNorm(use_running_average=not train_flg, momentum=CONVENTIONS["momentum"],
+                                     epsilon=CONVENTIONS["eps"])(h)
                 h = nn.relu(h)
             return nn.Dense(config.num_classes, kernel_init=nn.initializers.normal(1.0))(h)
 

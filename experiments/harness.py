@@ -24,7 +24,7 @@ from bnjax._files import atomic_file, atomic_write_text
 from bnjax.data import SOURCES as DATA_SOURCES  # bnjax.data imports no jax
 
 __all__ = ["atomic_file", "atomic_write_text", "write_json", "int_in", "positive_float", "float_list",
-           "add_common_args", "check_common_args", "start", "load_data", "Progress", "results_record",
+           "add_common_args", "check_common_args", "start", "prefetch", "load_data", "Progress", "results_record",
            "environment", "main_wrapper"]
 
 # Sizes beyond these are typing mistakes, not experiments (a 1e9-record run would never end).
@@ -219,6 +219,22 @@ def enable_compilation_cache(directory: str | os.PathLike | None = None) -> str 
     return str(directory)
 
 
+def prefetch(*modules: str) -> None:
+    """Import ``modules`` in a background thread: matplotlib's ~0.5 s import then overlaps the training,
+    which runs in XLA's threads without holding the GIL."""
+    import importlib
+    import threading
+
+    def work():
+        for name in modules:
+            try:
+                importlib.import_module(name)
+            except Exception:  # the main thread's own import will report any real problem
+                pass
+
+    threading.Thread(target=work, name="bnjax-prefetch", daemon=True).start()
+
+
 def load_data(args: argparse.Namespace, num_heldout: int):
     """The data the options name, or ``None`` after printing why not (the caller exits 1)."""
     from bnjax import data
@@ -232,12 +248,17 @@ def load_data(args: argparse.Namespace, num_heldout: int):
 
 class Progress:
     """A tqdm bar over ``progress(done, total)`` calls, created at the first call (once compiled, so its rate
-    is training alone); silent when ``enabled`` is false."""
+    is training alone); silent when ``enabled`` is false. ``prefetch`` names modules to import in the
+    background from the first call on (after the compile, whose tracing would compete for the GIL)."""
 
-    def __init__(self, enabled: bool, unit: str = "record", desc: str = "training"):
+    def __init__(self, enabled: bool, unit: str = "record", desc: str = "training", prefetch: tuple = ()):
         self.enabled, self.unit, self.desc, self.bar = enabled, unit, desc, None
+        self.prefetch = tuple(prefetch)
 
     def __call__(self, done: int, total: int) -> None:
+        if self.prefetch:
+            prefetch(*self.prefetch)
+            self.prefetch = ()
         if not self.enabled:
             return
         if self.bar is None:

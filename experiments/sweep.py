@@ -138,10 +138,14 @@ def main(argv=None) -> int:
               + (f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""), flush=True)
         print("compiling...", flush=True)
 
-    progress = harness.Progress(not quiet, unit="epoch")
+    # Once compiled, matplotlib is imported in the background while the models train.
+    progress = harness.Progress(not quiet, unit="epoch",
+                                prefetch=() if args.no_plot or not started["is_main"] else ("matplotlib.pyplot",))
     held = (ds.x_heldout, ds.t_heldout) if args.heldout else (None, None)
+    # Without a bar or a prefetch, no callback: the records then need no host sync one by one.
+    callback = progress if (progress.enabled or progress.prefetch) else None
     try:
-        result = sweep.run_grid(config, ds.x_train, ds.t_train, *held, progress=progress)
+        result = sweep.run_grid(config, ds.x_train, ds.t_train, *held, progress=callback)
     finally:
         progress.close()
     timing = dict(result.timing, import_s=started["import_s"], data_s=data_s)
