@@ -24,7 +24,7 @@ from bnjax._files import atomic_file, atomic_write_text
 from bnjax.data import SOURCES as DATA_SOURCES  # bnjax.data imports no jax
 
 __all__ = ["atomic_file", "atomic_write_text", "write_json", "int_in", "positive_float", "float_list",
-           "add_common_args", "check_common_args", "start", "prefetch", "load_data", "Progress", "results_record",
+           "add_common_args", "check_common_args", "start", "prefetch", "finish_prefetch", "load_data", "Progress", "results_record",
            "environment", "main_wrapper"]
 
 # Sizes beyond these are typing mistakes, not experiments (a 1e9-record run would never end).
@@ -219,20 +219,31 @@ def enable_compilation_cache(directory: str | os.PathLike | None = None) -> str 
     return str(directory)
 
 
-def prefetch(*modules: str) -> None:
-    """Import ``modules`` in a background thread: matplotlib's ~0.5 s import then overlaps the training,
-    which runs in XLA's threads without holding the GIL."""
-    import importlib
+_PREFETCH: list = []
+
+
+def prefetch(*work: Callable[[], Any]) -> None:
+    """Run ``work`` (slow imports) in a background thread: matplotlib's ~0.5 s import then overlaps the
+    training, which runs in XLA's threads without holding the GIL. Call ``finish_prefetch()`` before using
+    what it imports (a module half-imported by another thread is not safe to use)."""
     import threading
 
-    def work():
-        for name in modules:
+    def run():
+        for fn in work:
             try:
-                importlib.import_module(name)
+                fn()
             except Exception:  # the main thread's own import will report any real problem
                 pass
 
-    threading.Thread(target=work, name="bnjax-prefetch", daemon=True).start()
+    thread = threading.Thread(target=run, name="bnjax-prefetch", daemon=True)
+    thread.start()
+    _PREFETCH.append(thread)
+
+
+def finish_prefetch() -> None:
+    """Wait for every ``prefetch`` to end."""
+    while _PREFETCH:
+        _PREFETCH.pop().join()
 
 
 def load_data(args: argparse.Namespace, num_heldout: int):
@@ -248,8 +259,8 @@ def load_data(args: argparse.Namespace, num_heldout: int):
 
 class Progress:
     """A tqdm bar over ``progress(done, total)`` calls, created at the first call (once compiled, so its rate
-    is training alone); silent when ``enabled`` is false. ``prefetch`` names modules to import in the
-    background from the first call on (after the compile, whose tracing would compete for the GIL)."""
+    is training alone); silent when ``enabled`` is false. ``prefetch`` holds callables run in the background
+    from the first call on (after the compile, whose tracing would compete for the GIL)."""
 
     def __init__(self, enabled: bool, unit: str = "record", desc: str = "training", prefetch: tuple = ()):
         self.enabled, self.unit, self.desc, self.bar = enabled, unit, desc, None

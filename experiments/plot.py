@@ -21,7 +21,7 @@ def grid_shape(num_panels: int) -> tuple[int, int]:
     return math.ceil(num_panels / cols), cols
 
 
-def _pyplot():
+def pyplot():
     """matplotlib.pyplot on the non-interactive Agg backend (files only, no display needed)."""
     import matplotlib
 
@@ -37,7 +37,7 @@ def plot_sweep(weight_scales, accuracy: dict, path: str | os.PathLike, *, title:
     The first arm is solid, the second dashed (the book's BN and plain). With several seeds the line is the
     mean and the shaded band spans min..max over seeds.
     """
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
     curves = [(np.asarray(acc, float), STYLES[i % len(STYLES)], LABELS.get(name, name))

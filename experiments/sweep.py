@@ -136,11 +136,17 @@ def main(argv=None) -> int:
               f"seed(s)), {sweep.num_updates(config, ds.x_train.shape[0])} updates each, on {ds.source['name']} "
               f"MNIST ({ds.x_train.shape[0]} training images), {jax.default_backend()} x{jax.device_count()}"
               + (f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""), flush=True)
+        layout = sweep.plan_layout(config, jax.device_count(), ds.x_train.shape[1])
+        if layout.num_chunks > 1:
+            print(f"{layout.num_chunks} chunks of {layout.models_per_chunk(len(config.arms))} models, to bound memory",
+                  flush=True)
         print("compiling...", flush=True)
 
     # Once compiled, matplotlib is imported in the background while the models train.
+    from experiments import plot
+
     progress = harness.Progress(not quiet, unit="epoch",
-                                prefetch=() if args.no_plot or not started["is_main"] else ("matplotlib.pyplot",))
+                                prefetch=() if args.no_plot or not started["is_main"] else (plot.pyplot,))
     held = (ds.x_heldout, ds.t_heldout) if args.heldout else (None, None)
     # Without a bar or a prefetch, no callback: the records then need no host sync one by one.
     callback = progress if (progress.enabled or progress.prefetch) else None
@@ -158,10 +164,9 @@ def main(argv=None) -> int:
     png = None
     if not args.no_plot:
         t0 = time.perf_counter()
-        from experiments.plot import plot_sweep
-
+        harness.finish_prefetch()
         title = None if args.num_seeds == 1 else f"mean and min..max over {args.num_seeds} seeds"
-        png = plot_sweep(weight_scales, accuracy, args.out / "sweep.png", title=title)
+        png = plot.plot_sweep(weight_scales, accuracy, args.out / "sweep.png", title=title)
         timing["plot_s"] = time.perf_counter() - t0
     timing["total_s"] = time.perf_counter() - _START
 
