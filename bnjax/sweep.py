@@ -120,7 +120,8 @@ class GridConfig:
       matmul_precision: ``'highest'`` keeps float32 matmuls float32 on GPUs (XLA's default may use TF32).
       eval_batch_size: images scored per step of the evaluation scan.
       max_models_per_chunk: models trained at once; ``None``: as many as ``memory_budget_bytes`` allows.
-      memory_budget_bytes: working memory a chunk may use (parameters, optimizer state, activations).
+      memory_budget_bytes: working memory a chunk may use (parameters, optimizer state, activations);
+        ``None``: 1 GiB on CPU, a quarter of the first device's memory on an accelerator.
       keep_final: return every model's final parameters, running statistics and optimizer state (host
         memory grows with the number of models).
     """
@@ -145,7 +146,7 @@ class GridConfig:
     matmul_precision: str = "highest"
     eval_batch_size: int = 1000
     max_models_per_chunk: int | None = None
-    memory_budget_bytes: int = 1 << 30
+    memory_budget_bytes: int | None = None
     keep_final: bool = False
 
     def replace(self, **changes) -> "GridConfig":
@@ -196,10 +197,10 @@ class GridConfig:
             _check_values(name, vals)
         for name in options.AXES:
             _check_values(name, np.asarray([getattr(self, name)], dtype=float))
-        for name in ("num_records", "batch_size", "num_seeds", "eval_batch_size", "memory_budget_bytes"):
+        for name in ("num_records", "batch_size", "num_seeds", "eval_batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("updates_per_record", "max_models_per_chunk"):
+        for name in ("updates_per_record", "max_models_per_chunk", "memory_budget_bytes"):
             if getattr(self, name) is not None and int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be None or >= 1, got {getattr(self, name)}")
         if not 0 <= self.seed or self.seed + self.num_seeds - 1 > options.MAX_SEED:
@@ -312,18 +313,32 @@ def bytes_per_model(config: GridConfig, input_size: int) -> int:
     return int(itemsize * (params + activations))
 
 
+def default_memory_budget() -> int:
+    """1 GiB on CPU (host memory is shared with everything else); a quarter of an accelerator's memory."""
+    device = jax.devices()[0]
+    if device.platform != "cpu":
+        try:
+            limit = (device.memory_stats() or {}).get("bytes_limit")
+        except Exception:  # some backends have no memory statistics
+            limit = None
+        if limit:
+            return int(limit) // 4
+    return 1 << 30
+
+
 def plan_layout(config: GridConfig, num_devices: int, input_size: int = 784) -> Layout:
     """Choose the device mesh and the chunk blocks that waste the fewest padded models.
 
     Every factorisation ``d_seeds x d_grid = num_devices`` is tried, and for each a few seed-chunk counts;
     blocks are balanced (the models are split as evenly as the mesh allows), so padding stays below one mesh
-    row or column per chunk. Ties go to fewer chunks, then the larger grid share (the grid axis shares
+    row or column per chunk. Ties go to fewer chunks, then to more grid points per device (the grid axis shares
     batches, the seed axis does not).
     """
     num_arms, seeds, grid = len(config.arms), config.num_seeds, config.num_grid_points
     limit = config.max_models_per_chunk
     if limit is None:
-        limit = max(1, config.memory_budget_bytes // bytes_per_model(config, input_size))
+        budget = config.memory_budget_bytes or default_memory_budget()
+        limit = max(1, budget // bytes_per_model(config, input_size))
     cap = max(limit // num_arms, 1)  # (seed, grid point) pairs per chunk
     best = None
     for d_seed in range(1, num_devices + 1):
@@ -341,7 +356,9 @@ def plan_layout(config: GridConfig, num_devices: int, input_size: int = 784) -> 
             grid_chunks = -(-grid // gb_max)
             gb = _round_up(-(-grid // grid_chunks), d_grid)
             layout = Layout((d_seed, d_grid), sb, gb, -(-seeds // sb), -(-grid // gb))
-            cost = (layout.num_chunks * sb * gb, layout.num_chunks, -d_grid)
+            # Ties: fewer chunks, then wide grid blocks (the models of a seed share a batch, so a wide grid
+            # block per device is one wide matmul; a seed block is a batch of narrow ones).
+            cost = (layout.num_chunks * sb * gb, layout.num_chunks, -(gb // d_grid), -d_grid)
             if best is None or cost < best[0]:
                 best = (cost, layout)
     return best[1]
