@@ -32,10 +32,22 @@ def pyplot():
 
 
 def plot_sweep(weight_scales, accuracy: dict, path: str | os.PathLike, *, title: str | None = None) -> Path:
-    """Draw ``accuracy`` (arm name -> ``[seeds, S, R]``) one panel per scale and write a PNG atomically.
+    """Draw ``sweep_figure(...)`` and write it as a PNG atomically to ``path``."""
+    plt = pyplot()
+    fig = sweep_figure(weight_scales, accuracy, title=title)
+    try:
+        with atomic_file(path, "wb") as f:
+            fig.savefig(f, format="png", dpi=100)
+    finally:
+        plt.close(fig)
+    return Path(path)
+
+
+def sweep_figure(weight_scales, accuracy: dict, *, title: str | None = None):
+    """The book's grid: ``accuracy`` (arm name -> ``[seeds, S, R]``), one panel per scale, one line per arm.
 
     The first arm is solid, the second dashed (the book's BN and plain). With several seeds the line is the
-    mean and the shaded band spans min..max over seeds.
+    mean and the shaded band spans min..max over seeds. Returns the matplotlib figure.
     """
     plt = pyplot()
     from matplotlib.ticker import MaxNLocator
@@ -77,9 +89,4 @@ def plot_sweep(weight_scales, accuracy: dict, path: str | os.PathLike, *, title:
     top_in = 0.35 + (0.3 if title else 0.0)
     fig.subplots_adjust(left=0.75 / width, right=1 - 0.15 / width, bottom=0.55 / height, top=1 - top_in / height,
                         wspace=0.06, hspace=0.3)
-    try:
-        with atomic_file(path, "wb") as f:
-            fig.savefig(f, format="png", dpi=100)
-    finally:
-        plt.close(fig)
-    return Path(path)
+    return fig

@@ -207,12 +207,24 @@ def test_summary_table_counts_wins_over_any_arms():
     assert "plain diverged" in table and "BN wins at 1 of 3" in table and "tie" in table.splitlines()[3]
 
 
-def test_plot_draws_every_arm(tmp_path):
-    from experiments.plot import plot_sweep
+def test_plot_draws_every_arm_in_every_panel(tmp_path):
+    from experiments import plot
 
     rng = np.random.default_rng(0)
     acc = {name: rng.uniform(size=(2, 3, 4)) for name in ("batchnorm", "plain", "dropout")}
-    path = plot_sweep([1.0, 0.1, 0.01], acc, tmp_path / "f.png", title="t")
+    fig = plot.sweep_figure([1.0, 0.1, 0.01], acc, title="t")
+    panels = [ax for ax in fig.axes if ax.get_visible() and ax.lines]
+    assert len(panels) == 3 and fig.axes[3].axison is False  # 2 x 2 grid, the fourth panel empty
+    for i, ax in enumerate(panels):
+        assert ax.get_title() == f"W:{[1.0, 0.1, 0.01][i]:.4g}"
+        assert [line.get_linestyle() for line in ax.lines] == ["-", "--", ":"]  # BN solid, plain dashed
+        for line, (name, runs) in zip(ax.lines, acc.items()):
+            np.testing.assert_allclose(line.get_ydata(), runs[:, i].mean(0))  # mean over seeds, this scale
+        assert len(ax.collections) == 3  # a min..max band per arm
+    labels = [t.get_text() for t in panels[-1].get_legend().get_texts()]
+    assert labels == ["Batch Normalization", "Normal(without BatchNorm)", "dropout"]
+    plot.pyplot().close(fig)
+    path = plot.plot_sweep([1.0, 0.1, 0.01], acc, tmp_path / "f.png", title="t")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
