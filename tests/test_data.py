@@ -153,6 +153,12 @@ def test_auto_never_downloads_and_falls_back_to_bundled(tmp_path, monkeypatch):
     ds = data.load("auto", 100, 10)
     assert ds.source["name"] == "bundled"
     assert not (tmp_path / "empty").exists()
+    # The split seed reaches the bundled fallback as it reaches the bundled source.
+    for source in ("auto", "bundled"):
+        split = data.load(source, 100, 10, split_seed=3)
+        np.testing.assert_array_equal(split.t_train, data.load_bundled(100, 10, split_seed=3).t_train)
+        assert split.source["split_seed"] == 3
+        assert not np.array_equal(split.t_train, ds.t_train)
     with pytest.raises(ValueError, match="unknown data source"):
         data.load("imagenet")
 
