@@ -372,3 +372,10 @@ def test_flop_count_of_default_sweep():
     # ~342 GFLOP training + ~153 GFLOP evaluation.
     assert flops["train"] == pytest.approx(342e9, rel=0.01)
     assert flops["eval"] == pytest.approx(153e9, rel=0.01)
+    # A held-out set of 500 adds half the training set's evaluation; a grid counts arms x seeds x points.
+    assert sweep.sweep_flops(sweep.SweepConfig(), 1000, 784, 500)["eval"] == pytest.approx(1.5 * flops["eval"])
+    grid = sweep.GridConfig(axes={"learning_rate": (0.1, 0.01, 0.001)}, num_seeds=2, num_records=1,
+                            hidden_sizes=(10,))
+    forward = 2 * 100 * (784 * 10 + 10 * 10)  # batch 100, 2 FLOPs per multiply-add
+    one_model = 2 * forward + 2 * 100 * 10 * 10  # + weight gradients + input gradients past the first layer
+    assert sweep.grid_flops(grid, 1000, 784)["train"] == 12 * one_model
