@@ -88,6 +88,7 @@ def test_seed_i_of_a_run_equals_a_run_at_seed_plus_i_with_the_same_split(tmp_pat
     assert sweep.main(base + ["--seed", "2", "--out", str(tmp_path / "again")]) == 0
     three, two, again = _results(tmp_path / "three"), _results(tmp_path / "two"), _results(tmp_path / "again")
     assert three["data"] == two["data"]  # the training seed never changes the split
+    assert three["seeds"] == [0, 1, 2] and two["seeds"] == [2]
     for metric in ("train_accuracy", "heldout_accuracy", "train_loss"):
         for arm in ("batchnorm", "plain"):
             assert two[metric][arm] == again[metric][arm]  # same seed, same numbers
