@@ -179,6 +179,7 @@ def test_chunked_cli_run_equals_one_chunk(tmp_path):
         (["--batch-size", "x"], "--batch-size"),
         (["--data-dir", "/nonexistent/dir"], "--data-dir"),
         (["--data", "bundled", "--train-size", "6000"], "bundled"),
+        (["--data", "bundled", "--train-size", "4500", "--heldout-size", "1000"], "bundled"),
         (["--out", "/proc/forbidden"], "--out"),
         (["--seed", "2147483648"], "--seed"),
         (["--seed", "2147483647", "--num-seeds", "2"], "--num-seeds"),

@@ -134,3 +134,28 @@ def test_sigmoid_network_and_layers_compose():
     logits, _ = model.apply(cfg, params, state, x)
     h = layers.sigmoid(layers.affine_apply(params.affine[0], x))
     np.testing.assert_allclose(np.asarray(logits), np.asarray(layers.affine_apply(params.affine[1], h)), atol=1e-6)
+
+
+def test_dropout_uses_its_own_key_in_each_hidden_layer():
+    # Oracle: the network built by hand from bnjax.layers, one split key per hidden layer.
+    cfg = model.MLPConfig(6, (5, 5), 3, dropout_ratio=0.5)
+    params, state = model.init(jax.random.key(1), cfg, "he")
+    x = jax.random.normal(jax.random.key(2), (4, 6))
+    key = jax.random.key(3)
+    got, _ = model.apply(cfg, params, state, x, True, key)
+    keys = jax.random.split(key, 2)
+    h = x
+    for i, aff in enumerate(params.affine[:-1]):
+        h = layers.dropout_apply(layers.relu(layers.affine_apply(aff, h)), keys[i], 0.5, True, inverted=True)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(layers.affine_apply(params.affine[-1], h)), atol=1e-6)
+
+
+def test_init_slices_one_normal_draw_into_disjoint_layer_weights():
+    # Oracle: the documented single normal draw, sliced by hand in layer order.
+    shapes = [(12, 9), (9, 7), (7, 5)]
+    params, _ = model.init(jax.random.key(0), model.MLPConfig(12, (9, 7), 5), 0.5)
+    noise = np.asarray(jax.random.normal(jax.random.key(0), (sum(i * o for i, o in shapes),)))
+    offset = 0
+    for a, (i, o) in zip(params.affine, shapes):
+        np.testing.assert_allclose(np.asarray(a.W), 0.5 * noise[offset:offset + i * o].reshape(i, o), rtol=1e-6)
+        offset += i * o

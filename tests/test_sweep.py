@@ -295,6 +295,19 @@ def test_layout_uses_every_device_and_covers_every_model(num_devices, seeds, gri
     assert layout.grid_block - (-(-grid // layout.grid_chunks)) < d_grid
 
 
+def test_layout_ties_go_to_more_grid_points_per_device():
+    # 4 seeds x 4 grid points on 4 devices: every mesh pads nothing; a device holding one seed's 4 grid
+    # points trains them on one shared batch (one wide matmul), so seeds go across devices.
+    cfg = sweep.GridConfig(axes={"learning_rate": (0.01, 0.02, 0.03, 0.04)}, num_seeds=4)
+    assert sweep.plan_layout(cfg, 4).mesh_shape == (4, 1)
+    assert sweep.plan_layout(cfg.replace(num_seeds=2), 2).mesh_shape == (2, 1)
+    # One seed: the grid axis is the only one without padding.
+    assert sweep.plan_layout(cfg.replace(num_seeds=1), 4).mesh_shape == (1, 4)
+    # 8 seeds of the book's 32 models on 2 devices in chunks of 64: a seed's 16 scales stay on one device.
+    layout = sweep.plan_layout(sweep.SweepConfig(num_seeds=8).to_grid(max_models_per_chunk=64), 2)
+    assert layout.grid_block // layout.mesh_shape[1] == 16
+
+
 def test_one_device_is_unchanged_and_several_devices_are_really_used(bundled):
     if jax.device_count() < 3:
         pytest.skip("needs several devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")

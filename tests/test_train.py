@@ -49,6 +49,29 @@ def test_sgd_step_with_weight_decay_matches_numpy_reference(float64):
         np.testing.assert_allclose(np.asarray(s.var), bn_ref.running_var, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("name", ["sgd", "momentum", "nesterov"])
+def test_sgd_family_follows_the_books_update_rules(name):
+    # Oracle: the book's SGD, Momentum and Nesterov updates in NumPy (momentum 0.9).
+    lr, mu = 0.1, 0.9
+    opt = train.make_optimizer(name, lr)
+    p = jnp.array([1.0, -2.0], jnp.float32)
+    state = opt.init(p)
+    ref, v = np.array([1.0, -2.0]), np.zeros(2)
+    for g in ([0.5, 1.0], [0.25, -1.0], [1.0, 0.0]):
+        g = np.array(g)
+        updates, state = opt.update(jnp.asarray(g, jnp.float32), state, p)
+        p = optax.apply_updates(p, updates)
+        if name == "sgd":
+            ref = ref - lr * g
+        elif name == "momentum":
+            v = mu * v - lr * g
+            ref = ref + v
+        else:  # the book's Nesterov: params += mu^2 v - (1 + mu) lr g, then v = mu v - lr g
+            ref = ref + mu * mu * v - (1 + mu) * lr * g
+            v = mu * v - lr * g
+        np.testing.assert_allclose(np.asarray(p), ref, rtol=1e-6)
+
+
 def test_unknown_optimizer_is_named():
     with pytest.raises(ValueError, match="unknown optimizer 'sgdd'"):
         train.make_optimizer("sgdd", 0.1)
