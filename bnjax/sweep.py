@@ -639,10 +639,10 @@ def run_grid(
         )
 
     num_records = config.num_records
-    shapes = {"seeds": num_seeds, "grid": num_grid, "records": num_records}
     names = list(config.arms)
-    metric_names = ["train_accuracy", "train_loss"] + (["heldout_accuracy", "heldout_loss"] if with_heldout else [])
-    out = {m: {a: np.zeros((num_seeds, num_grid, num_records), np.float64 if config.dtype == "float64" else np.float32) for a in names} for m in metric_names}
+    metric_names = [m for m in METRICS if with_heldout or not m.startswith("heldout")]
+    host_dtype = np.float64 if config.dtype == "float64" else np.float32
+    out = {m: {a: np.zeros((num_seeds, num_grid, num_records), host_dtype) for a in names} for m in metric_names}
     diverged = {a: np.zeros((num_seeds, num_grid), bool) for a in names}
     finals: dict[str, list] = {a: [] for a in names}
 
@@ -707,7 +707,6 @@ def run_grid(
     if config.keep_final:
         final = {a: _assemble(finals[a], layout, num_seeds, grid_shape) for a in names}
     padded = layout.num_chunks * layout.models_per_chunk(len(names)) - config.num_models
-    del shapes
     return GridResult(
         config=config,
         axes={name: np.asarray(values, float) for name, values in config.axes.items()},

@@ -80,7 +80,6 @@ def _one_model_at_a_time(config, x, t, make) -> dict:
     the sweep's init keys and batches.
     """
     import jax.numpy as jnp
-    import numpy as np
 
     from bnjax import sweep
 
