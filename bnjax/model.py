@@ -19,7 +19,7 @@ from bnjax import layers
 
 Array = jax.Array
 
-__all__ = ["MLPConfig", "MLPParams", "MLPState", "ACTIVATIONS", "init", "apply", "loss", "predict", "accuracy",
+__all__ = ["MLPConfig", "MLPParams", "MLPState", "ACTIVATIONS", "init", "apply", "hidden", "loss", "predict", "accuracy",
            "num_flops"]
 
 ACTIVATIONS = {"relu": layers.relu, "sigmoid": layers.sigmoid}
@@ -139,6 +139,27 @@ def apply(
     Returns:
       ``(logits [N, output_size], new_state)``.
     """
+    logits, new_state, _ = _forward(config, params, state, x, train, key)
+    return logits, new_state
+
+
+def hidden(
+    config: MLPConfig, params: MLPParams, state: MLPState, x: Array, train: bool = False, key: Array | None = None
+) -> list[tuple[Array, Array]]:
+    """Each hidden layer's pre-activation (after batch norm, when used) and activation, for looking inside.
+
+    Args: as ``apply``. With ``train=True`` batch norm uses the statistics of ``x`` itself (the book's
+    ch. 6.2 histograms of a freshly initialised network need exactly that); the running statistics are not
+    returned.
+
+    Returns:
+      one ``(pre_activation [N, H], activation [N, H])`` pair per hidden layer, first layer first; the
+      activation is taken before dropout.
+    """
+    return _forward(config, params, state, x, train, key)[2]
+
+
+def _forward(config, params, state, x, train, key):
     if x.ndim != 2:
         raise ValueError(f"model.apply: x must be [N, features], got shape {x.shape}")
     num_bn = len(config.hidden_sizes) if config.batch_norm else 0
@@ -146,23 +167,26 @@ def apply(
         raise ValueError("model.apply: config, params and state disagree on batch norm (use the pair init returned "
                          "with the same config)")
     act = ACTIVATIONS[config.activation]
-    hidden = params.affine[:-1]
+    hidden_layers = params.affine[:-1]
     dropout = config.dropout_ratio > 0.0
-    keys = jax.random.split(key, len(hidden)) if (train and dropout and key is not None) else [None] * len(hidden)
-    new_bn = []
+    keys = (jax.random.split(key, len(hidden_layers)) if (train and dropout and key is not None)
+            else [None] * len(hidden_layers))
+    new_bn, inside = [], []
     h = x
-    for i, aff in enumerate(hidden):
+    for i, aff in enumerate(hidden_layers):
         h = layers.affine_apply(aff, h)
         if config.batch_norm:
             h, s = layers.batch_norm_apply(
                 params.batch_norm[i], state.batch_norm[i], h, train, momentum=config.bn_momentum, eps=config.bn_eps,
             )
             new_bn.append(s)
+        pre = h
         h = act(h)
+        inside.append((pre, h))
         if dropout:
             h = layers.dropout_apply(h, keys[i], config.dropout_ratio, train, inverted=config.dropout_inverted)
     logits = layers.affine_apply(params.affine[-1], h)
-    return logits, MLPState(batch_norm=tuple(new_bn))
+    return logits, MLPState(batch_norm=tuple(new_bn)), inside
 
 
 def loss(

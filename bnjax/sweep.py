@@ -54,6 +54,7 @@ __all__ = [
     "num_updates",
     "record_steps",
     "grid_flops",
+    "init_models",
     # the book's sweep, as one configuration of the engine
     "book_weight_scales",
     "SweepConfig",
@@ -74,8 +75,9 @@ class Arm(NamedTuple):
       dropout_ratio: dropout after each hidden activation (0: none).
       dropout_inverted: modern inverted dropout (True) or the book's (False: scale at evaluation).
       weight_init: ``None`` to use the ``weight_scale`` hyper-parameter as every layer's std (the book's
-        experiment), or ``'he'`` / ``'xavier'`` for per-layer ``sqrt(2/fan_in)`` / ``sqrt(1/fan_in)``; then
-        ``weight_scale`` multiplies it.
+        experiment); ``'he'`` / ``'xavier'`` for per-layer ``sqrt(2/fan_in)`` / ``sqrt(1/fan_in)``; or a number,
+        a fixed std of the arm (arms of one grid may then start at different scales). ``weight_scale``
+        multiplies the last two (set ``GridConfig.weight_scale=1`` to use them as they are).
       init_stream: which stream of initial weights the arm draws from; ``None``: its position among the arms
         (the book's BN and plain nets draw their own weights). Arms given the same stream start from the same
         Affine weights (a paired comparison, e.g. with and without dropout), and an arm run alone with
@@ -86,7 +88,7 @@ class Arm(NamedTuple):
     activation: str = "relu"
     dropout_ratio: float = 0.0
     dropout_inverted: bool = True
-    weight_init: str | None = None
+    weight_init: str | float | None = None
     init_stream: int | None = None
 
 
@@ -183,8 +185,9 @@ class GridConfig:
                 raise ValueError(f"arm {name!r} must be a bnjax.sweep.Arm, got {type(arm).__name__}")
             if arm.init_stream is not None and not (isinstance(arm.init_stream, int) and arm.init_stream >= 0):
                 raise ValueError(f"arm {name!r}: init_stream must be None or an integer >= 0, got {arm.init_stream!r}")
-            if arm.weight_init not in (None, "he", "relu", "xavier", "sigmoid"):
-                raise ValueError(f"arm {name!r}: weight_init must be None, 'he' or 'xavier', got {arm.weight_init!r}")
+            if not _valid_weight_init(arm.weight_init):
+                raise ValueError(f"arm {name!r}: weight_init must be None, 'he', 'xavier' or a finite number > 0, "
+                                 f"got {arm.weight_init!r}")
             self.network(arm, 1).check()
         if not isinstance(self.axes, Mapping):
             raise ValueError("axes must be a dict of name -> values")
@@ -212,6 +215,14 @@ class GridConfig:
             raise ValueError("dtype float64 needs jax_enable_x64 (set JAX_ENABLE_X64=1)")
         train.make_optimizer(self.optimizer, self.learning_rate)
         return self
+
+
+def _valid_weight_init(value: Any) -> bool:
+    if value is None or isinstance(value, str):
+        return value in (None, "he", "relu", "xavier", "sigmoid")
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return False
+    return bool(np.isfinite(value) and value > 0)
 
 
 def _check_values(name: str, vals: np.ndarray) -> None:
@@ -437,6 +448,9 @@ def _make_programs(config: GridConfig, num_train: int, input_size: int, eval_siz
     def init_one(net, arm, key, scale, lr):
         if arm.weight_init is None:
             params, state = model.init(key, net, jnp.asarray(scale, dtype), dtype)
+        elif not isinstance(arm.weight_init, str):  # the arm's own std, times the weight_scale hyper-parameter
+            params, state = model.init(key, net, jnp.asarray(scale, dtype) * jnp.asarray(arm.weight_init, dtype),
+                                       dtype)
         else:  # per-layer He/Xavier std, times the weight_scale hyper-parameter
             params, state = model.init(key, net, arm.weight_init, dtype)
             params = params._replace(affine=tuple(a._replace(W=a.W * jnp.asarray(scale, dtype))
@@ -719,6 +733,33 @@ def run_grid(
                     processes=jax.process_count(), padded_models=padded),
         final=final,
     )
+
+
+def init_models(config: GridConfig, input_size: int = 784) -> dict:
+    """Every model's state before its first update, exactly as ``run_grid`` starts it.
+
+    For looking at the untrained networks (activations, a step-size probe) beside the trained ones. All models
+    are built at once on the default device, so this is meant for grids that fit in memory.
+
+    Returns:
+      arm name -> ``TrainState`` with leaves ``[seeds, *grid_shape, ...]`` (host NumPy arrays).
+    """
+    config.validate()
+    setup, _ = _make_programs(config, 1, int(input_size), {})
+    dtype = np.dtype(jnp.dtype(config.dtype))
+    hp_dtype = np.dtype(jnp.promote_types(dtype, jnp.float32))
+    points = grid_points(config)
+    inputs = ChunkInputs(
+        seeds=jnp.asarray(config.seed + np.arange(config.num_seeds), jnp.int32),
+        scale_index=jnp.asarray(_scale_index(config)),
+        weight_scale=jnp.asarray(points["weight_scale"].astype(dtype)),
+        learning_rate=jnp.asarray(points["learning_rate"].astype(hp_dtype)),
+        weight_decay=jnp.asarray(points["weight_decay"].astype(hp_dtype)),
+    )
+    carry, _, _ = jax.jit(setup)(inputs)
+    shape = (config.num_seeds, *config.grid_shape)
+    return {a: jax.tree_util.tree_map(lambda l: np.asarray(l).reshape(*shape, *l.shape[2:]), ts)
+            for a, ts in jax.device_get(carry.models).items()}
 
 
 def _assemble(pieces: list, layout: Layout, num_seeds: int, grid_shape: tuple[int, ...]):

@@ -15,7 +15,7 @@ from bnjax import model
 
 Array = jax.Array
 
-__all__ = ["OPTIMIZERS", "make_optimizer", "TrainState", "train_state_init", "train_step"]
+__all__ = ["OPTIMIZERS", "make_optimizer", "TrainState", "train_state_init", "train_step", "step_size_probe"]
 
 # The optimizers a user would expect by name, with optax's defaults (the book's Momentum and Nesterov use
 # momentum 0.9; its RMSprop decays by 0.99 where optax's default is 0.9). ``bnjax.options.OPTIMIZERS`` spells
@@ -74,6 +74,43 @@ def train_step(
     )
     updates, opt_state = optimizer.update(grads, ts.opt_state, ts.params)
     return TrainState(optax.apply_updates(ts.params, updates), new_state, opt_state), value
+
+
+def step_size_probe(
+    net: model.MLPConfig,
+    params: model.MLPParams,
+    state: model.MLPState,
+    x: Array,
+    t: Array,
+    step_sizes: Array,
+) -> Array:
+    """Loss ratios ``L(theta - eta * g) / L(theta)`` along the gradient ``g``, one per step size ``eta``.
+
+    Bjorck et al. (2018) use this to show why batch norm allows large learning rates: a ratio below 1 means a
+    plain gradient step of that size lowers the loss. The loss is the training-mode cross-entropy on
+    ``x [N, D]``, ``t [N]`` (batch statistics of ``x``, no dropout, no weight decay) and ``g`` its gradient;
+    the running statistics play no part.
+
+    Args:
+      net, params, state: one model.
+      x, t: the probe batch.
+      step_sizes: ``[E]`` step sizes.
+
+    Returns:
+      ``[E]`` ratios (infinite or NaN where the step overflows).
+    """
+    net = net._replace(dropout_ratio=0.0)
+
+    def value(p):
+        return model.loss(net, p, state, x, t, True)[0]
+
+    base, grads = jax.value_and_grad(value)(params)
+
+    def at(eta):
+        stepped = jax.tree_util.tree_map(lambda p, g: p - eta.astype(p.dtype) * g, params, grads)
+        return value(stepped) / base
+
+    return jax.vmap(at)(jax.numpy.asarray(step_sizes))
 
 
 _MOVED_TO_SWEEP = ("SweepConfig", "SweepResult", "book_weight_scales", "num_updates", "record_steps", "run_sweep",

@@ -24,7 +24,7 @@ from bnjax._files import atomic_file, atomic_write_text
 from bnjax.data import SOURCES as DATA_SOURCES  # bnjax.data imports no jax
 
 __all__ = ["atomic_file", "atomic_write_text", "write_json", "int_in", "positive_float", "float_list",
-           "add_common_args", "check_common_args", "start", "prefetch", "finish_prefetch", "load_data", "Progress", "results_record",
+           "add_common_args", "check_common_args", "start", "say", "run_engine", "finish", "prefetch", "finish_prefetch", "load_data", "Progress", "results_record",
            "environment", "main_wrapper"]
 
 # Sizes beyond these are typing mistakes, not experiments (a 1e9-record run would never end).
@@ -92,6 +92,7 @@ def add_common_args(p: argparse.ArgumentParser, *, train_size: int = 1000) -> No
     o.add_argument("--out", type=Path, metavar="DIR", help="output directory (default: runs/<name>-<date>-<time>)")
     o.add_argument("--quiet", action="store_true", help="no progress bar or table; print only the output directory")
     o.add_argument("--no-cache", action="store_true", help="do not use JAX's persistent compilation cache")
+    o.add_argument("--no-plot", action="store_true", help="write results.json only, no figure")
     x = p.add_argument_group("devices and processes")
     x.add_argument("--cpu-devices", type=int_in(1, 256), metavar="N",
                    help="on CPU, split the models over N host devices (XLA_FLAGS); default: the number of CPU "
@@ -281,6 +282,71 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def say(args: argparse.Namespace, *lines: str) -> None:
+    """Print unless ``--quiet``."""
+    if not args.quiet:
+        for line in lines:
+            print(line, flush=True)
+
+
+def run_engine(args: argparse.Namespace, started: dict, config, dataset, *, name: str, what: str,
+               heldout: bool = False, unit: str = "record"):
+    """Run one grid with the house conventions: a one-line description, a chunk note, a progress bar (once
+    compiled), matplotlib imported in the background meanwhile. Returns ``(GridResult, timing)``."""
+    import jax
+
+    from bnjax import sweep
+
+    quiet = args.quiet or not started["is_main"]
+    num_train, input_size = dataset.x_train.shape
+    if not quiet:
+        held = f" + {dataset.x_heldout.shape[0]} held-out" if heldout else ""
+        print(f"bnjax {name}: {config.num_models} models ({what}), {sweep.num_updates(config, num_train)} updates "
+              f"each, on {dataset.source['name']} MNIST ({num_train} training images{held}), "
+              f"{jax.default_backend()} x{jax.device_count()}"
+              + (f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""), flush=True)
+        layout = sweep.plan_layout(config, jax.device_count(), input_size)
+        if layout.num_chunks > 1:
+            print(f"{layout.num_chunks} chunks of {layout.models_per_chunk(len(config.arms))} models, to bound memory",
+                  flush=True)
+        print("compiling...", flush=True)
+    from experiments import plot
+
+    progress = Progress(not quiet, unit=unit,
+                        prefetch=() if getattr(args, "no_plot", False) or not started["is_main"] else (plot.pyplot,))
+    held_data = (dataset.x_heldout, dataset.t_heldout) if heldout else (None, None)
+    # Without a bar or a prefetch, no callback: the records then need no host sync one by one.
+    callback = progress if (progress.enabled or progress.prefetch) else None
+    try:
+        result = sweep.run_grid(config, dataset.x_train, dataset.t_train, *held_data, progress=callback)
+    finally:
+        progress.close()
+    return result, dict(result.timing, import_s=started["import_s"])
+
+
+def finish(args: argparse.Namespace, record: dict, figures: dict, lines: list[str], started_at: float) -> None:
+    """Draw ``figures`` (file name -> function returning a matplotlib figure) unless ``--no-plot``, write
+    ``results.json`` (``record``, with the total time added), print ``lines`` (unless ``--quiet``) and the list
+    of files written. Every file is written atomically."""
+    timing = record.setdefault("timing", {})
+    written = []
+    if figures and not getattr(args, "no_plot", False):
+        t0 = time.perf_counter()
+        finish_prefetch()
+        from experiments import plot
+
+        for file_name, draw in figures.items():
+            plot.save(draw(), args.out / file_name)
+            written.append(file_name)
+        timing["plot_s"] = time.perf_counter() - t0
+    timing["total_s"] = time.perf_counter() - started_at
+    write_json(args.out / "results.json", record)
+    written.insert(0, "results.json")
+    say(args, "", *lines, "", f"compile {timing.get('compile_s', 0.0):.2f} s, run {timing.get('run_s', 0.0):.2f} s, "
+                              f"total {timing['total_s']:.2f} s")
+    print(f"wrote {', '.join(written)} to {args.out}")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -31,16 +31,20 @@ def pyplot():
     return plt
 
 
-def plot_sweep(weight_scales, accuracy: dict, path: str | os.PathLike, *, title: str | None = None) -> Path:
-    """Draw ``sweep_figure(...)`` and write it as a PNG atomically to ``path``."""
+def save(fig, path: str | os.PathLike) -> Path:
+    """Write ``fig`` as a PNG atomically to ``path`` (never a half-written file) and close it."""
     plt = pyplot()
-    fig = sweep_figure(weight_scales, accuracy, title=title)
     try:
         with atomic_file(path, "wb") as f:
             fig.savefig(f, format="png", dpi=100)
     finally:
         plt.close(fig)
     return Path(path)
+
+
+def plot_sweep(weight_scales, accuracy: dict, path: str | os.PathLike, *, title: str | None = None) -> Path:
+    """Draw ``sweep_figure(...)`` and write it as a PNG atomically to ``path``."""
+    return save(sweep_figure(weight_scales, accuracy, title=title), path)
 
 
 def sweep_figure(weight_scales, accuracy: dict, *, title: str | None = None):

@@ -55,7 +55,6 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--heldout", action="store_true", help="also record accuracy on held-out images")
     h.add_argument("--heldout-size", type=harness.int_in(1, harness.MAX_SIZE), metavar="N",
                    help="held-out images to score (default: 1000; implies --heldout)")
-    p.add_argument("--no-plot", action="store_true", help="skip sweep.png")
     return p
 
 
@@ -67,12 +66,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.heldout:
         args.heldout_size = args.heldout_size or 1000
     return harness.check_common_args(parser, args, "sweep", args.heldout_size or 0)
-
-
-def _say(args, *lines):
-    if not args.quiet:
-        for line in lines:
-            print(line, flush=True)
 
 
 def summary_table(weight_scales, final_accuracy: dict, diverged: dict) -> tuple[str, dict]:
@@ -114,9 +107,8 @@ def summary_table(weight_scales, final_accuracy: dict, diverged: dict) -> tuple[
 def main(argv=None) -> int:
     args = parse_args(argv)
     started = harness.start(args, x64=args.dtype == "float64")
-    import jax
-
     from bnjax import sweep
+    from experiments import plot
 
     t0 = time.perf_counter()
     ds = harness.load_data(args, args.heldout_size if args.heldout else 0)
@@ -130,45 +122,15 @@ def main(argv=None) -> int:
         learning_rate=args.lr, optimizer=args.optimizer, seed=args.seed, num_seeds=args.num_seeds,
         dtype=args.dtype,
     ).to_grid(max_models_per_chunk=args.max_models_per_chunk)
-    quiet = args.quiet or not started["is_main"]
-    if not quiet:
-        print(f"bnjax sweep: {config.num_models} models ({len(weight_scales)} scales x BN/plain x {args.num_seeds} "
-              f"seed(s)), {sweep.num_updates(config, ds.x_train.shape[0])} updates each, on {ds.source['name']} "
-              f"MNIST ({ds.x_train.shape[0]} training images), {jax.default_backend()} x{jax.device_count()}"
-              + (f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""), flush=True)
-        layout = sweep.plan_layout(config, jax.device_count(), ds.x_train.shape[1])
-        if layout.num_chunks > 1:
-            print(f"{layout.num_chunks} chunks of {layout.models_per_chunk(len(config.arms))} models, to bound memory",
-                  flush=True)
-        print("compiling...", flush=True)
-
-    # Once compiled, matplotlib is imported in the background while the models train.
-    from experiments import plot
-
-    progress = harness.Progress(not quiet, unit="epoch",
-                                prefetch=() if args.no_plot or not started["is_main"] else (plot.pyplot,))
-    held = (ds.x_heldout, ds.t_heldout) if args.heldout else (None, None)
-    # Without a bar or a prefetch, no callback: the records then need no host sync one by one.
-    callback = progress if (progress.enabled or progress.prefetch) else None
-    try:
-        result = sweep.run_grid(config, ds.x_train, ds.t_train, *held, progress=callback)
-    finally:
-        progress.close()
-    timing = dict(result.timing, import_s=started["import_s"], data_s=data_s)
+    result, timing = harness.run_engine(
+        args, started, config, ds, name="sweep", heldout=args.heldout, unit="epoch",
+        what=f"{len(weight_scales)} scales x BN/plain x {args.num_seeds} seed(s)")
+    timing["data_s"] = data_s
     if not started["is_main"]:  # process 0 alone writes
         return 0
 
     accuracy = result.metrics["train_accuracy"]
     table, wins = summary_table(weight_scales, accuracy, result.diverged)
-
-    png = None
-    if not args.no_plot:
-        t0 = time.perf_counter()
-        harness.finish_prefetch()
-        title = None if args.num_seeds == 1 else f"mean and min..max over {args.num_seeds} seeds"
-        png = plot.plot_sweep(weight_scales, accuracy, args.out / "sweep.png", title=title)
-        timing["plot_s"] = time.perf_counter() - t0
-    timing["total_s"] = time.perf_counter() - _START
 
     results = harness.results_record(
         args, result, ds, timing, cache_dir=started["cache_dir"],
@@ -187,12 +149,9 @@ def main(argv=None) -> int:
             "A diverged model (non-finite parameters) is scored as the book scores NaN scores: argmax -> class 0.",
         ],
     )
-    harness.write_json(args.out / "results.json", results)
-
-    _say(args, "", table, "",
-         f"compile {timing['compile_s']:.2f} s, run {timing['run_s']:.2f} s, total {timing['total_s']:.2f} s")
-    outputs = ["results.json"] + (["sweep.png"] if png else [])
-    print(f"wrote {', '.join(outputs)} to {args.out}")
+    title = None if args.num_seeds == 1 else f"mean and min..max over {args.num_seeds} seeds"
+    harness.finish(args, results, {"sweep.png": lambda: plot.sweep_figure(weight_scales, accuracy, title=title)},
+                   [table], _START)
     return 0
 
 

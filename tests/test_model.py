@@ -159,3 +159,25 @@ def test_init_slices_one_normal_draw_into_disjoint_layer_weights():
     for a, (i, o) in zip(params.affine, shapes):
         np.testing.assert_allclose(np.asarray(a.W), 0.5 * noise[offset:offset + i * o].reshape(i, o), rtol=1e-6)
         offset += i * o
+
+
+@pytest.mark.parametrize("use_bn,activation", [(False, "relu"), (True, "relu"), (True, "sigmoid")])
+def test_hidden_returns_what_each_layer_feeds_forward(use_bn, activation):
+    rng = np.random.default_rng(3)
+    config = net(8, 6, 5, 3, batch_norm=use_bn, activation=activation)
+    params, state = model.init(jax.random.key(1), config, 0.7)
+    x = jnp.asarray(rng.normal(size=(40, 8)), jnp.float32)
+    inside = model.hidden(config, params, state, x, train=True)
+    assert len(inside) == 2 and inside[0][0].shape == (40, 6) and inside[1][1].shape == (40, 5)
+    # layer 1 by hand, from the formulas
+    z = np.asarray(x) @ np.asarray(params.affine[0].W)
+    if use_bn:
+        z = (z - z.mean(0)) / np.sqrt(z.var(0) + 1e-6)
+    np.testing.assert_allclose(inside[0][0], z, rtol=1e-4, atol=1e-5)
+    act = {"relu": lambda v: np.maximum(v, 0), "sigmoid": lambda v: 1 / (1 + np.exp(-v))}[activation]
+    for pre, post in inside:
+        np.testing.assert_allclose(post, act(np.asarray(pre)), rtol=1e-5, atol=1e-6)
+    # the last activation times the output layer gives the scores
+    logits, _ = model.apply(config, params, state, x, train=True)
+    last = np.asarray(inside[-1][1]) @ np.asarray(params.affine[-1].W) + np.asarray(params.affine[-1].b)
+    np.testing.assert_allclose(logits, last, rtol=1e-4, atol=1e-5)

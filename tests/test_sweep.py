@@ -348,6 +348,9 @@ def test_heldout_accuracy_and_progress(bundled):
     ({"arms": {"x": sweep.Arm(activation="tanh")}}, "activation"),
     ({"arms": {"x": sweep.Arm(dropout_ratio=1.0)}}, "dropout_ratio"),
     ({"arms": {"x": sweep.Arm(weight_init="lecun")}}, "weight_init"),
+    ({"arms": {"x": sweep.Arm(weight_init=-0.1)}}, "weight_init"),
+    ({"arms": {"x": sweep.Arm(weight_init=float("nan"))}}, "weight_init"),
+    ({"arms": {"x": sweep.Arm(weight_init=True)}}, "weight_init"),
     ({"optimizer": "sgdd"}, "unknown optimizer"),
     ({"seed": 2**31 - 2, "num_seeds": 3}, "seeds must lie"),
     ({"num_records": 0}, "num_records"),
@@ -392,3 +395,34 @@ def test_flop_count_of_default_sweep():
     forward = 2 * 100 * (784 * 10 + 10 * 10)  # batch 100, 2 FLOPs per multiply-add
     one_model = 2 * forward + 2 * 100 * 10 * 10  # + weight gradients + input gradients past the first layer
     assert sweep.grid_flops(grid, 1000, 784)["train"] == 12 * one_model
+
+
+def test_init_models_are_the_models_run_grid_starts_from(bundled):
+    config = sweep.GridConfig(num_seeds=2, axes={"weight_scale": (0.3, 0.01), "learning_rate": (1e-30, 1e-30)},
+                              num_records=1, keep_final=True)
+    start = sweep.init_models(config)
+    # one update at lr 1e-30 leaves the weights bit-identical in float32 (not the zero biases)
+    result = sweep.run_grid(config, bundled.x_train[:200], bundled.t_train[:200])
+    for arm in config.arms:
+        assert start[arm].params.affine[0].W.shape == (2, 2, 2, 784, 100)
+        for a, b in zip(start[arm].params.affine, result.final[arm].params.affine):
+            np.testing.assert_array_equal(a.W, b.W)
+            np.testing.assert_array_equal(a.b, 0.0)
+        np.testing.assert_allclose(start[arm].params.affine[1].W.std(axis=(-2, -1)).mean(axis=(0, 2)), [0.3, 0.01],
+                                   rtol=0.02)
+    assert not np.array_equal(start["batchnorm"].params.affine[0].W, start["plain"].params.affine[0].W)
+
+
+def test_an_arms_own_weight_scale_equals_the_scale_axis(bundled):
+    x, t = bundled.x_train[:200], bundled.t_train[:200]
+    base = dict(num_records=2, updates_per_record=3)
+    by_axis = sweep.run_grid(sweep.GridConfig(arms={"bn": sweep.Arm(batch_norm=True, init_stream=0)},
+                                              axes={"weight_scale": (0.16,)}, **base), x, t)
+    by_arm = sweep.run_grid(sweep.GridConfig(
+        arms={"bn": sweep.Arm(batch_norm=True, weight_init=0.16, init_stream=0),
+              "bn_small": sweep.Arm(batch_norm=True, weight_init=0.01, init_stream=0)},
+        axes={}, weight_scale=1.0, **base), x, t)
+    np.testing.assert_array_equal(by_axis.metrics["train_loss"]["bn"][:, 0], by_arm.metrics["train_loss"]["bn"])
+    assert not np.array_equal(by_arm.metrics["train_loss"]["bn"], by_arm.metrics["train_loss"]["bn_small"])
+    start = sweep.init_models(sweep.GridConfig(arms={"s": sweep.Arm(weight_init=0.05)}, axes={}, weight_scale=2.0))
+    assert start["s"].params.affine[2].W.std() == pytest.approx(0.1, rel=0.05)  # 0.05 x weight_scale 2
