@@ -1,0 +1,374 @@
+"""Claim 1 of the book (ch. 6.3): batch norm lets training go faster because larger learning rates can be used.
+
+The book's network and data (1000 images, batch 100, 191 SGD updates), with and without batch norm, at 13
+learning rates ``logspace(-3, 1, 13)`` and two initialisations: the book's weight scale w = 0.158 (its panel
+"W:0.158", where the plain net trains well at lr 0.01) and He init; 4 seeds by default, all in one run of the
+grid engine. Then Bjorck et al.'s step-size probe (2018): at initialisation and after 10 updates, the loss
+ratio L(theta - eta g) / L(theta) along the gradient g for 25 step sizes eta from 1e-4 to 10.
+
+    python -m experiments.learning_rate                  # about 200 models, well under a minute on a laptop CPU
+    python -m experiments.learning_rate --num-seeds 8 --lrs 0.01,0.1,1,3
+
+What to expect (measured with bnjax at w = 0.29 and 0.16, 2 seeds, while designing this experiment): the plain
+net overflows to NaN from lr 0.1-1.0 on, while BN still reaches 0.99-1.0 training accuracy at lr 3 and fails
+only at 10.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import numpy as np
+
+from bnjax import claims
+from experiments import harness
+
+_START = time.perf_counter()
+
+ARMS = ("batchnorm", "plain")
+THRESHOLD = 0.9
+PROBE_UPDATES = 10
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m experiments.learning_rate",
+        description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=(
+            "Within a seed, every model sees the same mini-batches, and the BN and plain nets of one "
+            "initialisation start from the same Affine weights, so each comparison is paired. "
+            "Verdict (results.json 'verdict'): max_stable_lr = the largest learning rate at which at least half "
+            "the seeds stay finite and end at >= 0.9 training accuracy; updates_to_90 = the fewest updates (over "
+            "learning rates) after which the mean accuracy first reaches 0.9. "
+            "Exit status: 0 done, 1 data or backend unavailable, 2 bad option, 130/143 interrupted."
+        ),
+    )
+    g = p.add_argument_group("protocol (defaults: the book's network and data)")
+    lrs = g.add_mutually_exclusive_group()
+    lrs.add_argument("--num-lrs", type=harness.int_in(1, 1000), default=13, metavar="N",
+                     help="N learning rates logspace(-3, 1, N), 0.001 up to 10 (default: 13)")
+    lrs.add_argument("--lrs", type=harness.float_list, metavar="LR1,LR2,...", help="explicit learning rates")
+    g.add_argument("--init-scale", type=harness.positive_float, default=float(np.logspace(0, -4, 16)[3]),
+                   metavar="W", help="the weight scale of the first initialisation; the second is He init "
+                                     "(default: 0.1585, the book's panel W:0.158)")
+    g.add_argument("--epochs", type=harness.int_in(2, harness.MAX_RECORDS), default=20,
+                   help="records of training accuracy; the first after one update, then one every "
+                        "train-size/batch-size updates (default: 20, i.e. 191 updates)")
+    g.add_argument("--batch-size", type=harness.int_in(1, 100_000), default=100,
+                   help="mini-batch size, drawn with replacement (default: 100)")
+    pr = p.add_argument_group("step-size probe")
+    pr.add_argument("--probe-steps", type=harness.int_in(2, 1000), default=25, metavar="N",
+                    help="step sizes logspace(-4, 1, N) (default: 25)")
+    pr.add_argument("--probe-lr", type=harness.positive_float, default=0.01,
+                    help=f"learning rate of the {PROBE_UPDATES} SGD updates before the second probe (default: 0.01)")
+    pr.add_argument("--no-probe", action="store_true", help="skip the probe")
+    harness.add_common_args(p)
+    p.set_defaults(num_seeds=4)
+    for action in p._actions:  # the default differs from the other experiments: say so in --help
+        if action.dest == "num_seeds":
+            action.help = "seeds trained in parallel; seed i of a run equals a run with --seed SEED+i (default: 4)"
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return harness.check_common_args(parser, args, "learning_rate", 0)
+
+
+def init_names(init_scale: float) -> dict[str, object]:
+    """Initialisation label -> ``Arm.weight_init`` value: the book's scale, then He."""
+    return {f"w={init_scale:.4g}": float(init_scale), "he": "he"}
+
+
+def arm_name(arm: str, init: str) -> str:
+    return f"{arm} {init}"
+
+
+def grid_config(args: argparse.Namespace):
+    """The engine configuration the options describe: BN and plain at each initialisation (the two arms of an
+    initialisation share their initial weights) over the learning rates."""
+    from bnjax import sweep
+
+    arms = {}
+    for stream, (init, weight_init) in enumerate(init_names(args.init_scale).items()):
+        for arm in ARMS:
+            arms[arm_name(arm, init)] = sweep.Arm(batch_norm=arm == "batchnorm", weight_init=weight_init,
+                                                  init_stream=stream)
+    learning_rates = tuple(args.lrs or np.logspace(-3, 1, args.num_lrs).tolist())
+    return sweep.GridConfig(arms=arms, axes={"learning_rate": learning_rates}, weight_scale=1.0,
+                            num_records=args.epochs, batch_size=args.batch_size, seed=args.seed,
+                            num_seeds=args.num_seeds, max_models_per_chunk=args.max_models_per_chunk)
+
+
+def verdict(learning_rates, record_steps, accuracy: dict, diverged: dict, inits, probe: dict | None = None,
+            step_sizes=None) -> dict:
+    """The numbers of the claim, from the recorded arrays.
+
+    Args:
+      learning_rates: ``[L]``.
+      record_steps: ``[R]``.
+      accuracy: arm name (``arm_name(arm, init)``) -> ``[seeds, L, R]`` training accuracy.
+      diverged: arm name -> ``[seeds, L]``.
+      inits: initialisation labels.
+      probe: ``{'init'|'trained': arm name -> [seeds, E] loss ratios}`` or ``None``.
+      step_sizes: ``[E]`` with ``probe``.
+
+    Returns:
+      ``max_stable_lr``, ``updates_to_90`` and ``updates_to_90_lr`` as ``[init][arm]`` (each with a
+      ``'ratio'`` = BN's / plain's), ``plain_better_lrs[init]`` (learning rates where plain's mean final
+      accuracy is above BN's by more than 0.01), and ``largest_loss_lowering_step[when][init][arm]`` with a
+      probe.
+    """
+    lrs = np.asarray(learning_rates, float)
+    out = {"threshold": THRESHOLD, "max_stable_lr": {}, "updates_to_90": {}, "updates_to_90_lr": {}}
+    for init in inits:
+        stable, updates, at = {}, {}, {}
+        for arm in ARMS:
+            name = arm_name(arm, init)
+            acc = np.asarray(accuracy[name])
+            stable[arm] = claims.max_stable_lr(lrs, acc[..., -1], diverged[name], THRESHOLD)
+            n, i = claims.updates_to_threshold(record_steps, acc, THRESHOLD)
+            updates[arm], at[arm] = n, (None if i is None else float(lrs[i]))
+        stable["ratio"] = claims.ratio(stable["batchnorm"], stable["plain"])
+        # Where the claim does not hold: learning rates at which plain ends clearly above BN (mean over seeds).
+        final = {arm: np.asarray(accuracy[arm_name(arm, init)])[..., -1].mean(0) for arm in ARMS}
+        out.setdefault("plain_better_lrs", {})[init] = lrs[final["plain"] > final["batchnorm"] + 0.01].tolist()
+        updates["ratio"] = claims.ratio(updates["batchnorm"], updates["plain"])
+        out["max_stable_lr"][init], out["updates_to_90"][init], out["updates_to_90_lr"][init] = stable, updates, at
+    if probe is not None:
+        out["largest_loss_lowering_step"] = {
+            when: {init: {arm: claims.largest_step_below(step_sizes, ratios[arm_name(arm, init)]) for arm in ARMS}
+                   for init in inits}
+            for when, ratios in probe.items()
+        }
+    return out
+
+
+def _fmt(value, spec=".3g") -> str:
+    return "never" if value is None else format(value, spec)
+
+
+def verdict_lines(v: dict) -> list[str]:
+    lines = [f"{'init':>10}  {'arm':>9}  {'max stable lr':>13}  {'updates to 0.9':>14}  {'(at lr)':>7}"]
+    for init, stable in v["max_stable_lr"].items():
+        for arm in ARMS:
+            lines.append(f"{init:>10}  {arm:>9}  {_fmt(stable[arm]):>13}  {_fmt(v['updates_to_90'][init][arm], 'd'):>14}"
+                         f"  {_fmt(v['updates_to_90_lr'][init][arm]):>7}")
+    for init, stable in v["max_stable_lr"].items():
+        r, u = stable["ratio"], v["updates_to_90"][init]["ratio"]
+        lines.append(f"{init}: BN's largest stable learning rate is "
+                     + (f"{r:.3g}x plain's" if r is not None else
+                        f"{_fmt(stable['batchnorm'])} against plain's {_fmt(stable['plain'])}")
+                     + "; BN needs " + (f"{u:.2g}x the updates plain needs to reach 0.9" if u is not None else
+                                        f"{_fmt(v['updates_to_90'][init]['batchnorm'], 'd')} updates to reach 0.9, "
+                                        f"plain {_fmt(v['updates_to_90'][init]['plain'], 'd')}"))
+    for init, better in v.get("plain_better_lrs", {}).items():
+        if better:
+            lines.append(f"{init}: plain ends above BN (by > 0.01, mean over seeds) at lr "
+                         + ", ".join(f"{lr:.3g}" for lr in better))
+    for when, per_init in v.get("largest_loss_lowering_step", {}).items():
+        label = "at initialisation" if when == "init" else f"after {PROBE_UPDATES} updates"
+        parts = [f"{init}: BN {_fmt(s['batchnorm'])}, plain {_fmt(s['plain'])}" for init, s in per_init.items()]
+        lines.append(f"probe {label}, largest step that lowers the loss (median over seeds): " + "; ".join(parts))
+    return lines
+
+
+def report(results: dict) -> str:
+    """Markdown for the combined report, from a results.json dict."""
+    v = results["verdict"]
+    rows = ["| init | arm | max stable lr | updates to 0.9 (at lr) |", "|---|---|---|---|"]
+    for init, stable in v["max_stable_lr"].items():
+        for arm in ARMS:
+            rows.append(f"| {init} | {arm} | {_fmt(stable[arm])} | {_fmt(v['updates_to_90'][init][arm], 'd')} "
+                        f"({_fmt(v['updates_to_90_lr'][init][arm])}) |")
+    text = [f"{len(results['seeds'])} seeds, learning rates {min(results['axes']['learning_rate']):.3g} to "
+            f"{max(results['axes']['learning_rate']):.3g}; a learning rate is stable when at least half the seeds "
+            f"stay finite and end at >= {v['threshold']} training accuracy.", "", *rows, ""]
+    lines = verdict_lines(v)
+    text += [f"- {line}" for line in lines[1 + 2 * len(v["max_stable_lr"]):]]
+    return "\n".join(text)
+
+
+FIGURES = ("learning_rate.png", "learning_rate_curves.png", "step_size_probe.png")
+
+
+def _band(ax, x, runs, style, label, color=None):
+    (line,) = ax.plot(x, runs.mean(0), style, label=label, color=color)
+    if runs.shape[0] > 1:
+        ax.fill_between(x, runs.min(0), runs.max(0), color=line.get_color(), alpha=0.2, linewidth=0)
+
+
+def accuracy_figure(learning_rates, accuracy: dict, inits, num_seeds: int, num_updates: int):
+    from experiments import plot
+
+    plt = plot.pyplot()
+    fig, axes = plt.subplots(1, len(inits), figsize=(4.2 * len(inits), 3.4), squeeze=False)
+    for ax, init in zip(axes[0], inits):
+        for arm, style in zip(ARMS, ("-", "--")):
+            _band(ax, learning_rates, np.asarray(accuracy[arm_name(arm, init)])[..., -1], style,
+                  plot.LABELS[arm])
+        ax.set_xscale("log")
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("learning rate")
+        ax.set_title(f"init {init}", fontsize=10)
+        ax.axhline(THRESHOLD, color="grey", lw=0.5, ls=":")
+    axes[0, 0].set_ylabel("final training accuracy")
+    axes[0, -1].legend(loc="lower left", fontsize=8)
+    fig.suptitle(f"after {num_updates} updates; mean and min..max over {num_seeds} seed(s)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+
+def curves_figure(learning_rates, accuracy: dict, inits, record_steps, num_seeds: int, picks=(0.01, 0.1, 1.0, 10.0)):
+    from experiments import plot
+
+    plt = plot.pyplot()
+    lrs = np.asarray(learning_rates)
+    idx = sorted({int(np.argmin(np.abs(np.log(lrs) - np.log(p)))) for p in picks})
+    fig, axes = plt.subplots(len(inits), len(idx), figsize=(3.0 * len(idx), 2.5 * len(inits)), squeeze=False)
+    for r, init in enumerate(inits):
+        for c, i in enumerate(idx):
+            ax = axes[r, c]
+            for arm, style in zip(ARMS, ("-", "--")):
+                _band(ax, np.asarray(record_steps), np.asarray(accuracy[arm_name(arm, init)])[:, i], style,
+                      plot.LABELS[arm])
+            ax.set_ylim(0, 1.02)
+            ax.set_title(f"{init}, lr {lrs[i]:.3g}", fontsize=9)
+            if c == 0:
+                ax.set_ylabel("training accuracy")
+            if r == len(inits) - 1:
+                ax.set_xlabel("updates")
+    axes[0, -1].legend(loc="lower right", fontsize=7)
+    fig.suptitle(f"training curves, mean and min..max over {num_seeds} seed(s)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+CEILING = 1e3  # ratios above (or overflowing) are drawn at the ceiling
+
+
+def probe_figure(step_sizes, probe: dict, inits):
+    from experiments import plot
+
+    plt = plot.pyplot()
+    whens = list(probe)
+    fig, axes = plt.subplots(len(whens), len(inits), figsize=(4.2 * len(inits), 3.0 * len(whens)), squeeze=False)
+    for r, when in enumerate(whens):
+        for c, init in enumerate(inits):
+            ax = axes[r, c]
+            for arm, style in zip(ARMS, ("-", "--")):
+                ratios = np.asarray(probe[when][arm_name(arm, init)], float)
+                ratios = np.where(np.isfinite(ratios), np.minimum(ratios, CEILING), CEILING)
+                (line,) = ax.plot(step_sizes, np.median(ratios, 0), style, label=plot.LABELS[arm])
+                if ratios.shape[0] > 1:
+                    ax.fill_between(step_sizes, ratios.min(0), ratios.max(0), color=line.get_color(), alpha=0.2,
+                                    linewidth=0)
+            ax.axhline(1.0, color="grey", lw=0.6, ls=":")
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_ylim(0.3, CEILING * 1.5)
+            label = "at initialisation" if when == "init" else f"after {PROBE_UPDATES} updates"
+            ax.set_title(f"{init}, {label}", fontsize=9)
+            if c == 0:
+                ax.set_ylabel("L(theta - eta g) / L(theta)")
+            if r == len(whens) - 1:
+                ax.set_xlabel("step size eta")
+    axes[0, -1].legend(loc="upper left", fontsize=7)
+    fig.suptitle(f"step-size probe: median and min..max over seeds (overflow drawn at {CEILING:g})", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def run_probe(config, ds, step_sizes, probe_lr: float) -> dict:
+    """Loss ratios ``{'init', 'trained'} -> arm name -> [seeds, E]``: at the grid's own initial weights and after
+    ``PROBE_UPDATES`` SGD updates at ``probe_lr`` (one more small run of the engine, final states kept)."""
+    import jax
+    import jax.numpy as jnp
+
+    from bnjax import sweep, train
+
+    single = config.replace(axes={}, learning_rate=probe_lr, keep_final=True)
+    x = jnp.asarray(ds.x_train)
+    t = jnp.asarray(ds.t_train, jnp.int32)
+    eta = jnp.asarray(step_sizes, jnp.float32)
+    states = {"init": sweep.init_models(single, ds.x_train.shape[1])}
+    after = sweep.run_grid(single.replace(num_records=2, updates_per_record=PROBE_UPDATES - 1), ds.x_train,
+                           ds.t_train)
+    states["trained"] = after.final
+    out = {}
+    with jax.default_matmul_precision(config.matmul_precision):
+        for when, models in states.items():
+            out[when] = {}
+            for name, arm in config.arms.items():
+                net = config.network(arm, ds.x_train.shape[1])
+                fn = jax.jit(jax.vmap(lambda ts, net=net: train.step_size_probe(net, ts.params, ts.state, x, t, eta)))
+                out[when][name] = np.asarray(fn(jax.tree_util.tree_map(jnp.asarray, models[name])))
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    started = harness.start(args)
+    from bnjax import sweep
+
+    t0 = time.perf_counter()
+    ds = harness.load_data(args, 0)
+    if ds is None:
+        return 1
+    data_s = time.perf_counter() - t0
+
+    config = grid_config(args)
+    learning_rates = config.axes["learning_rate"]
+    inits = init_names(args.init_scale)
+    result, timing = harness.run_engine(
+        args, started, config, ds, name="learning_rate", unit="record",
+        what=f"{len(learning_rates)} learning rates x BN/plain x {len(inits)} inits x {args.num_seeds} seed(s)")
+    timing["data_s"] = data_s
+    step_sizes = np.logspace(-4, 1, args.probe_steps)
+    probe = None
+    if not args.no_probe:
+        t0 = time.perf_counter()
+        harness.say(args, "step-size probe...")
+        probe = run_probe(config, ds, step_sizes, args.probe_lr)
+        timing["probe_s"] = time.perf_counter() - t0
+    if not started["is_main"]:
+        return 0
+
+    accuracy = result.metrics["train_accuracy"]
+    labels = list(inits)
+    v = verdict(learning_rates, result.record_steps, accuracy, result.diverged, labels, probe, step_sizes)
+    extra = {}
+    if probe is not None:
+        extra["probe"] = {"step_sizes": step_sizes, "updates_before_trained": PROBE_UPDATES,
+                          "learning_rate": args.probe_lr, "loss_ratio": probe}
+    record = harness.results_record(
+        args, result, ds, timing, cache_dir=started["cache_dir"], inits={k: v_ for k, v_ in inits.items()},
+        verdict=v, **extra,
+        notes=[
+            "Training accuracy in evaluation mode (running statistics), as the book; a diverged model is scored "
+            "as the book scores NaN scores (argmax -> class 0).",
+            "BN and plain nets of one initialisation start from the same Affine weights and all models of a seed "
+            "share the mini-batches: every comparison is paired.",
+            "The probe's loss is the training-mode cross-entropy on all training images (batch statistics), its "
+            "gradient taken there; ratios above 1 mean the step raised the loss, null means it overflowed.",
+        ],
+    )
+    figures = {
+        "learning_rate.png": lambda: accuracy_figure(learning_rates, accuracy, labels, args.num_seeds,
+                                                              int(result.record_steps[-1])),
+        "learning_rate_curves.png": lambda: curves_figure(learning_rates, accuracy, labels, result.record_steps,
+                                                          args.num_seeds),
+    }
+    if probe is not None:
+        figures["step_size_probe.png"] = lambda: probe_figure(step_sizes, probe, labels)
+    harness.finish(args, record, figures, verdict_lines(v), _START)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(harness.main_wrapper(main))

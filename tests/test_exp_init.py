@@ -1,0 +1,59 @@
+"""experiments.init: the verdict on hand-made records, and the CLI end to end (seed 0 is the book's sweep)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from experiments import init as init_exp
+from test_experiments import _run
+
+
+def test_verdict_on_hand_made_records():
+    scales = [1.0, 0.1, 0.01]
+    # [seeds=3, S=3, R=1]
+    bn = np.array([[0.5, 0.95, 0.99], [0.5, 0.93, 1.0], [0.5, 0.91, 0.9]])[..., None]
+    plain = np.array([[0.1, 0.97, 0.1], [0.5, 0.96, 0.1], [0.1, 0.95, 0.1]])[..., None]
+    v = init_exp.verdict(scales, {"batchnorm": bn, "plain": plain})
+    s0, s1, s2 = v["per_scale"]
+    assert (s0["bn_wins"], s0["plain_wins"], s0["ties"]) == (2, 0, 1)
+    assert (s1["bn_wins"], s1["plain_wins"]) == (0, 3)
+    assert (s2["bn_wins"], s2["plain_wins"]) == (3, 0)
+    assert s2["batchnorm"]["mean"] == pytest.approx(0.9633333)
+    half = 4.303 * np.std([0.99, 1.0, 0.9], ddof=1) / np.sqrt(3)
+    assert s2["batchnorm"]["low"] == pytest.approx(0.9633333 - half)
+    assert s2["batchnorm"]["high"] == 1.0  # 0.963 + 0.136: an accuracy interval is clipped to [0, 1]
+    half = 4.303 * np.std([0.95, 0.93, 0.91], ddof=1) / np.sqrt(3)
+    assert (s1["batchnorm"]["low"], s1["batchnorm"]["high"]) == (pytest.approx(0.93 - half), pytest.approx(0.93 + half))
+    assert v["sign_test"] == {"bn_wins": 5, "plain_wins": 3, "ties": 1, "p_value": pytest.approx(2 * 93 / 256)}
+    assert v["trainable_scales"] == {"batchnorm": [0.1, 0.01], "plain": [0.1]}
+    assert v["trainable_width"]["batchnorm"] == pytest.approx(2.0)
+    assert v["trainable_width"]["plain"] == pytest.approx(1.0)
+    assert v["plain_better_scales"] == [0.1]
+    assert any("sign test" in line for line in init_exp.verdict_lines(v))
+
+
+def test_cli_seed_zero_is_the_books_sweep(tmp_path):
+    common = ["--scales", "0.3,0.01", "--epochs", "3", "--train-size", "200", "--data", "bundled", "--no-cache",
+              "--quiet"]
+    r = _run("experiments.init", *common, "--num-seeds", "2", "--out", str(tmp_path / "init"))
+    assert r.returncode == 0, r.stderr
+    r2 = _run("experiments.sweep", *common, "--no-plot", "--out", str(tmp_path / "sweep"))
+    assert r2.returncode == 0, r2.stderr
+    res = json.loads((tmp_path / "init" / "results.json").read_text())
+    book = json.loads((tmp_path / "sweep" / "results.json").read_text())
+    for arm in ("batchnorm", "plain"):
+        np.testing.assert_array_equal(np.asarray(res["train_accuracy"][arm])[:1], book["train_accuracy"][arm])
+    assert [row["scale"] for row in res["verdict"]["per_scale"]] == [0.3, 0.01]
+    final = np.asarray(res["train_accuracy"]["batchnorm"])[:, :, -1]
+    assert res["verdict"]["per_scale"][1]["batchnorm"]["mean"] == pytest.approx(final[:, 1].mean())
+    for png in init_exp.FIGURES:
+        assert (tmp_path / "init" / png).stat().st_size > 10_000
+    assert "| w | BN mean" in init_exp.report(res)
+
+
+@pytest.mark.parametrize("bad,option", [(["--scales", "0.1,x"], "--scales"), (["--num-seeds", "0"], "--num-seeds"),
+                                        (["--lr", "nan"], "--lr")])
+def test_bad_options_exit_2_naming_the_option(bad, option):
+    r = _run("experiments.init", *bad, "--out", "/tmp/bnjax-never-written")
+    assert r.returncode == 2 and option in r.stderr
