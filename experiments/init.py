@@ -170,7 +170,7 @@ def accuracy_figure(weight_scales, accuracy: dict, num_updates: int):
     ax.set_ylabel(f"training accuracy after {num_updates} updates")
     n = np.asarray(accuracy[ARMS[0]]).shape[0]
     ax.set_title(f"mean and 95 % interval over {n} seed(s)", fontsize=10)
-    ax.legend(loc="lower center", fontsize=8)
+    ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     return fig
 
