@@ -25,6 +25,10 @@ __all__ = [
     "largest_step_below",
 ]
 
+# Accuracies within this of 1.0 are "every image right" (float32 rounding of n * (1/n)); far below 1/n for any
+# set of fewer than a million images.
+ALL_RIGHT_TOLERANCE = 1e-6
+
 # Student's t quantile 0.975 by degrees of freedom (a NumPy-only library carries no scipy); between the
 # tabulated values the next smaller df is used, which widens the interval slightly (conservative).
 _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
@@ -167,11 +171,12 @@ def overfitting_summary(epochs: Any, train_accuracy: Any, heldout_accuracy: Any)
       ``best_heldout_epoch`` (first on a tie), ``epoch_train_100`` (first record at which every seed classifies
       every training image right, or ``None``).
     """
+    # The engine scores n right out of n as n * fl(1/n) in float32, which can fall one ulp short of 1.0.
     epochs = np.asarray(epochs)
     train = np.asarray(train_accuracy, float).mean(axis=0)
     held = np.asarray(heldout_accuracy, float).mean(axis=0)
     best = int(np.argmax(held))
-    perfect = np.nonzero(train >= 1.0)[0]
+    perfect = np.nonzero(train >= 1.0 - ALL_RIGHT_TOLERANCE)[0]
     return {
         "final_train": float(train[-1]),
         "final_heldout": float(held[-1]),

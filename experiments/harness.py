@@ -71,13 +71,15 @@ def float_list(text: str) -> tuple[float, ...]:
     return tuple(positive_float(p) for p in parts)
 
 
-def add_common_args(p: argparse.ArgumentParser, *, train_size: int = 1000) -> None:
-    """Options every experiment has: randomness, data, output, devices and processes."""
+def add_common_args(p: argparse.ArgumentParser, *, train_size: int = 1000, num_seeds: int = 1) -> None:
+    """Options every experiment has: randomness, data, output, devices and processes (``train_size`` and
+    ``num_seeds`` are the experiment's defaults)."""
     r = p.add_argument_group("randomness")
     r.add_argument("--seed", type=int_in(0, options.MAX_SEED), default=0,
                    help="first training seed: initial weights, mini-batches, dropout (default: 0)")
-    r.add_argument("--num-seeds", type=int_in(1, 1_000_000), default=1,
-                   help="seeds trained in parallel; seed i of a run equals a run with --seed SEED+i (default: 1)")
+    r.add_argument("--num-seeds", type=int_in(1, 1_000_000), default=num_seeds,
+                   help=f"seeds trained in parallel; seed i of a run equals a run with --seed SEED+i "
+                        f"(default: {num_seeds})")
     r.add_argument("--split-seed", type=int_in(0, options.MAX_SEED), default=0,
                    help="how the bundled subset is split into training and held-out images, the same for every "
                         "training seed (default: 0)")
@@ -344,8 +346,9 @@ def finish(args: argparse.Namespace, record: dict, figures: dict, lines: list[st
     timing["total_s"] = time.perf_counter() - started_at
     write_json(args.out / "results.json", record)
     written.insert(0, "results.json")
-    say(args, "", *lines, "", f"compile {timing.get('compile_s', 0.0):.2f} s, run {timing.get('run_s', 0.0):.2f} s, "
-                              f"total {timing['total_s']:.2f} s")
+    parts = [f"{label} {timing[key]:.2f} s" for key, label in (("compile_s", "compile"), ("run_s", "run"))
+             if key in timing]
+    say(args, "", *lines, "", ", ".join(parts + [f"total {timing['total_s']:.2f} s"]))
     print(f"wrote {', '.join(written)} to {args.out}")
 
 

@@ -57,11 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=harness.int_in(1, 100_000), default=100,
                    help="mini-batch size, drawn with replacement (default: 100)")
     g.add_argument("--lr", type=harness.positive_float, default=0.01, help="learning rate (default: 0.01)")
-    harness.add_common_args(p)
-    p.set_defaults(num_seeds=8)
-    for action in p._actions:
-        if action.dest == "num_seeds":
-            action.help = "seeds trained in parallel; seed i of a run equals a run with --seed SEED+i (default: 8)"
+    harness.add_common_args(p, num_seeds=8)
     return p
 
 

@@ -65,11 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--probe-lr", type=harness.positive_float, default=0.01,
                     help=f"learning rate of the {PROBE_UPDATES} SGD updates before the second probe (default: 0.01)")
     pr.add_argument("--no-probe", action="store_true", help="skip the probe")
-    harness.add_common_args(p)
-    p.set_defaults(num_seeds=4)
-    for action in p._actions:  # the default differs from the other experiments: say so in --help
-        if action.dest == "num_seeds":
-            action.help = "seeds trained in parallel; seed i of a run equals a run with --seed SEED+i (default: 4)"
+    harness.add_common_args(p, num_seeds=4)
     return p
 
 

@@ -128,3 +128,15 @@ def test_largest_step_below_uses_the_median_and_treats_overflow_as_failure():
     assert claims.largest_step_below(etas, r) == 1.0  # median at 1.0 is 0.8; at 10 it is inf
     assert claims.largest_step_below(etas, r, bound=0.6) == 0.1
     assert claims.largest_step_below(etas, r + 5) is None
+    # the median, not the mean: one seed far below 1 does not carry two above it
+    assert claims.largest_step_below([0.1, 1.0], [[0.5, 0.1], [0.5, 1.2], [0.5, 1.3]]) == 0.1
+
+
+def test_all_right_survives_float32_rounding_of_the_accuracy():
+    # the engine's accuracy: n right out of n, times a float32 reciprocal (one ulp short of 1 for n = 41)
+    n = 41
+    acc = np.float32(n) * np.float32(1.0 / n)
+    assert acc < 1.0
+    s = claims.overfitting_summary([0, 1], [[0.5, acc]], [[0.1, 0.2]])
+    assert s["epoch_train_100"] == 1
+    assert claims.overfitting_summary([0, 1], [[0.5, 1 - 1 / n]], [[0.1, 0.2]])["epoch_train_100"] is None

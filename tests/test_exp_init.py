@@ -31,6 +31,9 @@ def test_verdict_on_hand_made_records():
     assert v["trainable_width"]["plain"] == pytest.approx(1.0)
     assert v["plain_better_scales"] == [0.1]
     assert any("sign test" in line for line in init_exp.verdict_lines(v))
+    # all tied: nobody is better, and the sign test sees no pair
+    same = init_exp.verdict(scales, {"batchnorm": plain, "plain": plain.copy()})
+    assert same["plain_better_scales"] == [] and same["sign_test"]["p_value"] == 1.0
 
 
 def test_cli_seed_zero_is_the_books_sweep(tmp_path):

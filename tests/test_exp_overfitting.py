@@ -1,0 +1,227 @@
+"""experiments.overfitting: the verdict on hand-made curves, the CLI end to end, its option checks, and the
+protocol (record steps, shared initial weights, the book's dropout, held-out images never trained on)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from experiments import overfitting
+
+ROOT = Path(__file__).resolve().parents[1]
+SUMMARY_KEYS = {"final_train", "final_heldout", "gap", "best_heldout", "best_heldout_epoch", "epoch_train_100",
+                "diverged_seeds", "headline", "vs_unregularised", "vs_plain"}
+NAMES = ["plain", "plain+weight_decay", "plain+dropout", "plain+dropout+weight_decay",
+         "batchnorm", "batchnorm+weight_decay", "batchnorm+dropout", "batchnorm+dropout+weight_decay"]
+
+
+def _env():
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    # conftest's 8 host devices must not leak into the CLI, which sets its own.
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                                if "xla_force_host_platform_device_count" not in f)
+    return env
+
+
+def _arms(**curves):
+    """arm -> [seeds=2, weight decay (0, lambda), R=3] from per-arm ``(seed0 wd0, seed0 wd1, seed1 wd0, seed1 wd1)``."""
+    return {arm: np.array(rows, float).reshape(2, 2, 3) for arm, rows in curves.items()}
+
+
+ONE_ULP_BELOW = float(np.float32(41) * np.float32(1 / 41))  # 41 of 41 right, as float32 computes it
+
+
+def _hand_made():
+    train = _arms(**{
+        "plain": ([0.5, 1.0, 1.0], [0.5, 0.8, 0.9], [0.5, 0.9, 1.0], [0.5, 0.8, 0.9]),
+        "plain+dropout": ([0.3, 0.6, 0.8], [0.2, 0.3, 0.4], [0.3, 0.6, 0.8], [0.2, 0.3, 0.4]),
+        "batchnorm": ([0.6, 1.0, 1.0], [0.6, 1.0, ONE_ULP_BELOW], [0.6, 1.0, 1.0], [0.6, 0.95, 1.0]),
+        "batchnorm+dropout": ([0.4, 0.7, 0.9], [0.4, 0.6, 0.7], [0.4, 0.7, 0.9], [0.4, 0.1, 0.1]),
+    })
+    held = _arms(**{
+        "plain": ([0.4, 0.7, 0.6], [0.4, 0.6, 0.7], [0.4, 0.8, 0.7], [0.4, 0.6, 0.72]),
+        "plain+dropout": ([0.3, 0.5, 0.62], [0.2, 0.25, 0.3], [0.3, 0.5, 0.6], [0.2, 0.25, 0.3]),
+        "batchnorm": ([0.5, 0.8, 0.8], [0.5, 0.82, 0.84], [0.5, 0.8, 0.78], [0.5, 0.8, 0.8]),
+        "batchnorm+dropout": ([0.4, 0.6, 0.75], [0.4, 0.5, 0.6], [0.4, 0.6, 0.77], [0.4, 0.1, 0.1]),
+    })
+    diverged = {arm: np.zeros((2, 2), bool) for arm in train}
+    diverged["batchnorm+dropout"][1, 1] = True  # seed 1 with weight decay
+    return {"train_accuracy": train, "heldout_accuracy": held}, diverged
+
+
+def test_verdict_on_hand_made_curves():
+    metrics, diverged = _hand_made()
+    v = overfitting.verdict([0, 5, 10], metrics, diverged)
+    assert list(v) == NAMES
+    for name, s in v.items():
+        assert set(s) == SUMMARY_KEYS, name
+        assert s["headline"] == ("dropout+weight_decay" not in name)
+    # (final train, final held-out, gap, best held-out, its epoch, epoch of train 1.0), computed by hand from the
+    # seed means above.
+    expected = {
+        "plain": (1.0, 0.65, 0.35, 0.75, 5, 10),
+        "plain+weight_decay": (0.9, 0.71, 0.19, 0.71, 10, None),
+        "plain+dropout": (0.8, 0.61, 0.19, 0.61, 10, None),
+        "plain+dropout+weight_decay": (0.4, 0.3, 0.1, 0.3, 10, None),
+        "batchnorm": (1.0, 0.79, 0.21, 0.8, 5, 5),
+        "batchnorm+weight_decay": (1.0, 0.82, 0.18, 0.82, 10, 10),  # one ulp below 1.0 counts as all right
+        "batchnorm+dropout": (0.9, 0.76, 0.14, 0.76, 10, None),
+        "batchnorm+dropout+weight_decay": (0.4, 0.35, 0.05, 0.4, 0, None),
+    }
+    for name, (tr, he, gap, best, at, perfect) in expected.items():
+        s = v[name]
+        assert (s["final_train"], s["final_heldout"], s["gap"], s["best_heldout"]) == pytest.approx(
+            (tr, he, gap, best)), name
+        assert (s["best_heldout_epoch"], s["epoch_train_100"]) == (at, perfect), name
+    assert [v[n]["diverged_seeds"] for n in NAMES] == [0, 0, 0, 0, 0, 0, 0, 1]
+    # Paired comparisons of the final held-out accuracy, seed by seed.
+    assert v["plain"]["vs_unregularised"] is None and v["plain"]["vs_plain"] is None
+    assert v["batchnorm"]["vs_unregularised"] is None
+    pwd = v["plain+weight_decay"]["vs_unregularised"]
+    assert pwd["heldout_change"] == pytest.approx(0.06) and (pwd["seeds_higher"], pwd["seeds_lower"]) == (2, 0)
+    pdo = v["plain+dropout"]["vs_unregularised"]
+    assert pdo["heldout_change"] == pytest.approx(-0.04) and (pdo["seeds_higher"], pdo["seeds_lower"]) == (1, 1)
+    bn = v["batchnorm"]["vs_plain"]
+    assert bn["heldout_change"] == pytest.approx(0.14) and (bn["seeds_higher"], bn["seeds_lower"], bn["seeds"]) == (2, 0, 2)
+    assert v["batchnorm+weight_decay"]["vs_plain"]["heldout_change"] == pytest.approx(0.11)
+    bdo = v["batchnorm+dropout"]["vs_unregularised"]
+    assert bdo["heldout_change"] == pytest.approx(-0.03) and (bdo["seeds_higher"], bdo["seeds_lower"]) == (0, 2)
+    assert v["batchnorm+dropout"]["vs_plain"]["heldout_change"] == pytest.approx(0.15)
+
+    lines = overfitting.verdict_lines(v)
+    assert lines[0].split()[:4] == ["combination", "train", "held-out", "gap"]
+    rows = [line.split()[0] for line in lines[1:] if line and line.split()[0] in NAMES]
+    assert rows == [n for n in NAMES if "dropout+weight" not in n] + [n for n in NAMES if "dropout+weight" in n]
+    assert "not in the book" in "\n".join(lines)
+    text = " ".join(lines)
+    assert "BN ends above plain" in text and "0.790 against 0.650" in text and "2 of 2 seeds" in text
+    # Plain with dropout: a smaller gap but a lower held-out accuracy is reported as that, not as a win.
+    assert "Dropout: for plain it only shrank the gap (0.350 -> 0.190)" in text
+    assert "Weight decay: for plain it raised held-out accuracy (+6.0 points" in text
+    assert "Highest final held-out accuracy: BN, weight decay (0.820)" in text
+    assert "seed(s) diverged" in lines[[i for i, l in enumerate(lines) if l.startswith("batchnorm+dropout+")][0]]
+
+
+def _run_cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "experiments.overfitting", *args], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_tiny_run_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    proc = _run_cli("--train-size", "100", "--epochs", "7", "--record-every", "3", "--num-seeds", "2",
+                    "--data", "bundled", "--no-cache", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "combination" in proc.stdout and "wrote results.json, overfitting.png" in proc.stdout
+    res = json.loads((out / "results.json").read_text())
+    assert res["epochs"] == [0, 3, 6]
+    assert res["record_steps"] == [1, 4, 7]  # 100 images / 100 a batch: one update an epoch
+    assert res["iter_per_epoch"] == 1
+    assert list(res["verdict"]) == NAMES
+    for s in res["verdict"].values():
+        assert set(s) == SUMMARY_KEYS
+    assert list(res["arms"]) == ["plain", "plain+dropout", "batchnorm", "batchnorm+dropout"]
+    for metric in ("train_accuracy", "heldout_accuracy", "train_loss", "heldout_loss"):
+        for arm in res["arms"]:
+            assert np.array(res[metric][arm], float).shape == (2, 2, 3), (metric, arm)
+    assert res["axes"] == {"weight_decay": [0.0, 0.1]} and res["seeds"] == [0, 1]
+    for name, arm in res["arms"].items():
+        assert arm["init_stream"] == 0 and arm["weight_init"] == "he" and arm["batch_norm"] == name.startswith("b")
+        assert arm["dropout_ratio"] == (0.2 if name.endswith("+dropout") else 0.0)
+        assert arm["dropout_inverted"] is False
+    assert res["data"]["num_train"] == 100 and res["data"]["num_heldout"] == 4900  # all the rest
+    assert any("van Laarhoven" in note for note in res["notes"])
+    assert (out / "overfitting.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = overfitting.report(res)  # from the results file alone
+    table = [line for line in md.splitlines() if line.startswith("|")]
+    assert len(table) == 2 + len(NAMES) and table[1].startswith("|---")  # header, rule, a row per combination
+    assert "4900 held-out" in md and "non-inverted" in md and "(not in the book)" in md
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (["--dropout-ratio", "0"], "--dropout-ratio"),
+        (["--dropout-ratio", "1"], "--dropout-ratio"),
+        (["--dropout-ratio", "nan"], "--dropout-ratio"),
+        (["--dropout-ratio", "x"], "--dropout-ratio"),
+        (["--weight-decay", "0"], "--weight-decay"),
+        (["--weight-decay", "-0.1"], "--weight-decay"),
+        (["--record-every", "0"], "--record-every"),
+        (["--epochs", "7", "--record-every", "7"], "--record-every"),
+        (["--epochs", "1"], "--epochs"),
+        (["--lr", "0"], "--lr"),
+        (["--data", "bundled", "--train-size", "5000"], "--train-size"),
+        (["--num-seeds", "0"], "--num-seeds"),
+    ],
+)
+def test_bad_options_exit_2_naming_the_option(bad, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        overfitting.parse_args(bad + ["--out", "/tmp/never-written"])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_defaults_are_the_books_protocol(tmp_path):
+    from bnjax import sweep
+
+    args = overfitting.parse_args(["--out", str(tmp_path)])
+    assert (args.train_size, args.epochs, args.record_every, args.num_seeds, args.lr) == (300, 201, 5, 5, 0.01)
+    config = overfitting.grid_config(args, 300)
+    assert config.hidden_sizes == (100,) * 6 and config.batch_size == 100 and config.optimizer == "sgd"
+    assert config.num_records == 41 and config.updates_per_record == 15
+    assert sweep.record_steps(config, 300)[-1] == 601  # 1 + 3 * 200 updates, the book's 201 epochs
+    assert config.arms["plain+dropout"] == sweep.Arm(dropout_ratio=0.2, dropout_inverted=False, weight_init="he",
+                                                     init_stream=0)
+    inverted = overfitting.grid_config(overfitting.parse_args(["--inverted-dropout", "--out", str(tmp_path)]), 300)
+    assert inverted.arms["batchnorm+dropout"].dropout_inverted is True
+    # Every model of a seed starts from the same Affine weights (He init), BN or not, dropout or not.
+    models = sweep.init_models(config.replace(num_seeds=2))
+    first = models["plain"].params.affine[0].W  # [seeds, weight decay, 784, 100]
+    assert first.shape == (2, 2, 784, 100)
+    assert np.std(first) == pytest.approx(np.sqrt(2 / 784), rel=0.02)
+    assert not np.allclose(first[0], first[1])  # seeds differ
+    for arm in ("plain+dropout", "batchnorm", "batchnorm+dropout"):
+        for a, b in zip(models[arm].params.affine, models["plain"].params.affine):
+            np.testing.assert_array_equal(a.W, b.W)
+
+
+def test_protocol_matches_the_engine_alone(tmp_path):
+    """Two epochs recorded at every epoch: records after 1 and 4 updates; the arms are what they say (the plain
+    arm and the book's dropout equal the engine run alone, inverted dropout does not), and the held-out images
+    are exactly the bundled images never trained on."""
+    from bnjax import data, sweep
+
+    out = tmp_path / "run"
+    assert overfitting.main(["--epochs", "2", "--record-every", "1", "--num-seeds", "1", "--data", "bundled",
+                             "--quiet", "--no-plot", "--no-cache", "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["record_steps"] == [1, 4] and res["epochs"] == [0, 1]
+
+    ds = data.load_bundled(300, None, split_seed=0)
+    assert res["data"]["train_sha256"] == ds.source["train_sha256"] and res["data"]["num_heldout"] == 4700
+    trained = {row.tobytes() for row in ds.x_train}
+    assert not any(row.tobytes() in trained for row in ds.x_heldout)  # never trained on
+
+    he = dict(weight_init="he", init_stream=0)
+    config = sweep.GridConfig(
+        arms={"plain": sweep.Arm(**he), "book": sweep.Arm(dropout_ratio=0.2, dropout_inverted=False, **he),
+              "inverted": sweep.Arm(dropout_ratio=0.2, dropout_inverted=True, **he)},
+        axes={}, weight_scale=1.0, num_records=2, updates_per_record=3, hidden_sizes=(100,) * 6, seed=0)
+    alone = sweep.run_grid(config, ds.x_train, ds.t_train, ds.x_heldout, ds.t_heldout)
+    for cli_arm, engine_arm in (("plain", "plain"), ("plain+dropout", "book")):
+        for metric in ("train_loss", "heldout_loss", "train_accuracy", "heldout_accuracy"):
+            got = np.array(res[metric][cli_arm], float)[:, 0]  # weight decay 0; the engine alone has no axis
+            tol = 1e-4 if "loss" in metric else 2 / 300 + 1e-6
+            np.testing.assert_allclose(got, alone.metrics[metric][engine_arm], rtol=1e-4, atol=tol,
+                                       err_msg=f"{cli_arm} {metric}")
+    held = np.array(res["heldout_loss"]["plain+dropout"], float)[0, 0]
+    assert np.abs(held - alone.metrics["heldout_loss"]["inverted"][0]).max() > 1e-3  # not inverted dropout
+    assert np.abs(held - np.array(res["heldout_loss"]["plain"], float)[0, 0]).max() > 1e-3  # dropout is on
+    # Weight decay (the second column) changes the losses.
+    wd = np.array(res["train_loss"]["plain"], float)[0]
+    assert np.abs(wd[1] - wd[0]).max() > 1e-4
