@@ -64,27 +64,18 @@ def config_names() -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m experiments.activations",
-        description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=(
+    p = harness.new_parser("activations", __doc__, (
             "Batch norm is measured in training mode in both parts (the statistics of the inputs themselves: the "
             "N random inputs, or all training images), so the trained networks are measured the same way before "
-            "and after training. Exit status: 0 done, 1 data or backend unavailable, 2 bad option, "
-            "130/143 interrupted."
-        ),
-    )
+            "and after training."
+        ))
     g = p.add_argument_group("part 1: the book's histograms")
     g.add_argument("--num-inputs", type=harness.int_in(2, 1_000_000), default=1000, metavar="N",
                    help="standard-normal inputs of 100 features (default: 1000, the book's)")
     t = p.add_argument_group("part 2: the trained networks of the book's sweep (defaults: the book's)")
     t.add_argument("--skip-trained", action="store_true", help="part 1 only: no data, no training")
-    t.add_argument("--num-scales", type=harness.int_in(1, 4096), default=16, metavar="N",
-                   help="N weight scales logspace(0, -4, N), 1.0 down to 1e-4 (default: 16)")
-    t.add_argument("--epochs", type=harness.int_in(1, harness.MAX_RECORDS), default=20,
-                   help="records of training accuracy; the first after one update, then one every "
-                        "train-size/batch-size updates (default: 20, i.e. 191 updates)")
+    harness.add_scale_args(t, explicit=False)
+    harness.add_epochs_arg(t)
     harness.add_common_args(p)
     return p
 
@@ -728,7 +719,8 @@ def main(argv=None) -> int:
                                         weight_scales=list(weight_scales), verdict=verdict, notes=notes)
     else:
         timing["import_s"] = started["import_s"]
-        record = {"config": vars(args), "verdict": verdict, "notes": notes[:1], "timing": timing,
+        record = {"config": vars(args), "grid": {"matmul_precision": "highest"}, "verdict": verdict,
+                  "notes": notes[:1], "timing": timing,
                   "environment": dict(harness.environment(), compilation_cache=started["cache_dir"])}
     harness.finish(args, record, figures, verdict_lines(verdict), _START)
     return 0

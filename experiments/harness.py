@@ -8,6 +8,7 @@ JAX at module level, so ``--help`` stays instant.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -69,6 +70,38 @@ def float_list(text: str) -> tuple[float, ...]:
     if not parts:
         raise argparse.ArgumentTypeError("expected a comma-separated list of positive numbers")
     return tuple(positive_float(p) for p in parts)
+
+
+EXIT_STATUS = "Exit status: 0 done, 1 data or backend unavailable, 2 bad option, 130/143 interrupted."
+
+
+def new_parser(name: str, doc: str, epilog: str) -> argparse.ArgumentParser:
+    """The parser of ``python -m experiments.<name>``: the module docstring's first two paragraphs (what it
+    does, how to call it) as the description, ``epilog`` and the exit statuses after the options."""
+    return argparse.ArgumentParser(
+        prog=f"python -m experiments.{name}",
+        description="\n\n".join(doc.split("\n\n")[:2]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"{epilog.strip()} {EXIT_STATUS}".strip(),
+    )
+
+
+def add_scale_args(group, *, explicit: bool = True) -> None:
+    """``--num-scales N`` (the book's ``logspace(0, -4, N)``) or, with ``explicit``, ``--scales W1,W2,...``."""
+    if explicit:
+        group = group.add_mutually_exclusive_group()
+    group.add_argument("--num-scales", type=int_in(1, 4096), default=16, metavar="N",
+                       help="N weight-init scales logspace(0, -4, N), 1.0 down to 1e-4 (default: 16)")
+    if explicit:
+        group.add_argument("--scales", type=float_list, metavar="W1,W2,...",
+                           help="explicit weight-init scales instead of --num-scales")
+
+
+def add_epochs_arg(group, *, minimum: int = 1) -> None:
+    """``--epochs``: the book's records of training accuracy (20, i.e. 191 updates of 100 of 1000 images)."""
+    group.add_argument("--epochs", type=int_in(minimum, MAX_RECORDS), default=20,
+                       help="records of training accuracy; the first after one update, then one every "
+                            "train-size/batch-size updates (default: 20, i.e. 191 updates)")
 
 
 def add_common_args(p: argparse.ArgumentParser, *, train_size: int = 1000, num_seeds: int = 1) -> None:
@@ -410,8 +443,11 @@ def results_record(args: argparse.Namespace, result, dataset, timing: dict, *, c
                    **extra: Any) -> dict:
     """The results file every engine experiment writes: options, axes, arms, every metric per arm
     ``[seeds, *grid, records]``, divergence, data provenance, timing and environment, plus ``extra``."""
+    grid = result.config
     record = {
         "config": vars(args),
+        # Every setting of the engine (matmul precision, dtype, optimizer, records...), beside the options.
+        "grid": {f.name: getattr(grid, f.name) for f in dataclasses.fields(grid) if f.name not in ("arms", "axes")},
         "arms": {name: arm._asdict() for name, arm in result.config.arms.items()},
         "axes": result.axes,
         "seeds": list(range(result.config.seed, result.config.seed + result.config.num_seeds)),

@@ -34,26 +34,15 @@ TIE = 1e-6
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m experiments.init",
-        description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=(
+    p = harness.new_parser("init", __doc__, (
             "Within a seed, every model sees the same mini-batches; BN and plain nets draw their own initial "
             "weights, as in the book. The sign test counts, over every (scale, seed) pair, how often BN ends "
             "above plain and below it (ties left out), and gives the two-sided probability of a split at least "
             "this uneven if neither were better. "
-            "Exit status: 0 done, 1 data or backend unavailable, 2 bad option, 130/143 interrupted."
-        ),
-    )
+        ))
     g = p.add_argument_group("protocol (defaults: the book's)")
-    scales = g.add_mutually_exclusive_group()
-    scales.add_argument("--num-scales", type=harness.int_in(1, 4096), default=16, metavar="N",
-                        help="N scales logspace(0, -4, N), 1.0 down to 1e-4 (default: 16)")
-    scales.add_argument("--scales", type=harness.float_list, metavar="W1,W2,...",
-                        help="explicit weight-init scales instead of --num-scales")
-    g.add_argument("--epochs", type=harness.int_in(1, harness.MAX_RECORDS), default=20,
-                   help="records of training accuracy (default: 20, i.e. 191 updates)")
+    harness.add_scale_args(g)
+    harness.add_epochs_arg(g)
     g.add_argument("--batch-size", type=harness.int_in(1, 100_000), default=100,
                    help="mini-batch size, drawn with replacement (default: 100)")
     g.add_argument("--lr", type=harness.positive_float, default=0.01, help="learning rate (default: 0.01)")

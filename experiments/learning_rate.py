@@ -33,19 +33,13 @@ PROBE_UPDATES = 10
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m experiments.learning_rate",
-        description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=(
+    p = harness.new_parser("learning_rate", __doc__, (
             "Within a seed, every model sees the same mini-batches, and the BN and plain nets of one "
             "initialisation start from the same Affine weights, so each comparison is paired. "
             "Verdict (results.json 'verdict'): max_stable_lr = the largest learning rate at which at least half "
             "the seeds stay finite and end at >= 0.9 training accuracy; updates_to_90 = the fewest updates (over "
             "learning rates) after which the mean accuracy first reaches 0.9. "
-            "Exit status: 0 done, 1 data or backend unavailable, 2 bad option, 130/143 interrupted."
-        ),
-    )
+        ))
     g = p.add_argument_group("protocol (defaults: the book's network and data)")
     lrs = g.add_mutually_exclusive_group()
     lrs.add_argument("--num-lrs", type=harness.int_in(1, 1000), default=13, metavar="N",
@@ -54,9 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--init-scale", type=harness.positive_float, default=float(np.logspace(0, -4, 16)[3]),
                    metavar="W", help="the weight scale of the first initialisation; the second is He init "
                                      "(default: 0.1585, the book's panel W:0.158)")
-    g.add_argument("--epochs", type=harness.int_in(2, harness.MAX_RECORDS), default=20,
-                   help="records of training accuracy; the first after one update, then one every "
-                        "train-size/batch-size updates (default: 20, i.e. 191 updates)")
+    harness.add_epochs_arg(g, minimum=2)
     g.add_argument("--batch-size", type=harness.int_in(1, 100_000), default=100,
                    help="mini-batch size, drawn with replacement (default: 100)")
     pr = p.add_argument_group("step-size probe")

@@ -43,11 +43,7 @@ FIGURES = ("overfitting.png",)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m experiments.overfitting",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=(
+    p = harness.new_parser("overfitting", __doc__, (
             "Paired comparison: every model of a seed (plain and BN, with and without dropout and weight decay) "
             "starts from the same Affine weights and sees the same mini-batches; the dropout arms also share their "
             "dropout masks. Held-out images: with the bundled subset all the images not trained on, with --data "
@@ -56,9 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Verdict (results.json 'verdict'), per combination, on the curves averaged over seeds: final training "
             "and held-out accuracy, their gap, the best held-out accuracy and its epoch, and the first epoch at "
             "which every seed fits every training image. "
-            "Exit status: 0 done, 1 data or backend unavailable, 2 bad option, 130/143 interrupted."
-        ),
-    )
+        ))
     g = p.add_argument_group("protocol (defaults: the book's)")
     g.add_argument("--epochs", type=harness.int_in(2, harness.MAX_RECORDS), default=201,
                    help="epochs of train-size/batch-size updates; the first record comes after one update, as in "

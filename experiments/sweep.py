@@ -24,26 +24,14 @@ ARM_NAMES = ("batchnorm", "plain")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m experiments.sweep",
-        description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=(
+    p = harness.new_parser("sweep", __doc__, (
             "Within a seed, every model (all scales, BN and plain) sees the same mini-batches: the book shares "
             "them between its BN and plain nets, bnjax also across scales, so the scale is the only difference "
             "between panels. BN and plain nets draw their own initial weights, as in the book. "
-            "Exit status: 0 done, 1 data or backend unavailable, 2 bad option, 130/143 interrupted."
-        ),
-    )
+        ))
     g = p.add_argument_group("protocol (defaults: the book's)")
-    scales = g.add_mutually_exclusive_group()
-    scales.add_argument("--num-scales", type=harness.int_in(1, 4096), default=16, metavar="N",
-                        help="N scales logspace(0, -4, N), 1.0 down to 1e-4 (default: 16)")
-    scales.add_argument("--scales", type=harness.float_list, metavar="W1,W2,...",
-                        help="explicit weight-init scales instead of --num-scales")
-    g.add_argument("--epochs", type=harness.int_in(1, harness.MAX_RECORDS), default=20,
-                   help="records of training accuracy; the first after one update, then one every "
-                        "train-size/batch-size updates (default: 20, i.e. 191 updates)")
+    harness.add_scale_args(g)
+    harness.add_epochs_arg(g)
     g.add_argument("--batch-size", type=harness.int_in(1, 100_000), default=100,
                    help="mini-batch size, drawn with replacement (default: 100)")
     g.add_argument("--lr", type=harness.positive_float, default=0.01, help="learning rate (default: 0.01)")

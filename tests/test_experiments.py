@@ -72,6 +72,8 @@ def test_tiny_sweep_end_to_end(tmp_path):
                 "train_size"):
         assert key in res["config"]
     assert res["summary"]["bn_wins"] == res["summary"]["wins"]["batchnorm"]
+    assert res["grid"]["matmul_precision"] == "highest" and res["grid"]["num_records"] == 2
+    assert res["grid"]["learning_rate"] == 0.01 and res["grid"]["batch_size"] == 100
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
     # Files get the umask's permissions (mkstemp alone makes them 0600).
     mask = os.umask(0o022)
