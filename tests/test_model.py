@@ -164,7 +164,7 @@ def test_init_slices_one_normal_draw_into_disjoint_layer_weights():
 @pytest.mark.parametrize("use_bn,activation", [(False, "relu"), (True, "relu"), (True, "sigmoid")])
 def test_hidden_returns_what_each_layer_feeds_forward(use_bn, activation):
     rng = np.random.default_rng(3)
-    config = net(8, 6, 5, 3, batch_norm=use_bn, activation=activation)
+    config = model.MLPConfig(8, (6, 5), 3, batch_norm=use_bn, activation=activation)
     params, state = model.init(jax.random.key(1), config, 0.7)
     x = jnp.asarray(rng.normal(size=(40, 8)), jnp.float32)
     inside = model.hidden(config, params, state, x, train=True)
