@@ -338,6 +338,15 @@ def test_cli_writes_the_verdict_and_the_figures(tmp_path):
             assert np.array(p2["stats"][arm][when]["std"], float).shape == (1, 3, 5)
         assert {"before", "after", "diverged"} <= set(p2["summary"][arm])
     assert res["train_accuracy"]["plain"] and res["seeds"] == [0] and "notes" in res
+    # "before" is the grid's own starting models, recomputed here from sweep.init_models
+    from bnjax import data, sweep
+
+    ds = data.load_bundled(200, 0)
+    config = sweep.GridConfig(axes={"weight_scale": tuple(p2["weight_scales"])}, num_records=2)
+    start = A.trained_stats(config, sweep.init_models(config), np.asarray(ds.x_train, np.float32))
+    for arm in ("batchnorm", "plain"):
+        np.testing.assert_allclose(np.array(p2["stats"][arm]["before"]["std"], float), start[arm]["std"], rtol=1e-5)
+        assert not np.allclose(np.array(p2["stats"][arm]["after"]["std"], float), start[arm]["std"], rtol=1e-3)
     for name in A.FIGURES:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     assert A.report(res).count("\n| ") >= 8
