@@ -46,6 +46,20 @@ def test_reuse_reads_results_without_running_again(quick_report):
     assert "## " + report.EXPERIMENTS["init"][0] in text and report.EXPERIMENTS["overfitting"][0] not in text
 
 
+def test_rerun_without_reuse_and_what_each_experiment_is_given(quick_report):
+    before = (quick_report / "activations" / "results.json").stat().st_mtime_ns
+    r = _run("experiments.report", "--quick", "--only", "activations", "--data", "bundled", "--no-cache", "--quiet",
+             "--out", str(quick_report))
+    assert r.returncode == 0, r.stderr
+    assert (quick_report / "activations" / "results.json").stat().st_mtime_ns != before  # ran again
+    args = report.parse_args(["--seed", "7", "--data", "bundled", "--no-cache", "--out", str(quick_report)])
+    argv = report.experiment_argv(args, "init")
+    assert argv[argv.index("--seed") + 1] == "7" and argv[argv.index("--out") + 1] == str(quick_report / "init")
+    assert "--no-cache" in argv and "--quiet" not in argv and "--scales" not in argv  # defaults, not quick
+    quick = report.experiment_argv(report.parse_args(["--quick", "--out", str(quick_report)]), "init")
+    assert quick[-len(report.QUICK["init"]):] == report.QUICK["init"]
+
+
 def test_bad_options_exit_2():
     r = _run("experiments.report", "--only", "init,sweeps", "--out", "/tmp/bnjax-never-written")
     assert r.returncode == 2 and "--only" in r.stderr

@@ -75,6 +75,7 @@ def test_tiny_sweep_end_to_end(tmp_path):
     assert res["grid"]["matmul_precision"] == "highest" and res["grid"]["num_records"] == 2
     assert res["grid"]["learning_rate"] == 0.01 and res["grid"]["batch_size"] == 100
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
+    assert not list(out.glob("*.png"))  # --no-plot
     # Files get the umask's permissions (mkstemp alone makes them 0600).
     mask = os.umask(0o022)
     os.umask(mask)
