@@ -23,13 +23,15 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
 import importlib.util
 import io
+import math
 import os
 import struct
 import threading
-import urllib.error
 import urllib.request
+import zlib
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -65,6 +67,11 @@ MNIST_FILES = {
     "t10k-labels-idx1-ubyte.gz": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
 }
 _TRAIN_IMAGES, _TRAIN_LABELS, _TEST_IMAGES, _TEST_LABELS = MNIST_FILES
+_LABEL_FILES = (_TRAIN_LABELS, _TEST_LABELS)
+
+# Advice, in terms of both the command-line options and the Python arguments (messages reach either user).
+_USE_BUNDLED = "--data bundled (data.load('bundled', ...))"
+_USE_DATA_DIR = "--data-dir DIR (data_dir=DIR) naming a directory with the four MNIST idx files"
 
 
 class ChecksumError(ValueError):
@@ -121,14 +128,15 @@ def _finish(images_train, labels_train, images_held, labels_held, source: dict) 
 
 def _check_counts(num_train: int, num_heldout: int | None, available: int, what: str) -> int:
     if num_train < 1:
-        raise ValueError(f"num_train must be >= 1, got {num_train}")
+        raise ValueError(f"num_train (--train-size) must be >= 1, got {num_train}")
     if num_train > available:
-        raise ValueError(f"num_train={num_train} exceeds the {available} images of {what}")
+        raise ValueError(f"num_train={num_train} (--train-size) exceeds the {available} images of {what}")
     rest = available - num_train
     if num_heldout is None:
         return rest
     if num_heldout < 0 or num_heldout > rest:
-        raise ValueError(f"num_heldout={num_heldout} must be in [0, {rest}] for {what} with num_train={num_train}")
+        raise ValueError(f"num_heldout={num_heldout} (--heldout-size) must be in [0, {rest}] for {what} with "
+                         f"num_train={num_train}")
     return num_heldout
 
 
@@ -173,22 +181,48 @@ def load_bundled(num_train: int = 1000, num_heldout: int | None = None, split_se
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Read an idx file (``.gz`` or raw) of unsigned bytes: ``[N, 28, 28]`` images or ``[N]`` labels."""
+    """Read an idx file (``.gz`` or raw) of unsigned bytes: ``[N, 28, 28]`` images or ``[N]`` labels.
+
+    Raises ``ValueError`` naming the file when it is not a well-formed unsigned-byte idx file (or not valid
+    gzip), and ``DataUnavailableError`` when it cannot be read at all.
+    """
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (gzip.BadGzipFile, EOFError, zlib.error) as err:
+        raise ValueError(f"{path}: not a valid gzip file ({err}); replace it with the original file") from err
+    except OSError as err:
+        raise DataUnavailableError(f"cannot read {path} ({err.strerror or err})") from err
+    if path.suffix != ".gz" and data[:2] == b"\x1f\x8b":
+        raise ValueError(f"{path}: is gzip-compressed; name it {path.name}.gz")
     if len(data) < 4:
-        raise ValueError(f"{path}: not an idx file (too short)")
+        raise ValueError(f"{path}: not an idx file (only {len(data)} bytes)")
     zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
     if zero != 0 or dtype_code != 0x08:
-        raise ValueError(f"{path}: not an unsigned-byte idx file (magic {data[:4].hex()})")
+        raise ValueError(f"{path}: not an unsigned-byte idx file (magic {data[:4].hex()}, expected 000008xx)")
     header = 4 + 4 * ndim
+    if len(data) < header:
+        raise ValueError(f"{path}: idx header truncated ({len(data)} bytes, {ndim}-d header needs {header})")
     shape = struct.unpack(f">{ndim}I", data[4:header])
-    expected = int(np.prod(shape))
+    expected = math.prod(shape)
     if len(data) - header != expected:
         raise ValueError(f"{path}: header says {shape} ({expected} bytes) but {len(data) - header} bytes follow")
     return np.frombuffer(data, np.uint8, offset=header).reshape(shape)
+
+
+def _read_mnist_idx(path: Path, labels: bool) -> np.ndarray:
+    """``read_idx`` plus MNIST's shapes: labels ``[N]`` in 0..9, images ``[N, 28, 28]``."""
+    array = read_idx(path)
+    if labels:
+        if array.ndim != 1:
+            raise ValueError(f"{path}: expected MNIST labels of shape [N], got {array.shape}")
+        if array.size and int(array.max()) > 9:
+            raise ValueError(f"{path}: label {int(array.max())} outside 0..9; not an MNIST label file")
+    elif array.ndim != 3 or array.shape[1:] != (28, 28):
+        raise ValueError(f"{path}: expected MNIST images of shape [N, 28, 28], got {array.shape}")
+    return array
 
 
 def default_cache_dir() -> Path:
@@ -200,7 +234,67 @@ def default_cache_dir() -> Path:
 
 
 def _verified(path: Path, sha256: str | None) -> bool:
-    return path.is_file() and (sha256 is None or _sha256_file(path) == sha256)
+    try:
+        return path.is_file() and (sha256 is None or _sha256_file(path) == sha256)
+    except OSError:  # unreadable: not usable as it is
+        return False
+
+
+def _hash_file(path: Path) -> str:
+    try:
+        return _sha256_file(path)
+    except OSError as err:
+        raise DataUnavailableError(f"cannot read {path} ({err.strerror or err})") from err
+
+
+def _home_problem() -> str | None:
+    """Why the default cache (under the home directory) cannot be used, or ``None``."""
+    if os.environ.get("BNJAX_DATA_DIR") or os.environ.get("XDG_CACHE_HOME"):
+        return None
+    home = os.path.expanduser("~")
+    if home.startswith("~"):
+        return "no home directory is known (HOME is unset)"
+    if not os.path.isdir(home):
+        return f"the home directory {home} does not exist"
+    return None
+
+
+def _cache_error(cache: Path, reason: str) -> DataUnavailableError:
+    return DataUnavailableError(
+        f"cannot use {cache} as the MNIST download cache: {reason}. Set BNJAX_DATA_DIR to a writable "
+        f"directory, pass {_USE_DATA_DIR}, or use {_USE_BUNDLED}."
+    )
+
+
+def _os_reason(cache: Path, err: OSError) -> str:
+    if cache.exists() and not cache.is_dir():
+        return "it is not a directory"
+    what = err.strerror or str(err)
+    return f"{what} ({err.filename})" if err.filename and str(err.filename) != str(cache) else what
+
+
+def _fetch(url: str, out, timeout: float) -> None:
+    """Stream ``url`` into ``out``; network trouble -> ``DataUnavailableError``, write trouble -> ``OSError``."""
+
+    def unreachable(err: BaseException) -> DataUnavailableError:
+        return DataUnavailableError(
+            f"could not download {url} within {timeout:g} s ({err}). Offline? Use {_USE_BUNDLED}, or pass "
+            f"{_USE_DATA_DIR}."
+        )
+
+    try:
+        resp = urllib.request.urlopen(url, timeout=timeout)
+    except (OSError, TimeoutError, http.client.HTTPException, ValueError) as err:  # URLError is an OSError
+        raise unreachable(err) from err
+    with resp:
+        while True:
+            try:
+                chunk = resp.read(1 << 20)
+            except (OSError, TimeoutError, http.client.HTTPException) as err:
+                raise unreachable(err) from err
+            if not chunk:
+                return
+            out.write(chunk)
 
 
 def download_mnist(
@@ -215,30 +309,36 @@ def download_mnist(
     Files already present with the right sha256 are kept. Each download goes to a temporary file in the
     same directory, is verified, then renamed into place, so an interrupted or corrupt download never leaves a
     file behind. Raises ``ChecksumError`` on a mismatch and ``DataUnavailableError`` when the server cannot be
-    reached within ``timeout`` seconds.
+    reached within ``timeout`` seconds or the cache directory cannot be created or written.
     """
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    cache.mkdir(parents=True, exist_ok=True)
+    if cache_dir is None:
+        cache = default_cache_dir()
+        problem = _home_problem()
+        if problem:
+            raise _cache_error(cache, problem)
+    else:
+        cache = Path(cache_dir)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise _cache_error(cache, _os_reason(cache, err)) from err
     paths = {}
     for name, sha in checksums.items():
         path = cache / name
         if not _verified(path, sha):
             url = base_url.rstrip("/") + "/" + name
-            with atomic_file(path, "wb") as out:
-                try:
-                    with urllib.request.urlopen(url, timeout=timeout) as resp:
-                        for chunk in iter(lambda: resp.read(1 << 20), b""):
-                            out.write(chunk)
-                except (urllib.error.URLError, OSError, TimeoutError) as err:
-                    raise DataUnavailableError(
-                        f"could not download {url} within {timeout:g} s ({err}). Offline? Use the bundled "
-                        "subset (source 'bundled'), or put the four MNIST idx .gz files in a directory "
-                        "and pass it as data_dir."
-                    ) from err
-                out.flush()
-                got = _sha256_file(Path(out.name))
-                if got != sha:
-                    raise ChecksumError(f"{url}: sha256 {got} does not match the expected {sha}; nothing was kept")
+            try:
+                with atomic_file(path, "wb") as out:
+                    _fetch(url, out, timeout)
+                    out.flush()
+                    got = _sha256_file(Path(out.name))
+                    if got != sha:
+                        raise ChecksumError(
+                            f"{url}: sha256 {got} does not match the expected {sha}; nothing was kept. Try again "
+                            f"later, or use {_USE_BUNDLED}."
+                        )
+            except OSError as err:  # the temporary file, writing, renaming: not the network (see _fetch)
+                raise _cache_error(cache, _os_reason(cache, err)) from err
         paths[name] = path
     return paths
 
@@ -266,48 +366,66 @@ def load_mnist_idx(
     Args:
       data_dir: a directory holding the four files (``.gz`` or uncompressed); when given, nothing is
         downloaded and ``.gz`` files are checked against ``checksums``. ``None``: the cache directory,
-        downloaded into if needed (``download=True``).
+        downloaded into if needed (``download=True``). Every file, compressed or not, must be an idx file of
+        MNIST's shape (images ``[N, 28, 28]``, labels ``[N]`` in 0..9, as many labels as images); the source
+        record's ``files_sha256`` names the files actually read.
       base_url, checksums, timeout: where to download from, the expected sha256 per file, seconds per request.
     """
     if data_dir is not None:
         directory = Path(data_dir)
         if not directory.is_dir():
-            raise DataUnavailableError(f"data_dir {directory} is not a directory")
+            raise DataUnavailableError(f"--data-dir (data_dir) {directory} is not a directory")
         paths = {}
         for name in checksums:
             p = _find_idx(directory, name)
             if p is None:
-                raise DataUnavailableError(f"{directory} has no {name} (nor its uncompressed form)")
+                raise DataUnavailableError(
+                    f"{directory} has no {name} (nor {name.removesuffix('.gz')}): put the four MNIST idx files "
+                    f"there, or use {_USE_BUNDLED}"
+                )
             paths[name] = p
-        hashes = {n: _sha256_file(p) for n, p in paths.items()}  # each file read once: checked and recorded
+        hashes = {n: _hash_file(p) for n, p in paths.items()}  # each file read once: checked and recorded
         for name, p in paths.items():
+            # A .gz must be the standard file; an uncompressed one can only be checked for its structure below.
             if p.suffix == ".gz" and hashes[name] != checksums[name]:
-                raise ChecksumError(f"{p}: sha256 does not match the standard MNIST file")
+                raise ChecksumError(
+                    f"{p}: sha256 {hashes[name]} does not match the standard MNIST file; replace it with the "
+                    "original (or its uncompressed form)"
+                )
     else:
         cache = default_cache_dir()
         if download:
-            paths = download_mnist(cache, base_url=base_url, checksums=checksums, timeout=timeout)
+            paths = download_mnist(None, base_url=base_url, checksums=checksums, timeout=timeout)
             hashes = dict(checksums)  # download_mnist verified every file against these
         else:
             paths = {n: cache / n for n in checksums}
-            hashes = {n: _sha256_file(p) for n, p in paths.items() if p.is_file()}
+            hashes = {n: _hash_file(p) for n, p in paths.items() if p.is_file()}
             missing = [n for n, s in checksums.items() if hashes.get(n) != s]
             if missing:
-                raise DataUnavailableError(f"{cache} lacks verified {missing}; allow download or pass data_dir")
-    train_images, train_labels = read_idx(paths[_TRAIN_IMAGES]), read_idx(paths[_TRAIN_LABELS])
-    test_images, test_labels = read_idx(paths[_TEST_IMAGES]), read_idx(paths[_TEST_LABELS])
-    if len(train_images) != len(train_labels) or len(test_images) != len(test_labels):
-        raise ValueError("MNIST idx files disagree on the number of images and labels")
+                raise DataUnavailableError(
+                    f"{cache} lacks verified {', '.join(missing)}: use --data mnist to download them "
+                    f"(download=True), or pass {_USE_DATA_DIR}"
+                )
+    arrays = {n: _read_mnist_idx(paths[n], labels=n in _LABEL_FILES) for n in MNIST_FILES}
+    for images, labels in ((_TRAIN_IMAGES, _TRAIN_LABELS), (_TEST_IMAGES, _TEST_LABELS)):
+        if len(arrays[images]) != len(arrays[labels]):
+            raise ValueError(
+                f"{paths[images]} holds {len(arrays[images])} images but {paths[labels]} holds "
+                f"{len(arrays[labels])} labels"
+            )
+    train_images, train_labels = arrays[_TRAIN_IMAGES], arrays[_TRAIN_LABELS]
+    test_images, test_labels = arrays[_TEST_IMAGES], arrays[_TEST_LABELS]
     if num_train < 1 or num_train > len(train_labels):
-        raise ValueError(f"num_train={num_train} must be in [1, {len(train_labels)}]")
+        raise ValueError(f"num_train={num_train} (--train-size) must be in [1, {len(train_labels)}]")
     num_heldout = len(test_labels) if num_heldout is None else num_heldout
     if not 0 <= num_heldout <= len(test_labels):
-        raise ValueError(f"num_heldout={num_heldout} must be in [0, {len(test_labels)}]")
+        raise ValueError(f"num_heldout={num_heldout} (--heldout-size) must be in [0, {len(test_labels)}]")
     source = {
         "name": "mnist",
         "description": "MNIST idx files: first num_train training images, first num_heldout test images",
         "license": "CC BY-SA 3.0 (Yann LeCun and Corinna Cortes)",
-        "files_sha256": hashes,
+        # Keyed by the files actually read (``.gz`` or uncompressed).
+        "files_sha256": {Path(paths[n]).name: hashes[n] for n in MNIST_FILES},
         "path": str(Path(paths[_TRAIN_IMAGES]).parent),
     }
     return _finish(
@@ -336,8 +454,8 @@ def _with_timeout(fn: Callable[[], Any], timeout: float, what: str) -> Any:
     thread.join(timeout)
     if thread.is_alive():
         raise DataUnavailableError(
-            f"{what} did not finish within {timeout:g} s (offline tfds retries for minutes). Use the bundled "
-            "subset (source 'bundled') or the idx files (source 'mnist' with data_dir)."
+            f"{what} did not finish within {timeout:g} s (offline tfds retries for minutes). Use {_USE_BUNDLED}, "
+            "or --data mnist (data.load('mnist', ...)) with the idx files."
         )
     if "error" in box:
         raise box["error"]
@@ -353,8 +471,8 @@ def _tfds_precheck(tfds: Any, name: str, data_dir: Any) -> None:
     if not prepared and importlib.util.find_spec("tensorflow") is None:
         raise DataUnavailableError(
             f"tensorflow-datasets has no prepared {name!r} in {data_dir or 'its default data_dir'}, and preparing it "
-            "needs TensorFlow, which is not installed (as on Colab's TPU runtime). Use source 'mnist' (the idx "
-            "files, no TensorFlow needed) or 'bundled'."
+            "needs TensorFlow, which is not installed (as on Colab's TPU runtime). Use --data mnist "
+            f"(data.load('mnist', ...); the idx files, no TensorFlow needed) or {_USE_BUNDLED}."
         )
 
 
@@ -376,7 +494,7 @@ def load_tfds(
     except ImportError as err:
         raise DataUnavailableError(
             "tensorflow-datasets is not installed: pip install 'bnjax[tfds]' (preparing MNIST also needs "
-            "TensorFlow), or use source 'bundled' / 'mnist'"
+            f"TensorFlow), or use --data mnist (data.load('mnist', ...)) or {_USE_BUNDLED}"
         ) from err
 
     _tfds_precheck(tfds, name, data_dir)

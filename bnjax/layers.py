@@ -15,6 +15,15 @@ Batch-norm conventions (see ``CONVENTIONS`` and the README for the side-by-side 
 * ``eps`` defaults to the book's ``1e-6`` (the book writes ``10e-7``); Flax and PyTorch use ``1e-5``.
 * Running statistics start at mean 0 and variance 0 (the book); Flax and PyTorch start the variance at 1
   (``batch_norm_init(..., init_var=1.0)``).
+
+Inputs and validation: ``x`` may be any array-like JAX accepts (a list, a NumPy array); it goes through
+``jnp.asarray``, so a float64 NumPy array becomes JAX's float32 default, without a warning, unless x64 is
+enabled. Hyper-parameters are checked whenever their value is known on the host (a Python or NumPy number,
+or a JAX array outside a transformation): ``momentum`` in [0, 1], ``eps`` finite and >= 0, ``mask`` boolean
+or 0/1. Values traced by ``jit``/``vmap``/``grad`` are used as they are, unchecked, so momentum schedules
+and ensembles over momenta need no host round trip. The flags ``train``, ``use_batch_stats``,
+``update_stats``, ``unbiased_running_var`` (and ``use_scale``/``use_offset`` of ``batch_norm_init``) choose
+the program and must be Python bools; running statistics must be floating point.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 Array = jax.Array
@@ -136,6 +146,106 @@ class BatchNormState(NamedTuple):
     var: Array
 
 
+# Validation. Concrete values (Python/NumPy numbers, JAX arrays outside a transformation) are checked on the
+# host; tracers are passed through unchecked, so jit/vmap/grad over hyper-parameters never syncs or raises.
+
+
+def _is_concrete(value: Any) -> bool:
+    """False for a JAX tracer (a value inside ``jit``/``vmap``/``grad``), whose value is unknown here."""
+    return not isinstance(value, jax.core.Tracer)
+
+
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, (bool, np.bool_))
+
+
+def _check_flag(value: Any, name: str, who: str, *, allow_none: bool = False) -> bool | None:
+    """A static flag: a Python bool (or NumPy bool_); ``None`` where the argument has a default rule."""
+    if value is None and allow_none:
+        return None
+    if _is_bool(value):
+        return bool(value)
+    hint = ""
+    if not _is_concrete(value):
+        hint = ("; it chooses the program, so it cannot be traced: make it static "
+                "(jax.jit(..., static_argnames=...)) or use lax.cond on the outputs")
+    expected = "a Python bool or None" if allow_none else "a Python bool"
+    raise TypeError(f"{who}: {name} must be {expected}, got {value!r} of type {type(value).__name__}{hint}")
+
+
+def _real_values(value: Any, name: str, who: str) -> np.ndarray | None:
+    """The concrete value of a real hyper-parameter as float64 NumPy, or None when it is traced."""
+    if not _is_concrete(value):
+        return None
+    if _is_bool(value) or isinstance(value, (str, bytes)) or value is None:
+        raise TypeError(f"{who}: {name} must be a real number, got {value!r} of type {type(value).__name__}")
+    try:
+        arr = np.asarray(value)
+    except Exception as err:  # e.g. a list holding tracers
+        raise TypeError(f"{who}: {name} must be a real number or array, got {type(value).__name__}") from err
+    if not (jnp.issubdtype(arr.dtype, jnp.floating) or jnp.issubdtype(arr.dtype, jnp.integer)) or arr.dtype == bool:
+        raise TypeError(f"{who}: {name} must be a real number, got {value!r} (dtype {arr.dtype})")
+    return arr.astype(np.float64)
+
+
+def _check_hyper(momentum: Any, eps: Any, who: str) -> None:
+    """``momentum`` in [0, 1] and ``eps`` finite and >= 0, where concrete (see the module docstring)."""
+    m = _real_values(momentum, "momentum", who)
+    if m is not None and not np.all((m >= 0.0) & (m <= 1.0)):  # NaN fails both comparisons
+        raise ValueError(
+            f"{who}: momentum must be in [0, 1] (new = momentum * old + (1 - momentum) * batch), got {momentum!r}"
+        )
+    e = _real_values(eps, "eps", who)
+    # eps = 0 is allowed (exact standardisation of non-constant features); a constant feature then gives inf/NaN.
+    if e is not None and not np.all(np.isfinite(e) & (e >= 0.0)):
+        raise ValueError(f"{who}: eps must be finite and >= 0 (it is added to the variance), got {eps!r}")
+
+
+def _as_input(x: Any, who: str) -> Array:
+    """``x`` as a JAX array. NumPy float64 becomes the float32 default quietly when x64 is off."""
+    if isinstance(x, jax.Array):  # includes tracers
+        return x
+    if x is None or isinstance(x, (str, bytes)):
+        raise TypeError(f"{who}: x must be an array, got {type(x).__name__}")
+    if isinstance(x, np.ndarray) and x.dtype == np.float64:
+        # jnp.asarray would do the same; say it: no truncation warning for the dtype JAX will use anyway.
+        return jnp.asarray(x, jax.dtypes.canonicalize_dtype(np.float64))
+    try:
+        return jnp.asarray(x)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{who}: x must be an array-like of numbers, got {type(x).__name__}: {err}") from err
+
+
+def _check_mask(mask: Any, x: Array, red_axes: tuple[int, ...], who: str) -> Array:
+    """A boolean or 0/1 mask over the leading non-feature axes of ``x``; the values are checked if concrete."""
+    dtype = getattr(mask, "dtype", None)
+    if dtype is None or not isinstance(mask, (jax.Array, np.ndarray)):
+        try:
+            mask = np.asarray(mask)
+        except Exception as err:
+            raise TypeError(f"{who}: mask must be a boolean or 0/1 array, got {type(mask).__name__}") from err
+        dtype = mask.dtype
+    if dtype != bool and not (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)):
+        raise TypeError(f"{who}: mask must be a boolean or 0/1 array, got dtype {dtype}")
+    shape = tuple(np.shape(mask))
+    ndim = len(shape)
+    if ndim == 0 or ndim > len(red_axes) or tuple(red_axes[:ndim]) != tuple(range(ndim)):
+        raise ValueError(
+            f"{who}: mask of shape {shape} must cover the leading non-feature axes of x {tuple(x.shape)} "
+            f"(non-feature axes {red_axes}; e.g. a mask of shape {tuple(x.shape[:1])} for rows)"
+        )
+    if shape != tuple(x.shape[:ndim]):
+        raise ValueError(
+            f"{who}: mask shape {shape} does not match the leading axes {tuple(x.shape[:ndim])} of x {tuple(x.shape)}"
+        )
+    if dtype != bool and _is_concrete(mask):
+        values = np.asarray(mask)
+        if not np.all((values == 0) | (values == 1)):  # NaN fails too
+            bad = values[~((values == 0) | (values == 1))].ravel()[:3]
+            raise ValueError(f"{who}: a numeric mask must hold only 0 and 1 (1 = valid row), got values {bad.tolist()}")
+    return jnp.asarray(mask)
+
+
 def batch_norm_init(
     num_features: int | Sequence[int],
     *,
@@ -149,14 +259,41 @@ def batch_norm_init(
 
     Args:
       num_features: feature size ``C``, or a shape tuple when ``feature_axes`` names several axes.
-      use_scale, use_offset: learn gamma / beta (otherwise the field is ``None``).
+      use_scale, use_offset: learn gamma / beta (otherwise the field is ``None``); Python bools.
       init_mean, init_var: initial running statistics; the book uses 0 and 0, Flax and PyTorch 0 and 1.
-      dtype: parameter dtype. Running statistics are always float32 (float64 under x64 with a float64
-        ``dtype``) because they are accumulated in full precision.
+        Checked when concrete: finite, and ``init_var >= 0``.
+      dtype: parameter dtype, floating point. Running statistics are always float32 (float64 under x64 with
+        a float64 ``dtype``) because they are accumulated in full precision.
     """
-    shape = (num_features,) if isinstance(num_features, int) else tuple(num_features)
-    if not shape or any(int(s) < 1 for s in shape):
+    who = "batch_norm_init"
+    use_scale = _check_flag(use_scale, "use_scale", who)
+    use_offset = _check_flag(use_offset, "use_offset", who)
+
+    def is_int(v):
+        return isinstance(v, (int, np.integer)) and not _is_bool(v)
+
+    if is_int(num_features):
+        shape = (int(num_features),)
+    else:
+        try:
+            shape = tuple(num_features)
+        except TypeError:
+            shape = None
+        if shape is None or not all(is_int(s) for s in shape):
+            raise TypeError(f"{who}: num_features must be an int or a tuple of ints, got {num_features!r}")
+        shape = tuple(int(s) for s in shape)
+    if not shape or any(s < 1 for s in shape):
         raise ValueError(f"batch_norm_init: num_features must be positive, got {num_features!r}")
+    try:
+        floating = jnp.issubdtype(dtype, jnp.floating)
+    except TypeError:
+        floating = False
+    if not floating:
+        raise TypeError(f"{who}: dtype must be a floating-point dtype, got {dtype!r}")
+    for name, value in (("init_mean", init_mean), ("init_var", init_var)):
+        v = _real_values(value, name, who)
+        if v is not None and not np.all(np.isfinite(v) & ((v >= 0.0) if name == "init_var" else True)):
+            raise ValueError(f"{who}: {name} must be finite{' and >= 0' if name == 'init_var' else ''}, got {value!r}")
     stat_dtype = jnp.promote_types(dtype, jnp.float32)
     params = BatchNormParams(
         gamma=jnp.ones(shape, dtype) if use_scale else None,
@@ -213,7 +350,8 @@ def batch_norm_stats(
     exactly the statistics of the concatenated batch, also when shards or masks have unequal sizes.
 
     Args:
-      x: ``[N, C]``, ``[N, H, W, C]``, ... (any rank >= 2).
+      x: ``[N, C]``, ``[N, H, W, C]``, ... (any rank >= 2), floating point; any array-like (see the module
+        docstring for NumPy float64).
       feature_axes: axis or axes that hold features (kept); all others are reduced.
       axis_name: a bound ``vmap``/``pmap``/``shard_map`` axis to reduce across, or ``None``.
       mask: optional boolean/0-1 array over the leading non-feature axes (``[N]`` for rows), True = valid.
@@ -221,7 +359,17 @@ def batch_norm_stats(
     Returns:
       ``(mean, var, count)``: mean and var of the feature shape, ``count`` a scalar (global with axis_name).
     """
-    faxes = _check_input(x, feature_axes, "batch_norm_stats")
+    who = "batch_norm_stats"
+    x = _as_input(x, who)
+    faxes = _check_input(x, feature_axes, who)
+    red_axes = tuple(a for a in range(x.ndim) if a not in faxes)
+    if mask is not None:
+        mask = _check_mask(mask, x, red_axes, who)
+    return _batch_stats(x, faxes, axis_name, mask)
+
+
+def _batch_stats(x: Array, faxes: tuple[int, ...], axis_name: Any, mask: Array | None) -> tuple[Array, Array, Array]:
+    """``batch_norm_stats`` on a checked input and mask."""
     red_axes = tuple(a for a in range(x.ndim) if a not in faxes)
     if not red_axes:
         raise ValueError(f"batch_norm: every axis of x {x.shape} is a feature axis; nothing to reduce over")
@@ -232,13 +380,6 @@ def batch_norm_stats(
         weight = None
         local_count = jnp.asarray(float(math.prod(x.shape[a] for a in red_axes)), stat_dtype)
     else:
-        mask = jnp.asarray(mask)
-        if mask.ndim == 0 or mask.ndim > len(red_axes) or tuple(red_axes[: mask.ndim]) != tuple(range(mask.ndim)):
-            raise ValueError(
-                f"batch_norm: mask of shape {mask.shape} must cover leading non-feature axes of x {x.shape}"
-            )
-        if mask.shape != x.shape[: mask.ndim]:
-            raise ValueError(f"batch_norm: mask shape {mask.shape} does not match x shape {x.shape[: mask.ndim]}")
         weight = mask.astype(stat_dtype).reshape(mask.shape + (1,) * (x.ndim - mask.ndim))
         # Rows not covered by the mask (e.g. H, W of an NHWC input) count once per element.
         local_count = jnp.sum(weight) * float(math.prod(x.shape[a] for a in red_axes[mask.ndim :]))
@@ -300,44 +441,70 @@ def batch_norm_apply(
 
     Args:
       params: from ``batch_norm_init``.
-      state: running statistics from ``batch_norm_init`` or a previous call.
-      x: ``[N, C]`` or ``[N, H, W, C]`` (any rank >= 2), floating point. bf16/float16 inputs are
-        normalised with float32 statistics and returned in their own dtype.
-      train: the book's ``train_flg``. Sets the defaults of the next two flags: True -> normalise with
-        batch statistics and update the running ones; False -> normalise with running statistics, no update.
+      state: running statistics from ``batch_norm_init`` or a previous call; floating point.
+      x: ``[N, C]`` or ``[N, H, W, C]`` (any rank >= 2), floating point; any array-like (a float64 NumPy
+        array becomes float32 unless x64 is enabled). bf16/float16 inputs are normalised with float32
+        statistics and returned in their own dtype.
+      train: the book's ``train_flg``, a Python bool. Sets the defaults of the next two flags: True ->
+        normalise with batch statistics and update the running ones; False -> normalise with running
+        statistics, no update.
       use_batch_stats: normalise with the batch statistics (True) or the running ones (False).
       update_stats: fold this batch's statistics into the running ones. Independent of ``use_batch_stats``:
         ``use_batch_stats=True, update_stats=False`` evaluates with batch statistics;
         ``train=True`` without taking gradients re-estimates running statistics.
-      momentum: ``new = momentum * old + (1 - momentum) * batch`` (the book's / Flax's side).
-      eps: added to the variance; the book's 1e-6 by default.
+      momentum: ``new = momentum * old + (1 - momentum) * batch`` (the book's / Flax's side), in [0, 1]
+        (checked when concrete; a traced momentum, e.g. a schedule or a ``vmap`` over momenta, is not).
+      eps: added to the variance; the book's 1e-6 by default. Finite and >= 0 (0 gives inf/NaN for a
+        constant feature).
       feature_axes: axis (or axes) of the features, -1 for ``[N, C]`` and NHWC.
       axis_name: reduce statistics across this bound ``vmap``/``pmap``/``shard_map`` axis (exact for
         unequal shards: sums and counts are reduced, not per-device means).
-      mask: optional valid-row mask over leading non-feature axes (``[N]``); masked rows do not enter the
-        batch statistics, the running update or the cross-device reduction. If no row is valid the running
-        statistics are left unchanged.
+      mask: optional valid-row mask over leading non-feature axes (``[N]``), boolean or 0/1 (values checked
+        when concrete); masked rows do not enter the batch statistics, the running update or the
+        cross-device reduction. If no row is valid the running statistics are left unchanged.
       unbiased_running_var: store ``var * n / (n - 1)`` in the running variance (PyTorch's convention).
 
     Returns:
       ``(y, new_state)``: ``y`` has the shape and dtype of ``x``; ``new_state`` is ``state`` itself when no
       update is made.
+
+    Raises:
+      TypeError: a flag that is not a bool, a non-floating ``x`` or running statistic, a non-real
+        ``momentum``/``eps``, a mask of non-numeric dtype.
+      ValueError: shapes that disagree, ``momentum`` outside [0, 1], ``eps`` negative or not finite, a
+        numeric mask with values other than 0 and 1.
     """
+    who = "batch_norm_apply"
+    train = _check_flag(train, "train", who)
+    use_batch_stats = _check_flag(use_batch_stats, "use_batch_stats", who, allow_none=True)
+    update_stats = _check_flag(update_stats, "update_stats", who, allow_none=True)
+    unbiased_running_var = _check_flag(unbiased_running_var, "unbiased_running_var", who)
     use_batch_stats = train if use_batch_stats is None else use_batch_stats
     update_stats = train if update_stats is None else update_stats
-    faxes = _check_input(x, feature_axes, "batch_norm_apply")
+    _check_hyper(momentum, eps, who)
+    x = _as_input(x, who)
+    faxes = _check_input(x, feature_axes, who)
     feature_shape = tuple(x.shape[a] for a in faxes)
     for name, v in (("gamma", params.gamma), ("beta", params.beta), ("running mean", state.mean),
                     ("running var", state.var)):
         if v is not None and tuple(v.shape) != feature_shape:
             raise ValueError(
-                f"batch_norm_apply: {name} has shape {tuple(v.shape)} but x {tuple(x.shape)} has features "
+                f"{who}: {name} has shape {tuple(v.shape)} but x {tuple(x.shape)} has features "
                 f"{feature_shape} on axes {faxes}; no broadcasting is done"
             )
+    for name, v in (("running mean", state.mean), ("running var", state.var)):
+        if not jnp.issubdtype(v.dtype, jnp.floating):
+            raise TypeError(
+                f"{who}: running statistics must be floating point, but state {name} has dtype {v.dtype} "
+                "(an integer state would truncate every update); build it with batch_norm_init"
+            )
+    if mask is not None:
+        red_axes = tuple(a for a in range(x.ndim) if a not in faxes)
+        mask = _check_mask(mask, x, red_axes, who)
 
     new_state = state
     if use_batch_stats or update_stats:
-        mean, var, count = batch_norm_stats(x, feature_axes=faxes, axis_name=axis_name, mask=mask)
+        mean, var, count = _batch_stats(x, faxes, axis_name, mask)
         if update_stats:
             run_var = var
             if unbiased_running_var:

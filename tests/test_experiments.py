@@ -75,7 +75,6 @@ def test_tiny_sweep_end_to_end(tmp_path):
     assert res["grid"]["matmul_precision"] == "highest" and res["grid"]["num_records"] == 2
     assert res["grid"]["learning_rate"] == 0.01 and res["grid"]["batch_size"] == 100
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
-    assert not list(out.glob("*.png"))  # --no-plot
     # Files get the umask's permissions (mkstemp alone makes them 0600).
     mask = os.umask(0o022)
     os.umask(mask)
@@ -90,6 +89,7 @@ def test_seed_i_of_a_run_equals_a_run_at_seed_plus_i_with_the_same_split(tmp_pat
     assert sweep.main(base + ["--seed", "2", "--out", str(tmp_path / "two")]) == 0
     assert sweep.main(base + ["--seed", "2", "--out", str(tmp_path / "again")]) == 0
     three, two, again = _results(tmp_path / "three"), _results(tmp_path / "two"), _results(tmp_path / "again")
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["results.json"]  # --no-plot: no figure
     assert three["data"] == two["data"]  # the training seed never changes the split
     assert three["seeds"] == [0, 1, 2] and two["seeds"] == [2]
     for metric in ("train_accuracy", "heldout_accuracy", "train_loss"):
