@@ -72,6 +72,7 @@ _LABEL_FILES = (_TRAIN_LABELS, _TEST_LABELS)
 # Advice, in terms of both the command-line options and the Python arguments (messages reach either user).
 _USE_BUNDLED = "--data bundled (data.load('bundled', ...))"
 _USE_DATA_DIR = "--data-dir DIR (data_dir=DIR) naming a directory with the four MNIST idx files"
+_REPLACE = "; replace it with the original MNIST file"
 
 
 class ChecksumError(ValueError):
@@ -217,11 +218,11 @@ def _read_mnist_idx(path: Path, labels: bool) -> np.ndarray:
     array = read_idx(path)
     if labels:
         if array.ndim != 1:
-            raise ValueError(f"{path}: expected MNIST labels of shape [N], got {array.shape}")
+            raise ValueError(f"{path}: expected MNIST labels of shape [N], got {array.shape}{_REPLACE}")
         if array.size and int(array.max()) > 9:
-            raise ValueError(f"{path}: label {int(array.max())} outside 0..9; not an MNIST label file")
+            raise ValueError(f"{path}: label {int(array.max())} outside 0..9, not an MNIST label file{_REPLACE}")
     elif array.ndim != 3 or array.shape[1:] != (28, 28):
-        raise ValueError(f"{path}: expected MNIST images of shape [N, 28, 28], got {array.shape}")
+        raise ValueError(f"{path}: expected MNIST images of shape [N, 28, 28], got {array.shape}{_REPLACE}")
     return array
 
 
@@ -411,7 +412,7 @@ def load_mnist_idx(
         if len(arrays[images]) != len(arrays[labels]):
             raise ValueError(
                 f"{paths[images]} holds {len(arrays[images])} images but {paths[labels]} holds "
-                f"{len(arrays[labels])} labels"
+                f"{len(arrays[labels])} labels; replace them with the original MNIST files"
             )
     train_images, train_labels = arrays[_TRAIN_IMAGES], arrays[_TRAIN_LABELS]
     test_images, test_labels = arrays[_TEST_IMAGES], arrays[_TEST_LABELS]

@@ -19,7 +19,7 @@ Batch-norm conventions (see ``CONVENTIONS`` and the README for the side-by-side 
 Inputs and validation: ``x`` may be any array-like JAX accepts (a list, a NumPy array); it goes through
 ``jnp.asarray``, so a float64 NumPy array becomes JAX's float32 default, without a warning, unless x64 is
 enabled. Hyper-parameters are checked whenever their value is known on the host (a Python or NumPy number,
-or a JAX array outside a transformation): ``momentum`` in [0, 1], ``eps`` finite and >= 0, ``mask`` boolean
+or a JAX array outside a transformation): ``momentum`` in [0, 1], ``eps`` finite and > 0, ``mask`` boolean
 or 0/1. Values traced by ``jit``/``vmap``/``grad`` are used as they are, unchecked, so momentum schedules
 and ensembles over momenta need no host round trip. The flags ``train``, ``use_batch_stats``,
 ``update_stats``, ``unbiased_running_var`` (and ``use_scale``/``use_offset`` of ``batch_norm_init``) choose
@@ -177,39 +177,37 @@ def _real_values(value: Any, name: str, who: str) -> np.ndarray | None:
     """The concrete value of a real hyper-parameter as float64 NumPy, or None when it is traced."""
     if not _is_concrete(value):
         return None
-    if _is_bool(value) or isinstance(value, (str, bytes)) or value is None:
-        raise TypeError(f"{who}: {name} must be a real number, got {value!r} of type {type(value).__name__}")
     try:
         arr = np.asarray(value)
     except Exception as err:  # e.g. a list holding tracers
         raise TypeError(f"{who}: {name} must be a real number or array, got {type(value).__name__}") from err
-    if not (jnp.issubdtype(arr.dtype, jnp.floating) or jnp.issubdtype(arr.dtype, jnp.integer)) or arr.dtype == bool:
-        raise TypeError(f"{who}: {name} must be a real number, got {value!r} (dtype {arr.dtype})")
+    # Rejects bools (not a NumPy integer), strings, None and other objects.
+    if not (jnp.issubdtype(arr.dtype, jnp.floating) or jnp.issubdtype(arr.dtype, jnp.integer)):
+        raise TypeError(f"{who}: {name} must be a real number, got {value!r} of type {type(value).__name__}")
     return arr.astype(np.float64)
 
 
 def _check_hyper(momentum: Any, eps: Any, who: str) -> None:
-    """``momentum`` in [0, 1] and ``eps`` finite and >= 0, where concrete (see the module docstring)."""
+    """``momentum`` in [0, 1] and ``eps`` finite and > 0, where concrete (see the module docstring)."""
     m = _real_values(momentum, "momentum", who)
     if m is not None and not np.all((m >= 0.0) & (m <= 1.0)):  # NaN fails both comparisons
         raise ValueError(
             f"{who}: momentum must be in [0, 1] (new = momentum * old + (1 - momentum) * batch), got {momentum!r}"
         )
     e = _real_values(eps, "eps", who)
-    # eps = 0 is allowed (exact standardisation of non-constant features); a constant feature then gives inf/NaN.
-    if e is not None and not np.all(np.isfinite(e) & (e >= 0.0)):
-        raise ValueError(f"{who}: eps must be finite and >= 0 (it is added to the variance), got {eps!r}")
+    # eps = 0 would turn a constant feature (variance 0) into 0/0 = NaN.
+    if e is not None and not np.all(np.isfinite(e) & (e > 0.0)):
+        raise ValueError(f"{who}: eps must be finite and > 0 (it is added to the variance), got {eps!r}")
 
 
 def _as_input(x: Any, who: str) -> Array:
-    """``x`` as a JAX array. NumPy float64 becomes the float32 default quietly when x64 is off."""
+    """``x`` as a JAX array. NumPy float64 becomes the float32 default quietly when x64 is off.
+
+    ``jnp.asarray`` canonicalises float64 to float32 without a warning (JAX warns only when float64 is
+    *requested*, as ``promote_types(float64, float32)`` on a raw NumPy input used to do below).
+    """
     if isinstance(x, jax.Array):  # includes tracers
         return x
-    if x is None or isinstance(x, (str, bytes)):
-        raise TypeError(f"{who}: x must be an array, got {type(x).__name__}")
-    if isinstance(x, np.ndarray) and x.dtype == np.float64:
-        # jnp.asarray would do the same; say it: no truncation warning for the dtype JAX will use anyway.
-        return jnp.asarray(x, jax.dtypes.canonicalize_dtype(np.float64))
     try:
         return jnp.asarray(x)
     except (TypeError, ValueError) as err:
@@ -454,7 +452,7 @@ def batch_norm_apply(
         ``train=True`` without taking gradients re-estimates running statistics.
       momentum: ``new = momentum * old + (1 - momentum) * batch`` (the book's / Flax's side), in [0, 1]
         (checked when concrete; a traced momentum, e.g. a schedule or a ``vmap`` over momenta, is not).
-      eps: added to the variance; the book's 1e-6 by default. Finite and >= 0 (0 gives inf/NaN for a
+      eps: added to the variance; the book's 1e-6 by default. Finite and > 0 (0 would give NaN for a
         constant feature).
       feature_axes: axis (or axes) of the features, -1 for ``[N, C]`` and NHWC.
       axis_name: reduce statistics across this bound ``vmap``/``pmap``/``shard_map`` axis (exact for
@@ -471,7 +469,7 @@ def batch_norm_apply(
     Raises:
       TypeError: a flag that is not a bool, a non-floating ``x`` or running statistic, a non-real
         ``momentum``/``eps``, a mask of non-numeric dtype.
-      ValueError: shapes that disagree, ``momentum`` outside [0, 1], ``eps`` negative or not finite, a
+      ValueError: shapes that disagree, ``momentum`` outside [0, 1], ``eps`` not positive or not finite, a
         numeric mask with values other than 0 and 1.
     """
     who = "batch_norm_apply"

@@ -213,6 +213,17 @@ class GridConfig:
             raise ValueError(f"dtype must be one of {', '.join(options.DTYPES)}, got {self.dtype!r}")
         if self.dtype == "float64" and not jax.config.jax_enable_x64:
             raise ValueError("dtype float64 needs jax_enable_x64 (set JAX_ENABLE_X64=1)")
+        # Values that would round to 0 or overflow to inf in the dtype they are used in: weight scales in the
+        # model's dtype, learning rates and weight decays in at least float32.
+        model_dtype = jnp.dtype(self.dtype)
+        for name, finfo in (("weight_scale", jnp.finfo(model_dtype)),
+                            ("learning_rate", jnp.finfo(jnp.promote_types(model_dtype, jnp.float32))),
+                            ("weight_decay", jnp.finfo(jnp.promote_types(model_dtype, jnp.float32)))):
+            vals = np.abs(np.asarray(self.axes.get(name, [getattr(self, name)]), dtype=float))
+            vals = vals[vals != 0]
+            if np.any((vals < float(finfo.tiny)) | (vals > float(finfo.max))):
+                raise ValueError(f"{name} values must lie in {self.dtype}'s range {float(finfo.tiny):.3g}.."
+                                 f"{float(finfo.max):.3g}, got {vals.tolist()}")
         train.make_optimizer(self.optimizer, self.learning_rate)
         return self
 

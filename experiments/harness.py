@@ -54,6 +54,12 @@ def int_in(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
     return parse
 
 
+# float32's normal range: hyper-parameters are float32 on the devices (a bf16 or float16 model's weight scales
+# are checked again against its dtype by GridConfig.validate), so 1e-320 would silently become 0 and 1e308 inf.
+FLOAT32_TINY = 1.1754944e-38
+FLOAT32_MAX = 3.4028235e38
+
+
 def positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -61,7 +67,16 @@ def positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    if not FLOAT32_TINY <= value <= FLOAT32_MAX:
+        raise argparse.ArgumentTypeError(f"must lie in float32's range {FLOAT32_TINY:.3g}..{FLOAT32_MAX:.3g}, got {text}")
     return value
+
+
+def out_dir(text: str) -> Path:
+    """An argparse type: a non-empty output directory (an empty string would mean the current directory)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must name a directory, got an empty string")
+    return Path(text)
 
 
 def float_list(text: str) -> tuple[float, ...]:
@@ -124,7 +139,7 @@ def add_common_args(p: argparse.ArgumentParser, *, train_size: int = 1000, num_s
     d.add_argument("--train-size", type=int_in(1, MAX_SIZE), default=train_size,
                    help=f"training images (default: {train_size})")
     o = p.add_argument_group("output")
-    o.add_argument("--out", type=Path, metavar="DIR", help="output directory (default: runs/<name>-<date>-<time>)")
+    o.add_argument("--out", type=out_dir, metavar="DIR", help="output directory (default: runs/<name>-<date>-<time>)")
     o.add_argument("--quiet", action="store_true", help="no progress bar or table; print only the output directory")
     o.add_argument("--no-cache", action="store_true", help="do not use JAX's persistent compilation cache")
     o.add_argument("--no-plot", action="store_true", help="write results.json only, no figure")
@@ -175,17 +190,37 @@ def check_common_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
     return args
 
 
+# Output directories this process created: removed again at exit while still empty (a run that fails after
+# parsing leaves nothing behind).
+_CREATED: list[Path] = []
+
+
 def check_writable(directory: str | os.PathLike) -> Path:
-    """Create ``directory`` and prove a file can be written there; raise ``OSError`` with a clear message."""
+    """Create ``directory`` and prove a file can be written there; raise ``OSError`` with a clear message.
+
+    Directories created here are removed again at exit if nothing was written into them."""
     directory = Path(directory)
+    missing = [d for d in (directory, *directory.parents) if not d.exists()]
     try:
         directory.mkdir(parents=True, exist_ok=True)
+        _CREATED.extend(missing)
         with atomic_file(directory / ".write-test", "w"):
             pass
         os.unlink(directory / ".write-test")
     except OSError as err:
+        remove_empty_outputs()
         raise OSError(f"cannot write to output directory {directory}: {err.strerror or err}") from err
     return directory
+
+
+def remove_empty_outputs() -> None:
+    """Remove the directories ``check_writable`` created that are still empty, deepest first."""
+    while _CREATED:
+        directory = _CREATED.pop(0)
+        try:
+            directory.rmdir()  # only succeeds when empty
+        except OSError:
+            pass
 
 
 # --------------------------------------------------------------------------------------------------
@@ -230,8 +265,27 @@ def start(args: argparse.Namespace, *, x64: bool = False) -> dict:
         jax.distributed.initialize()
     if x64:
         jax.config.update("jax_enable_x64", True)
+    check_backend()
     cache_dir = None if getattr(args, "no_cache", False) else enable_compilation_cache()
     return {"cache_dir": cache_dir, "is_main": jax.process_index() == 0, "import_s": time.perf_counter() - t0}
+
+
+def check_backend() -> None:
+    """Exit 1 with one line if the backend JAX was asked for (``JAX_PLATFORMS``) cannot start here."""
+    import jax
+
+    try:
+        jax.devices()
+    except (RuntimeError, AssertionError) as err:
+        import jaxlib
+
+        asked = os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms or "default"
+        # JAX raises a long RuntimeError for a missing libtpu and a bare AssertionError for a missing CUDA plugin.
+        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else "no plugin for it is installed"
+        print(f"error: JAX backend {asked!r} is not available ({reason}); installed: jax {jax.__version__}, "
+              f"jaxlib {jaxlib.__version__}. Unset JAX_PLATFORMS to run on what is installed (the CPU at least), "
+              "or install the accelerator's JAX (e.g. pip install -U 'jax[cuda12]' or 'jax[tpu]')", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def enable_compilation_cache(directory: str | os.PathLike | None = None) -> str | None:
@@ -246,6 +300,7 @@ def enable_compilation_cache(directory: str | os.PathLike | None = None) -> str 
         directory = os.path.join(base, "bnjax", "jax-compilation-cache")
     try:
         os.makedirs(directory, exist_ok=True)
+        _watch_cache(str(directory))
         jax.config.update("jax_compilation_cache_dir", str(directory))
         # Our programs compile in about a second: cache them all.
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
@@ -253,6 +308,43 @@ def enable_compilation_cache(directory: str | os.PathLike | None = None) -> str 
     except (OSError, AttributeError, KeyError):
         return None
     return str(directory)
+
+
+_CACHE_WARNING = "Error reading persistent compilation cache entry for '"
+
+
+def _watch_cache(directory: str) -> None:
+    """Replace corrupt compilation-cache entries instead of warning about them on every run.
+
+    JAX warns when an entry cannot be read, recompiles, and never overwrites the bad file. The warning names
+    the program (``jit_record``): its entries are removed at once, so the fresh compile is stored in their place,
+    and one line says so.
+    """
+    import warnings
+
+    previous = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        text = str(message)
+        if _CACHE_WARNING not in text:
+            return previous(message, category, filename, lineno, file, line)
+        name = text.split(_CACHE_WARNING, 1)[1].split("'", 1)[0]
+        removed = 0
+        for entry in Path(directory).glob(f"{name}-*"):
+            try:
+                entry.unlink()
+                removed += 1
+            except OSError:
+                pass
+        print(f"note: replaced {removed} unreadable compilation-cache entr{'y' if removed == 1 else 'ies'} for "
+              f"{name!r} in {directory}", file=sys.stderr)
+
+    if getattr(warnings.showwarning, "_bnjax_cache_watch", False):
+        return
+    show._bnjax_cache_watch = True
+    warnings.showwarning = show
+    # Every occurrence must reach the hook (the default shows a warning once per code location).
+    warnings.filterwarnings("always", message=_CACHE_WARNING)
 
 
 _PREFETCH: list = []
@@ -289,8 +381,18 @@ def load_data(args: argparse.Namespace, num_heldout: int):
     try:
         return data.load(args.data, args.train_size, num_heldout, data_dir=args.data_dir, split_seed=args.split_seed)
     except (data.DataUnavailableError, data.ChecksumError, ValueError) as err:
+        if isinstance(err, ValueError) and "(--" in str(err):
+            # A size the data cannot supply (e.g. --train-size 6000 with the 5,000 bundled images under --data
+            # auto): an option error, exit 2 as the parser's own checks do.
+            usage_error(f"{err}")
         print(f"error: could not load data ({args.data}): {err}", file=sys.stderr)
         return None
+
+
+def usage_error(message: str) -> None:
+    """Exit 2 with ``message`` (which names the option), as argparse does for the checks it can make itself."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 class Progress:
@@ -336,6 +438,14 @@ def run_engine(args: argparse.Namespace, started: dict, config, dataset, *, name
 
     quiet = args.quiet or not started["is_main"]
     num_train, input_size = dataset.x_train.shape
+    try:
+        config.validate()
+    except ValueError as err:  # a combination of options the engine cannot run (e.g. a scale float16 rounds to 0)
+        usage_error(str(err))
+    problem = memory_problem(config, input_size, num_train, dataset.x_heldout.shape[0] if heldout else 0)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        raise SystemExit(1)
     if not quiet:
         held = f" + {dataset.x_heldout.shape[0]} held-out" if heldout else ""
         print(f"bnjax {name}: {config.num_models} models ({what}), {sweep.num_updates(config, num_train)} updates "
@@ -356,9 +466,73 @@ def run_engine(args: argparse.Namespace, started: dict, config, dataset, *, name
     callback = progress if (progress.enabled or progress.prefetch) else None
     try:
         result = sweep.run_grid(config, dataset.x_train, dataset.t_train, *held_data, progress=callback)
+    except Exception as err:  # XLA's out-of-memory errors have no class of their own
+        if "RESOURCE_EXHAUSTED" not in str(err) and "out of memory" not in str(err).lower():
+            raise
+        progress.close()
+        print(f"error: out of device memory ({str(err).strip().splitlines()[0][:120]}); train fewer models at once "
+              "with --max-models-per-chunk N, or use a smaller --batch-size", file=sys.stderr)
+        raise SystemExit(1) from None
     finally:
         progress.close()
     return result, dict(result.timing, import_s=started["import_s"])
+
+
+def available_memory() -> tuple[int, str]:
+    """``(bytes, where)``: the first device's memory limit on an accelerator, else the host's available memory."""
+    import jax
+
+    device = jax.devices()[0]
+    if device.platform != "cpu":
+        try:
+            limit = (device.memory_stats() or {}).get("bytes_limit")
+        except Exception:  # some backends have no memory statistics
+            limit = None
+        if limit:
+            return int(limit), f"{device.device_kind} memory"
+    return available_host_memory(), "available host memory"
+
+
+def memory_problem(config, input_size: int, num_train: int, num_heldout: int) -> str | None:
+    """A pre-flight estimate: the working memory of one chunk of models (parameters, optimizer state,
+    activations, the data) and the host memory of the results, against what is available. Returns a one-line
+    explanation with the options to change, or ``None`` when it fits."""
+    import jax
+    import numpy as np
+
+    from bnjax import sweep
+
+    layout = sweep.plan_layout(config, jax.device_count(), input_size)
+    per_device = -(-layout.models_per_chunk(len(config.arms)) // (layout.mesh_shape[0] * layout.mesh_shape[1]))
+    itemsize = np.dtype(jax.numpy.dtype(config.dtype)).itemsize
+    data_bytes = (num_train + num_heldout) * (input_size * itemsize + 8)
+    chunk = per_device * sweep.bytes_per_model(config, input_size) + data_bytes
+    metrics = 4 if num_heldout else 2
+    host = config.num_models * config.num_records * metrics * 8
+    limit, where = available_memory()
+    if jax.devices()[0].platform == "cpu":  # the devices share the host's memory
+        chunk *= layout.mesh_shape[0] * layout.mesh_shape[1]
+        chunk += host
+    elif host > available_host_memory():
+        return (f"the results alone need about {host / 2**30:.1f} GiB of host memory: use fewer seeds, grid "
+                "points or records (--num-seeds, scales, --epochs)")
+    if chunk > limit:
+        return (f"this run needs about {chunk / 2**30:.1f} GiB but {where} is {limit / 2**30:.1f} GiB: train fewer "
+                "models at once (--max-models-per-chunk), or use a smaller --batch-size, fewer seeds (--num-seeds), "
+                "grid points or records (--epochs)")
+    return None
+
+
+def available_host_memory() -> int:
+    """MemAvailable from /proc/meminfo (Linux), else the physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def finish(args: argparse.Namespace, record: dict, figures: dict, lines: list[str], started_at: float) -> None:
@@ -484,13 +658,18 @@ def main_wrapper(main: Callable[[list[str] | None], int], argv: list[str] | None
         _hard_exit("\ninterrupted; no partial file was written", 130)
     except _Terminated:
         _hard_exit("terminated; no partial file was written", 143)
+    except MemoryError:
+        _hard_exit("error: out of host memory; use fewer models (--num-seeds, scales) or "
+                   "--max-models-per-chunk, or a smaller --batch-size", 1)
     finally:
+        remove_empty_outputs()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     return 1  # not reached
 
 
 def _hard_exit(message: str, status: int) -> None:
+    remove_empty_outputs()
     print(message, file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()

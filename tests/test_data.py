@@ -1,6 +1,7 @@
 """bnjax.data offline: the bundled subset, idx files over a local HTTP server, tfds under mock_data."""
 
 import functools
+import os
 import gzip
 import hashlib
 import http.server
@@ -200,3 +201,291 @@ def test_timeout_wrapper_gives_up():
     with pytest.raises(data.DataUnavailableError, match="did not finish within"):
         data._with_timeout(lambda: time.sleep(5), 0.2, "slow thing")
     assert data._with_timeout(lambda: 3, 1.0, "fast thing") == 3
+
+
+# --------------------------------------------------------------------------------------------------
+# An unusable download cache: one DataUnavailableError naming the directory and what to do
+# --------------------------------------------------------------------------------------------------
+
+UNREACHABLE = "http://127.0.0.1:9/"  # nothing listens on loopback port 9: refused at once, never the network
+
+
+def _assert_cache_advice(err, directory):
+    message = str(err)
+    assert str(directory) in message and "\n" not in message
+    for advice in ("BNJAX_DATA_DIR", "--data-dir", "--data bundled"):
+        assert advice in message, (advice, message)
+
+
+def _unwritable_cache(kind, tmp_path, monkeypatch):
+    """Point the cache at an unusable directory; return the directory the message must name."""
+    monkeypatch.delenv("BNJAX_DATA_DIR", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    if kind == "file":
+        cache = tmp_path / "a-file"
+        cache.write_text("not a directory")
+    elif kind == "under-a-file":
+        (tmp_path / "a-file").write_text("not a directory")
+        cache = tmp_path / "a-file" / "cache"
+    elif kind == "read-only":
+        cache = tmp_path / "read-only"
+        cache.mkdir()
+        cache.chmod(0o500)
+        if os.access(cache, os.W_OK):
+            cache.chmod(0o700)
+            pytest.skip("running as root: chmod does not stop writing (the simulated case covers it)")
+    elif kind == "no-home":
+        home = tmp_path / "no-such-home"
+        monkeypatch.setenv("HOME", str(home))
+        return home, home
+    if kind != "no-home":
+        monkeypatch.setenv("BNJAX_DATA_DIR", str(cache))
+    return cache, cache
+
+
+@pytest.mark.parametrize("kind", ["file", "under-a-file", "read-only", "no-home"])
+def test_unusable_cache_is_refused_with_advice(kind, tmp_path, monkeypatch):
+    cache, must_not_create = _unwritable_cache(kind, tmp_path, monkeypatch)
+    try:
+        with pytest.raises(data.DataUnavailableError) as exc:
+            data.load_mnist_idx(None, 10, 5, base_url=UNREACHABLE, timeout=2)
+        _assert_cache_advice(exc.value, cache)
+        assert "could not download" not in str(exc.value)  # the cache is the problem, not the network
+        if kind == "no-home":
+            assert not must_not_create.exists()  # a missing home directory is not created (even as root)
+        if kind == "read-only":
+            assert not list(cache.iterdir())  # no temporary file left
+    finally:
+        if kind == "read-only":
+            cache.chmod(0o700)
+
+
+def test_read_only_cache_simulated(fake_mnist, tmp_path, monkeypatch):
+    """A read-only file system (as root, where chmod cannot make one): refused; verified files still load."""
+    import errno
+    import tempfile
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    monkeypatch.setenv("BNJAX_DATA_DIR", str(cache))
+    real_mkstemp = tempfile.mkstemp
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", kwargs.get("dir"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    with pytest.raises(data.DataUnavailableError, match="Read-only file system") as exc:
+        data.load_mnist_idx(None, 10, 5, base_url=fake_mnist["url"], checksums=fake_mnist["checksums"], timeout=5)
+    _assert_cache_advice(exc.value, cache)
+    # Once the files are there, a read-only cache is fine: nothing needs writing.
+    monkeypatch.setattr(tempfile, "mkstemp", real_mkstemp)
+    data.download_mnist(cache, base_url=fake_mnist["url"], checksums=fake_mnist["checksums"], timeout=5)
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    ds = data.load_mnist_idx(None, 10, 5, base_url=UNREACHABLE, checksums=fake_mnist["checksums"], timeout=2)
+    assert ds.source["files_sha256"] == fake_mnist["checksums"]
+
+
+def test_write_failure_mid_download_blames_the_cache_not_the_network(fake_mnist, tmp_path, monkeypatch):
+    import contextlib
+    import errno
+
+    class Full:
+        name = str(tmp_path / "never")
+
+        def write(self, chunk):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(data, "atomic_file", lambda *args: contextlib.nullcontext(Full()))
+    with pytest.raises(data.DataUnavailableError, match="No space left on device") as exc:
+        data.download_mnist(tmp_path / "cache", base_url=fake_mnist["url"], checksums=fake_mnist["checksums"])
+    assert "could not download" not in str(exc.value)
+    _assert_cache_advice(exc.value, tmp_path / "cache")
+
+
+def test_cli_with_unusable_cache_exits_1_without_traceback(tmp_path):
+    from test_experiments import _run
+
+    cache = tmp_path / "a-file"
+    cache.write_text("not a directory")
+    proc = _run("experiments.sweep", "--data", "mnist", "--scales", "0.1", "--epochs", "1", "--no-plot",
+                "--no-cache", "--out", str(tmp_path / "out"), timeout=120, BNJAX_DATA_DIR=str(cache))
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "error: could not load data (mnist)" in proc.stderr and str(cache) in proc.stderr
+    assert "--data bundled" in proc.stderr
+    assert cache.read_text() == "not a directory"
+
+
+# --------------------------------------------------------------------------------------------------
+# idx files in a directory: every file validated, compressed or not; .gz files checksum-verified
+# --------------------------------------------------------------------------------------------------
+
+
+def _raw_idx(array: np.ndarray) -> bytes:
+    return gzip.decompress(_idx_bytes(array))
+
+
+def _synthetic(n_train=8, n_test=5, seed=1):
+    rng = np.random.default_rng(seed)
+    return {
+        "train-images-idx3-ubyte.gz": rng.integers(0, 256, (n_train, 28, 28)).astype(np.uint8),
+        "train-labels-idx1-ubyte.gz": rng.integers(0, 10, n_train).astype(np.uint8),
+        "t10k-images-idx3-ubyte.gz": rng.integers(0, 256, (n_test, 28, 28)).astype(np.uint8),
+        "t10k-labels-idx1-ubyte.gz": rng.integers(0, 10, n_test).astype(np.uint8),
+    }
+
+
+def _write(directory, blobs: dict, compressed: bool) -> dict:
+    """Write ``{gz name: raw idx bytes}`` gzipped (under the .gz name) or raw; return {gz name: sha256 written}."""
+    directory.mkdir(exist_ok=True)
+    written = {}
+    for name, raw in blobs.items():
+        blob = gzip.compress(raw, mtime=0) if compressed else raw
+        (directory / (name if compressed else name.removesuffix(".gz"))).write_bytes(blob)
+        written[name] = hashlib.sha256(blob).hexdigest()
+    return written
+
+
+def test_good_uncompressed_set_loads_and_records_the_files_read(tmp_path):
+    arrays = _synthetic()
+    blobs = {n: _raw_idx(a) for n, a in arrays.items()}
+    sums = _write(tmp_path / "raw", blobs, compressed=False)
+    ds = data.load("mnist", 6, 4, data_dir=tmp_path / "raw")
+    assert ds.source["files_sha256"] == {n.removesuffix(".gz"): s for n, s in sums.items()}
+    assert ds.source["path"] == str(tmp_path / "raw")
+    np.testing.assert_array_equal(ds.t_train, arrays["train-labels-idx1-ubyte.gz"][:6])
+    np.testing.assert_array_equal(ds.t_heldout, arrays["t10k-labels-idx1-ubyte.gz"][:4])
+    images = arrays["train-images-idx3-ubyte.gz"][:6].reshape(6, 784)
+    np.testing.assert_array_equal(ds.x_train, images.astype(np.float32) / 255.0)
+    assert len(ds.source["train_class_counts"]) == 10
+    # The same data gzipped (checked against its own checksums) loads bit-identically.
+    gz_sums = _write(tmp_path / "gz", blobs, compressed=True)
+    gz = data.load_mnist_idx(tmp_path / "gz", 6, 4, checksums=gz_sums)
+    assert gz.source["files_sha256"] == gz_sums
+    for a, b in zip(ds[:4], gz[:4]):
+        np.testing.assert_array_equal(a, b)
+    assert ds.source["train_sha256"] == gz.source["train_sha256"]
+
+
+def _bad_magic(arrays):
+    raw = bytearray(_raw_idx(arrays["train-images-idx3-ubyte.gz"]))
+    raw[2] = 0x0D  # float instead of unsigned byte
+    return "train-images-idx3-ubyte.gz", bytes(raw)
+
+
+def _label_200(arrays):
+    labels = arrays["train-labels-idx1-ubyte.gz"].copy()
+    labels[3] = 200
+    return "train-labels-idx1-ubyte.gz", _raw_idx(labels)
+
+
+def _fewer_labels(arrays):
+    return "t10k-labels-idx1-ubyte.gz", _raw_idx(arrays["t10k-labels-idx1-ubyte.gz"][:-1])
+
+
+def _truncated(arrays):
+    return "t10k-images-idx3-ubyte.gz", _raw_idx(arrays["t10k-images-idx3-ubyte.gz"])[:-100]
+
+
+def _header_only(arrays):
+    return "train-labels-idx1-ubyte.gz", bytes.fromhex("00000801")  # a 1-d header needs 8 bytes
+
+
+def _wrong_image_shape(arrays):
+    return "train-images-idx3-ubyte.gz", _raw_idx(arrays["train-images-idx3-ubyte.gz"].reshape(8, 28 * 28))
+
+
+def _labels_2d(arrays):
+    return "t10k-labels-idx1-ubyte.gz", _raw_idx(arrays["t10k-labels-idx1-ubyte.gz"].reshape(5, 1))
+
+
+@pytest.mark.parametrize("compressed", [False, True], ids=["raw", "gz"])
+@pytest.mark.parametrize("spoil, message", [
+    (_bad_magic, "magic"), (_label_200, "label 200"), (_fewer_labels, "4 labels"), (_truncated, "header says"),
+    (_header_only, "header truncated"), (_wrong_image_shape, r"\[N, 28, 28\]"), (_labels_2d, r"shape \[N\]"),
+])
+def test_malformed_idx_file_is_refused_naming_it(spoil, message, compressed, tmp_path):
+    arrays = _synthetic()
+    blobs = {n: _raw_idx(a) for n, a in arrays.items()}
+    name, blobs[name] = spoil(arrays)
+    sums = _write(tmp_path, blobs, compressed)
+    bad_file = tmp_path / (name if compressed else name.removesuffix(".gz"))
+    with pytest.raises((ValueError, data.DataUnavailableError), match=message) as exc:
+        if compressed:  # checksums that match these files, so that only their contents are wrong
+            data.load_mnist_idx(tmp_path, 3, 2, checksums=sums)
+        else:
+            data.load("mnist", 3, 2, data_dir=tmp_path)
+    assert str(bad_file) in str(exc.value)
+
+
+def test_downloaded_files_are_validated_too(fake_mnist, tmp_path, monkeypatch):
+    labels = fake_mnist["arrays"]["train-labels-idx1-ubyte.gz"].copy()
+    labels[0] = 200
+    blob = _idx_bytes(labels)
+    (fake_mnist["served"] / "train-labels-idx1-ubyte.gz").write_bytes(blob)
+    sums = dict(fake_mnist["checksums"], **{"train-labels-idx1-ubyte.gz": hashlib.sha256(blob).hexdigest()})
+    monkeypatch.setenv("BNJAX_DATA_DIR", str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match="label 200") as exc:
+        data.load_mnist_idx(None, 10, 5, base_url=fake_mnist["url"], checksums=sums, timeout=5)
+    assert str(tmp_path / "cache" / "train-labels-idx1-ubyte.gz") in str(exc.value)
+
+
+def test_gz_in_data_dir_must_be_the_standard_file(tmp_path):
+    blobs = {n: _raw_idx(a) for n, a in _synthetic().items()}
+    _write(tmp_path, blobs, compressed=False)
+    # One synthetic .gz among good uncompressed files: the .gz is preferred, checked, and refused.
+    (tmp_path / "train-labels-idx1-ubyte").unlink()
+    _write(tmp_path, {"train-labels-idx1-ubyte.gz": blobs["train-labels-idx1-ubyte.gz"]}, compressed=True)
+    with pytest.raises(data.ChecksumError, match="does not match the standard MNIST file") as exc:
+        data.load("mnist", 3, 2, data_dir=tmp_path)
+    assert str(tmp_path / "train-labels-idx1-ubyte.gz") in str(exc.value)
+    with pytest.raises(data.ChecksumError):  # also for "auto", which reads a given directory the same way
+        data.load("auto", 3, 2, data_dir=tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["not gzip", "truncated gzip"])
+def test_broken_gzip_is_a_value_error_naming_the_file(damage, tmp_path):
+    blob = _idx_bytes(np.zeros(6))
+    blob = b"plain bytes, not gzip" if damage == "not gzip" else blob[: len(blob) // 2]
+    path = tmp_path / "labels.gz"
+    path.write_bytes(blob)
+    with pytest.raises(ValueError, match="not a valid gzip file") as exc:
+        data.read_idx(path)
+    assert str(path) in str(exc.value)
+
+
+def test_gzipped_file_without_gz_name_says_so(tmp_path):
+    path = tmp_path / "train-labels-idx1-ubyte"
+    path.write_bytes(_idx_bytes(np.zeros(6)))
+    with pytest.raises(ValueError, match="name it train-labels-idx1-ubyte.gz"):
+        data.read_idx(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Advice in terms of the command line (and the Python arguments)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_messages_name_the_command_line_options(tmp_path, monkeypatch):
+    messages = []
+    with pytest.raises(data.DataUnavailableError) as exc:
+        data.download_mnist(tmp_path / "c", base_url=UNREACHABLE, timeout=2)
+    messages.append(str(exc.value))
+    assert "--data bundled" in messages[-1] and "--data-dir" in messages[-1]
+    (tmp_path / "d").mkdir()
+    with pytest.raises(data.DataUnavailableError) as exc:
+        data.load("mnist", 3, 2, data_dir=tmp_path / "d")
+    messages.append(str(exc.value))
+    assert "--data bundled" in messages[-1] and "train-images-idx3-ubyte" in messages[-1]
+    monkeypatch.setenv("BNJAX_DATA_DIR", str(tmp_path / "empty"))
+    with pytest.raises(data.DataUnavailableError) as exc:
+        data.load_mnist_idx(None, 3, 2, download=False)
+    messages.append(str(exc.value))
+    assert "--data mnist" in messages[-1] and "--data-dir" in messages[-1]
+    with pytest.raises(data.DataUnavailableError) as exc:
+        data._with_timeout(lambda: __import__("time").sleep(2), 0.05, "slow tfds")
+    messages.append(str(exc.value))
+    assert "--data bundled" in messages[-1] and "--data mnist" in messages[-1]
+    for message in messages:
+        assert "source '" not in message and "pass it as data_dir" not in message, message
+        assert "\n" not in message

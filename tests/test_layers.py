@@ -1,5 +1,8 @@
 """bnjax.layers against the NumPy oracle (tests/numpy_reference.py), finite differences and invariants."""
 
+import re
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -106,7 +109,7 @@ def test_softmax_cross_entropy_value_and_gradient_match_reference():
 def test_train_output_is_standardised_per_feature():
     x = jax.random.normal(jax.random.key(0), (256, 7)) * 5 + 3
     params, state = layers.batch_norm_init(7)
-    y, _ = layers.batch_norm_apply(params, state, x, eps=0.0)
+    y, _ = layers.batch_norm_apply(params, state, x, eps=1e-12)
     np.testing.assert_allclose(np.asarray(y.mean(0)), 0, atol=1e-5)
     np.testing.assert_allclose(np.asarray(y.var(0)), 1, atol=1e-4)
 
@@ -117,10 +120,10 @@ def test_output_invariant_to_scaling_preceding_weights():
     x = jax.random.normal(key_x, (64, 20))
     aff = layers.affine_init(key_w, 20, 6, 0.1)
     params, state = layers.batch_norm_init(6)
-    base, _ = layers.batch_norm_apply(params, state, layers.affine_apply(aff, x), eps=0.0)
+    base, _ = layers.batch_norm_apply(params, state, layers.affine_apply(aff, x), eps=1e-12)
     for a in (1e-3, 0.5, 40.0):
         scaled = layers.AffineParams(aff.W * a, aff.b * a)
-        y, _ = layers.batch_norm_apply(params, state, layers.affine_apply(scaled, x), eps=0.0)
+        y, _ = layers.batch_norm_apply(params, state, layers.affine_apply(scaled, x), eps=1e-12)
         np.testing.assert_allclose(np.asarray(y), np.asarray(base), atol=2e-4)
 
 
@@ -334,6 +337,196 @@ def test_bad_inputs_raise_clear_errors():
         layers.affine_apply(layers.AffineParams(jnp.ones((3, 2)), jnp.zeros(2)), jnp.ones((5, 4)))
     with pytest.raises(ValueError, match="weight_init_std"):
         layers.affine_init(jax.random.key(0), 3, 2, "bogus")
+
+
+# Hyper-parameter validation: concrete values are checked, traced ones are not.
+
+def _bn_case(n=6, c=4, seed=20):
+    x = np.random.default_rng(seed).normal(1.0, 2.0, (n, c)).astype(np.float32)
+    params, state = layers.batch_norm_init(c, init_var=1.0)
+    return params, state, x
+
+
+# (keyword arguments, exception, text the message must contain: the argument's name)
+_BAD_APPLY = [
+    ({"momentum": 1.5}, ValueError, "momentum"),
+    ({"momentum": -0.1}, ValueError, "momentum"),
+    ({"momentum": float("nan")}, ValueError, "momentum"),
+    ({"momentum": np.float32(1.01)}, ValueError, "momentum"),
+    ({"momentum": np.array([0.5, 2.0, 0.5, 0.5])}, ValueError, "momentum"),
+    ({"momentum": jnp.asarray(1.5)}, ValueError, "momentum"),  # a concrete (not traced) jax array scalar
+    ({"momentum": "0.9"}, TypeError, "momentum"),
+    ({"momentum": True}, TypeError, "momentum"),
+    ({"momentum": None}, TypeError, "momentum"),
+    ({"eps": -1e-5}, ValueError, "eps"),
+    ({"eps": 0.0}, ValueError, "eps"),
+    ({"eps": float("nan")}, ValueError, "eps"),
+    ({"eps": float("inf")}, ValueError, "eps"),
+    ({"eps": None}, TypeError, "eps"),
+    ({"train": "no"}, TypeError, "train"),
+    ({"train": 1}, TypeError, "train"),
+    ({"train": None}, TypeError, "train"),
+    ({"use_batch_stats": "yes"}, TypeError, "use_batch_stats"),
+    ({"update_stats": 0}, TypeError, "update_stats"),
+    ({"unbiased_running_var": "no"}, TypeError, "unbiased_running_var"),
+    ({"mask": np.array([1, -1, 0, 1, 1, 1])}, ValueError, "mask"),
+    ({"mask": [1.0, 0.5, 1.0, 1.0, 1.0, 1.0]}, ValueError, "mask"),
+    ({"mask": np.array([1.0, np.nan, 1.0, 1.0, 0.0, 1.0])}, ValueError, "mask"),
+    ({"mask": jnp.array([1.0, 1.0, 2.0, 1.0, 1.0, 1.0])}, ValueError, "mask"),
+    ({"mask": np.array(list("abcdef"))}, TypeError, "mask"),
+    ({"mask": jnp.ones(5, bool)}, ValueError, "mask shape (5,)"),
+    ({"mask": jnp.ones((6, 4), bool)}, ValueError, "mask of shape (6, 4)"),
+    ({"mask": True}, ValueError, "mask of shape ()"),
+]
+
+
+@pytest.mark.parametrize("kw,exc,name", _BAD_APPLY, ids=[f"{k}={v!r}" for d, _, _ in _BAD_APPLY for k, v in d.items()])
+def test_bad_hyper_parameters_raise_naming_the_argument(kw, exc, name):
+    params, state, x = _bn_case()
+    with pytest.raises(exc, match=re.escape(name)) as info:
+        layers.batch_norm_apply(params, state, x, **kw)
+    assert "batch_norm_apply" in str(info.value)
+    # Evaluation mode does not skip the checks.
+    if "train" not in kw:
+        with pytest.raises(exc, match=re.escape(name)):
+            layers.batch_norm_apply(params, state, x, **{"train": False, **kw})
+    if set(kw) == {"mask"}:
+        with pytest.raises(exc, match=re.escape(name)) as info:
+            layers.batch_norm_stats(x, **kw)
+        assert "batch_norm_stats" in str(info.value)
+
+
+def test_boundary_hyper_parameters_are_accepted():
+    params, state, x = _bn_case()
+    for momentum in (0, 0.0, 1, 1.0, np.float64(0.5), jnp.asarray(0.25), np.array([0.0, 0.5, 1.0, 0.9])):
+        _, s = layers.batch_norm_apply(params, state, x, momentum=momentum)
+        m = np.broadcast_to(np.asarray(momentum, np.float64), (4,))
+        np.testing.assert_allclose(np.asarray(s.mean), (1 - m) * x.astype(np.float64).mean(0), rtol=1e-6, atol=1e-7)
+    for flag in (np.True_, np.False_):
+        layers.batch_norm_apply(params, state, x, flag, unbiased_running_var=np.False_)
+
+
+def test_traced_hyper_parameters_are_not_checked_and_momentum_traced_by_jit_is_exact():
+    params, state, x = _bn_case()
+    bad_mask = np.array([1, -1, 0, 1, 1, 1])
+    # Out-of-range values that are only known at run time: no error, no host sync.
+    jax.jit(lambda m: layers.batch_norm_apply(params, state, x, momentum=m))(1.5)
+    jax.jit(lambda e: layers.batch_norm_apply(params, state, x, eps=e))(-1.0)
+    jax.jit(lambda mk: layers.batch_norm_apply(params, state, x, mask=mk))(bad_mask)
+    jax.jit(lambda mk: layers.batch_norm_stats(x, mask=mk))(bad_mask)
+    # A traced momentum gives the eager result and the NumPy formula.
+    f = jax.jit(lambda m, s: layers.batch_norm_apply(params, s, x, momentum=m))
+    for m in (0.0, 0.3, 0.9, 1.0):
+        y_jit, s_jit = f(m, state)
+        y_eager, s_eager = layers.batch_norm_apply(params, state, x, momentum=m)
+        np.testing.assert_allclose(np.asarray(y_jit), np.asarray(y_eager), atol=1e-6)
+        np.testing.assert_allclose(np.asarray(s_jit.mean), np.asarray(s_eager.mean), rtol=1e-6, atol=1e-7)
+        x64_ = x.astype(np.float64)
+        np.testing.assert_allclose(np.asarray(s_jit.var), m * 1.0 + (1 - m) * x64_.var(0), rtol=1e-5)
+    # A concrete bad value closed over by jit is still caught while tracing.
+    with pytest.raises(ValueError, match="momentum"):
+        jax.jit(lambda xx: layers.batch_norm_apply(params, state, xx, momentum=1.5))(x)
+    # A traced flag cannot choose the program: a TypeError that says so, not a ConcretizationTypeError.
+    with pytest.raises(TypeError, match="train.*static"):
+        jax.jit(lambda t: layers.batch_norm_apply(params, state, x, t))(True)
+
+
+def test_vmap_over_momenta_is_not_validated_and_matches_the_formula():
+    params, state, x = _bn_case()
+    momenta = jnp.array([0.0, 0.5, 0.9, 1.0])
+    states = jax.vmap(lambda m: layers.batch_norm_apply(params, state, x, momentum=m)[1])(momenta)
+    x64_ = x.astype(np.float64)
+    m = np.asarray(momenta, np.float64)[:, None]
+    np.testing.assert_allclose(np.asarray(states.mean), (1 - m) * x64_.mean(0), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(states.var), m + (1 - m) * x64_.var(0), rtol=1e-5)
+    # Out of range, but traced: the caller's business.
+    jax.vmap(lambda mm: layers.batch_norm_apply(params, state, x, momentum=mm)[1])(jnp.array([1.5, -1.0]))
+
+
+def test_array_likes_int_input_and_float64_numpy_without_x64():
+    params, state, x = _bn_case()
+    y_ref, s_ref = layers.batch_norm_apply(params, state, jnp.asarray(x))
+    y_list, s_list = layers.batch_norm_apply(params, state, x.tolist())
+    assert y_list.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(y_list), np.asarray(y_ref))
+    np.testing.assert_array_equal(np.asarray(s_list.var), np.asarray(s_ref.var))
+    for got, want in zip(layers.batch_norm_stats(x.tolist()), layers.batch_norm_stats(jnp.asarray(x))):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    # Integer input: a clear TypeError, whatever its container.
+    for xi in (np.ones((3, 4), np.int64), [[1, 2, 3, 4]] * 3, jnp.ones((3, 4), jnp.int32)):
+        with pytest.raises(TypeError, match="floating-point"):
+            layers.batch_norm_apply(params, state, xi)
+        with pytest.raises(TypeError, match="floating-point"):
+            layers.batch_norm_stats(xi)
+    with pytest.raises(TypeError, match="x must be an array"):
+        layers.batch_norm_apply(params, state, None)
+    # float64 NumPy without x64: quietly the float32 computation.
+    assert not jax.config.jax_enable_x64
+    x_rounded = x.astype(np.float64) + 1e-12  # not exactly representable in float32
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y64, s64 = layers.batch_norm_apply(params, state, x_rounded)
+        stats64 = layers.batch_norm_stats(x_rounded, mask=np.ones(6))
+    y32, s32 = layers.batch_norm_apply(params, state, jnp.asarray(x_rounded.astype(np.float32)))
+    assert y64.dtype == jnp.float32 and s64.var.dtype == jnp.float32 and stats64[0].dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(y64), np.asarray(y32))
+    np.testing.assert_array_equal(np.asarray(s64.mean), np.asarray(s32.mean))
+    # With x64 on, float64 NumPy input stays float64.
+    with x64():
+        p64, st64 = layers.batch_norm_init(4, dtype=jnp.float64)
+        y, s = layers.batch_norm_apply(p64, st64, x.astype(np.float64))
+        assert y.dtype == jnp.float64 and s.var.dtype == jnp.float64
+
+
+def test_integer_running_statistics_raise():
+    params, state, x = _bn_case()
+    for dtype in (jnp.int32, np.int64, bool):
+        int_state = layers.BatchNormState(np.zeros(4, dtype), np.ones(4, dtype))
+        with pytest.raises(TypeError, match="running statistics must be floating"):
+            layers.batch_norm_apply(params, int_state, x)
+        with pytest.raises(TypeError, match="running statistics must be floating"):
+            layers.batch_norm_apply(params, int_state, x, False)
+
+
+def test_bool_and_zero_one_masks_agree_with_the_valid_rows():
+    params, state, x = _bn_case(n=8)
+    keep = np.array([1, 0, 1, 1, 0, 1, 1, 1])
+    valid = x[keep == 1].astype(np.float64)
+    results = []
+    for mask in (keep.astype(bool), keep.astype(np.float32), keep, jnp.asarray(keep, jnp.float32), keep.tolist()):
+        y, s = layers.batch_norm_apply(params, state, x, mask=mask)
+        np.testing.assert_allclose(np.asarray(s.mean), 0.1 * valid.mean(0), rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(s.var), 0.9 + 0.1 * valid.var(0), rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(y)[keep == 1], (valid - valid.mean(0)) / np.sqrt(valid.var(0) + 1e-6),
+                                   atol=1e-5)
+        results.append(np.asarray(s.var))
+    for r in results[1:]:
+        np.testing.assert_array_equal(r, results[0])
+
+
+def test_batch_norm_init_validates_its_arguments():
+    p, s = layers.batch_norm_init(np.int64(3))
+    assert p.gamma.shape == (3,) and s.var.shape == (3,)
+    assert layers.batch_norm_init((2, np.int32(3)))[1].mean.shape == (2, 3)
+    for kw, exc, name in (
+        ({"num_features": 3.0}, TypeError, "num_features"),
+        ({"num_features": (2, 1.5)}, TypeError, "num_features"),
+        ({"num_features": True}, TypeError, "num_features"),
+        ({"num_features": 0}, ValueError, "num_features"),
+        ({"use_scale": "no"}, TypeError, "use_scale"),
+        ({"use_offset": 1}, TypeError, "use_offset"),
+        ({"dtype": jnp.int32}, TypeError, "dtype"),
+        ({"init_var": -1.0}, ValueError, "init_var"),
+        ({"init_var": float("nan")}, ValueError, "init_var"),
+        ({"init_mean": float("inf")}, ValueError, "init_mean"),
+        ({"init_mean": "0"}, TypeError, "init_mean"),
+    ):
+        kw = {"num_features": 3, **kw}
+        with pytest.raises(exc, match=name):
+            layers.batch_norm_init(kw.pop("num_features"), **kw)
+    # Traced initial statistics (an ensemble over init_var) are not checked.
+    states = jax.vmap(lambda v: layers.batch_norm_init(2, init_var=v)[1])(jnp.array([-1.0, 1.0]))
+    np.testing.assert_array_equal(np.asarray(states.var), [[-1.0, -1.0], [1.0, 1.0]])
 
 
 # --------------------------------------------------------------------------------------------------
