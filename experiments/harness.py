@@ -428,6 +428,11 @@ def say(args: argparse.Namespace, *lines: str) -> None:
             print(line, flush=True)
 
 
+# The options behind the engine's fields, for its error messages.
+FIELD_OPTIONS = {"weight_scale": "--scales/--init-scale", "learning_rate": "--lr/--lrs", "weight_decay": "--weight-decay",
+                 "batch_size": "--batch-size", "num_records": "--epochs", "dtype": "--dtype"}
+
+
 def run_engine(args: argparse.Namespace, started: dict, config, dataset, *, name: str, what: str,
                heldout: bool = False, unit: str = "record"):
     """Run one grid with the house conventions: a one-line description, a chunk note, a progress bar (once
@@ -441,7 +446,8 @@ def run_engine(args: argparse.Namespace, started: dict, config, dataset, *, name
     try:
         config.validate()
     except ValueError as err:  # a combination of options the engine cannot run (e.g. a scale float16 rounds to 0)
-        usage_error(str(err))
+        field = str(err).split(" ", 1)[0]
+        usage_error(f"{FIELD_OPTIONS[field]}: {err}" if field in FIELD_OPTIONS else str(err))
     problem = memory_problem(config, input_size, num_train, dataset.x_heldout.shape[0] if heldout else 0)
     if problem:
         print(f"error: {problem}", file=sys.stderr)

@@ -197,7 +197,8 @@ def main(argv=None) -> int:
     figures = {
         "init.png": lambda: accuracy_figure(weight_scales, accuracy, num_updates),
         "init_panels.png": lambda: plot.sweep_figure(
-            weight_scales, accuracy, title=f"mean and min..max over {args.num_seeds} seed(s)"),
+            weight_scales, accuracy, title=f"mean and min..max over {args.num_seeds} seed(s)",
+            diverged=result.diverged),
     }
     harness.finish(args, record, figures, verdict_lines(v), _START)
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from bnjax._files import atomic_file
 # The book's legend and line styles for its two arms; any other arm is drawn with its own name.
 LABELS = {"batchnorm": "Batch Normalization", "plain": "Normal(without BatchNorm)"}
 STYLES = ("-", "--", ":", "-.")
+SHORT = {"batchnorm": "BN", "plain": "plain"}
 
 
 def grid_shape(num_panels: int) -> tuple[int, int]:
@@ -23,12 +25,29 @@ def grid_shape(num_panels: int) -> tuple[int, int]:
 
 def pyplot():
     """matplotlib.pyplot on the non-interactive Agg backend (files only, no display needed)."""
+    _config_dir()
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _config_dir() -> None:
+    """Give matplotlib a writable config/cache directory: with an unwritable or missing HOME it otherwise
+    prints a long warning and rebuilds its font cache on every run."""
+    if "MPLCONFIGDIR" in os.environ or "matplotlib" in sys.modules:
+        return
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    directory = os.path.join(base, "matplotlib")
+    probe = directory if os.path.isdir(directory) else base
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    if not os.access(probe, os.W_OK):
+        import tempfile
+
+        os.environ["MPLCONFIGDIR"] = tempfile.mkdtemp(prefix="bnjax-matplotlib-")
 
 
 def save(fig, path: str | os.PathLike) -> Path:
@@ -42,16 +61,19 @@ def save(fig, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
-def plot_sweep(weight_scales, accuracy: dict, path: str | os.PathLike, *, title: str | None = None) -> Path:
+def plot_sweep(weight_scales, accuracy: dict, path: str | os.PathLike, *, title: str | None = None,
+               diverged: dict | None = None) -> Path:
     """Draw ``sweep_figure(...)`` and write it as a PNG atomically to ``path``."""
-    return save(sweep_figure(weight_scales, accuracy, title=title), path)
+    return save(sweep_figure(weight_scales, accuracy, title=title, diverged=diverged), path)
 
 
-def sweep_figure(weight_scales, accuracy: dict, *, title: str | None = None):
+def sweep_figure(weight_scales, accuracy: dict, *, title: str | None = None, diverged: dict | None = None):
     """The book's grid: ``accuracy`` (arm name -> ``[seeds, S, R]``), one panel per scale, one line per arm.
 
     The first arm is solid, the second dashed (the book's BN and plain). With several seeds the line is the
-    mean and the shaded band spans min..max over seeds. Returns the matplotlib figure.
+    mean and the shaded band spans min..max over seeds. ``diverged`` (arm name -> ``[seeds, S]``) marks the
+    panels where an arm's parameters overflowed (its accuracy there is class 0's share, not learning). The
+    legend sits under the panels, where it hides no curve. Returns the matplotlib figure.
     """
     plt = pyplot()
     from matplotlib.ticker import MaxNLocator
@@ -72,6 +94,17 @@ def sweep_figure(weight_scales, accuracy: dict, *, title: str | None = None):
             if runs.shape[0] > 1:
                 ax.fill_between(x, runs.min(0), runs.max(0), color=line.get_color(), alpha=0.2, linewidth=0)
         ax.set_title(f"W:{weight_scales[i]:.4g}", fontsize=9)
+        if diverged is not None:
+            marks = []
+            for name, flags in diverged.items():
+                count = int(np.asarray(flags)[:, i].sum())
+                if count:
+                    seeds = np.asarray(flags).shape[0]
+                    marks.append(f"{SHORT.get(name, name)} diverged"
+                                 + (f" ({count}/{seeds})" if seeds > 1 else ""))
+            if marks:
+                ax.text(0.03, 0.95, "\n".join(marks), transform=ax.transAxes, fontsize=6.5, color="firebrick",
+                        va="top")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # records are whole epochs
         ax.set_ylim(0, 1.0)
         row, col = divmod(i, cols)
@@ -84,13 +117,13 @@ def sweep_figure(weight_scales, accuracy: dict, *, title: str | None = None):
             ax.set_xlabel("epochs")
         else:
             ax.set_xticks([])
-        if i == num_scales - 1:
-            ax.legend(loc="lower right", fontsize=7)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
     if title:
         fig.suptitle(title, fontsize=10)
     # Fixed margins in inches instead of tight_layout, which costs ~0.2 s of text measuring per figure.
     width, height = fig.get_size_inches()
     top_in = 0.35 + (0.3 if title else 0.0)
-    fig.subplots_adjust(left=0.75 / width, right=1 - 0.15 / width, bottom=0.55 / height, top=1 - top_in / height,
+    fig.subplots_adjust(left=0.75 / width, right=1 - 0.15 / width, bottom=0.85 / height, top=1 - top_in / height,
                         wspace=0.06, hspace=0.3)
     return fig

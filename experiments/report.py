@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit status: 0 done, 1 an experiment could not run (data or backend), 2 bad option, "
                "130/143 interrupted.",
     )
-    p.add_argument("--out", type=Path, metavar="DIR",
+    p.add_argument("--out", type=harness.out_dir, metavar="DIR",
                    help="report folder; each experiment writes into DIR/<name> (default: runs/report-<date>-<time>)")
     p.add_argument("--reuse", action="store_true",
                    help="read DIR/<name>/results.json where it exists instead of running the experiment again")

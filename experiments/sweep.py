@@ -138,7 +138,8 @@ def main(argv=None) -> int:
         ],
     )
     title = None if args.num_seeds == 1 else f"mean and min..max over {args.num_seeds} seeds"
-    harness.finish(args, results, {"sweep.png": lambda: plot.sweep_figure(weight_scales, accuracy, title=title)},
+    harness.finish(args, results, {"sweep.png": lambda: plot.sweep_figure(weight_scales, accuracy, title=title,
+                                                                        diverged=result.diverged)},
                    [table], _START)
     return 0
 

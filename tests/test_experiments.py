@@ -226,8 +226,17 @@ def test_plot_draws_every_arm_in_every_panel(tmp_path):
         for line, (name, runs) in zip(ax.lines, acc.items()):
             np.testing.assert_allclose(line.get_ydata(), runs[:, i].mean(0))  # mean over seeds, this scale
         assert len(ax.collections) == 3  # a min..max band per arm
-    labels = [t.get_text() for t in panels[-1].get_legend().get_texts()]
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]  # one legend, under the panels
     assert labels == ["Batch Normalization", "Normal(without BatchNorm)", "dropout"]
+    assert not any(ax.get_legend() for ax in fig.axes) and not any(ax.texts for ax in panels)
+    plot.pyplot().close(fig)
+    # a diverged arm is written into its panels only
+    diverged = {"batchnorm": np.zeros((2, 3), bool), "plain": np.array([[True, False, False], [True, True, False]]),
+                "dropout": np.zeros((2, 3), bool)}
+    fig = plot.sweep_figure([1.0, 0.1, 0.01], acc, diverged=diverged)
+    panels = [ax for ax in fig.axes if ax.get_visible() and ax.lines]
+    assert [[t.get_text() for t in ax.texts] for ax in panels] == [["plain diverged (2/2)"],
+                                                                   ["plain diverged (1/2)"], []]
     plot.pyplot().close(fig)
     path = plot.plot_sweep([1.0, 0.1, 0.01], acc, tmp_path / "f.png", title="t")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -248,8 +257,7 @@ def test_interrupt_prints_one_line_and_exits_non_zero(tmp_path, sig, status, wor
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == status, err[-2000:]
     assert "Traceback" not in err and word in err
-    assert not (tmp_path / "run" / "results.json").exists()
-    assert not [p for p in (tmp_path / "run").iterdir() if p.name.startswith(".")]
+    assert not (tmp_path / "run").exists()  # nothing was written: the empty output directory is gone too
 
 
 def test_json_writer_turns_non_finite_numbers_into_null(tmp_path):

@@ -1,0 +1,189 @@
+"""Hostile invocations of every experiment: each bad option exits 2 naming the option, with no traceback and
+nothing written; failures after parsing (backend, data sizes, dtype ranges, memory, a corrupt cache) end in one
+line; interrupts at compile time and mid-run leave earlier results byte-identical and no temporary file."""
+
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from test_experiments import ROOT, _env, _run
+
+EXPERIMENTS = ("sweep", "learning_rate", "init", "overfitting", "activations")
+
+# Every experiment takes these (harness.add_common_args).
+COMMON = [
+    (["--seed", "-1"], "--seed"),
+    (["--seed", str(2**31)], "--seed"),
+    (["--seed", str(2**31 - 1), "--num-seeds", "2"], "--seed"),
+    (["--num-seeds", "0"], "--num-seeds"),
+    (["--num-seeds", "1e6"], "--num-seeds"),
+    (["--num-seeds", "2000000"], "--num-seeds"),
+    (["--split-seed", "-3"], "--split-seed"),
+    (["--train-size", "0"], "--train-size"),
+    (["--train-size", "x"], "--train-size"),
+    (["--train-size", "100000000"], "--train-size"),
+    (["--data", "imagenet"], "--data"),
+    (["--data-dir", "/nonexistent-bnjax-test/mnist"], "--data-dir"),
+    (["--data", "bundled", "--data-dir", "."], "--data-dir"),
+    (["--out", ""], "--out"),
+    (["--out", "/proc/bnjax-cannot-write-here"], "--out"),
+    (["--cpu-devices", "100000"], "--cpu-devices"),
+    (["--cpu-devices", "0"], "--cpu-devices"),
+    (["--max-models-per-chunk", "0"], "--max-models-per-chunk"),
+    (["--coordinator", "host"], "--coordinator"),
+    (["--coordinator", "h:1"], "--coordinator"),
+    (["--coordinator", "h:1", "--num-processes", "2", "--process-id", "2"], "--process-id"),
+    (["--no-such-option"], "--no-such-option"),
+]
+
+SPECIFIC = {
+    "sweep": [(["--lr", "1e-320"], "--lr"), (["--lr", "1e308"], "--lr"), (["--lr", "0"], "--lr"),
+              (["--lr", "nan"], "--lr"), (["--scales", "1e-320"], "--scales"), (["--scales", "0.1,,x"], "--scales"),
+              (["--scales", "0.1", "--num-scales", "3"], "--num-scales"), (["--epochs", "0"], "--epochs"),
+              (["--epochs", "1e9"], "--epochs"), (["--num-scales", "100000"], "--num-scales"),
+              (["--batch-size", "0"], "--batch-size"), (["--batch-size", "1000000000"], "--batch-size"),
+              (["--optimizer", "sgdd"], "--optimizer"), (["--dtype", "int8"], "--dtype"),
+              (["--heldout-size", "0"], "--heldout-size"),
+              (["--data", "bundled", "--train-size", "4500", "--heldout-size", "600"], "--train-size")],
+    "learning_rate": [(["--lrs", "0.1,0"], "--lrs"), (["--init-scale", "nan"], "--init-scale"),
+                      (["--probe-lr", "-1"], "--probe-lr"), (["--num-lrs", "100000"], "--num-lrs"),
+                      (["--probe-steps", "1"], "--probe-steps"), (["--epochs", "1"], "--epochs")],
+    "init": [(["--lr", "inf"], "--lr"), (["--scales", ","], "--scales"), (["--num-scales", "0"], "--num-scales")],
+    "overfitting": [(["--dropout-ratio", "1"], "--dropout-ratio"), (["--dropout-ratio", "nan"], "--dropout-ratio"),
+                    (["--weight-decay", "0"], "--weight-decay"), (["--record-every", "500"], "--record-every"),
+                    (["--epochs", "1"], "--epochs"), (["--data", "bundled", "--train-size", "5000"], "--train-size")],
+    "activations": [(["--num-inputs", "1"], "--num-inputs"), (["--num-scales", "0"], "--num-scales"),
+                    (["--epochs", "0"], "--epochs")],
+}
+REPORT = [(["--only", "sweepz"], "--only"), (["--only", ""], "--only"), (["--seed", "-1"], "--seed"),
+          (["--out", ""], "--out"), (["--data", "x"], "--data"), (["--data-dir", "/nonexistent-bnjax-test"], "--data-dir"),
+          (["--cpu-devices", "0"], "--cpu-devices")]
+
+CASES = [(name, bad, option) for name in EXPERIMENTS for bad, option in COMMON + SPECIFIC[name]]
+CASES += [("report", bad, option) for bad, option in REPORT]
+
+
+@pytest.mark.parametrize("name,bad,option", CASES, ids=[f"{n}:{' '.join(b)}" for n, b, _ in CASES])
+def test_bad_option_exits_2_naming_it_and_writes_nothing(name, bad, option, tmp_path, capsys, monkeypatch):
+    module = importlib.import_module(f"experiments.{name}")
+    monkeypatch.chdir(tmp_path)  # a run that wrongly starts writes here, where the last assertion sees it
+    never = tmp_path / "never"
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--out", str(never), *bad])  # a later --out in ``bad`` wins
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert option in err and "Traceback" not in err
+    assert not never.exists() and list(tmp_path.iterdir()) == []
+
+
+def _no_traceback_one_error(err: str) -> None:
+    assert "Traceback" not in err and "Warning" not in err, err[-2000:]
+    assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1, err[-2000:]
+
+
+TINY = ["--scales", "0.1", "--epochs", "2", "--train-size", "200", "--no-cache", "--no-plot", "--quiet"]
+
+
+def test_missing_backend_is_one_line_and_leaves_no_directory(tmp_path):
+    r = _run("experiments.sweep", *TINY, "--out", str(tmp_path / "run"), JAX_PLATFORMS="cuda")
+    assert r.returncode == 1
+    _no_traceback_one_error(r.stderr)
+    assert "'cuda'" in r.stderr and "JAX_PLATFORMS" in r.stderr and "jaxlib" in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_sizes_the_auto_data_cannot_supply_exit_2_like_bundled(tmp_path):
+    # An empty data directory: auto falls back to the 5,000 bundled images.
+    empty = tmp_path / "data"
+    empty.mkdir()
+    for source in ("auto", "bundled"):
+        r = _run("experiments.sweep", *TINY, "--data", source, "--train-size", "6000", "--out",
+                 str(tmp_path / source), BNJAX_DATA_DIR=str(empty))
+        assert r.returncode == 2, (source, r.stderr)
+        assert "--train-size" in r.stderr and "Traceback" not in r.stderr
+        assert not (tmp_path / source).exists()
+
+
+def test_a_scale_the_dtype_cannot_hold_exits_2(tmp_path):
+    r = _run("experiments.sweep", *TINY[2:], "--scales", "0.00001", "--dtype", "float16", "--data", "bundled",
+             "--out", str(tmp_path / "run"))
+    assert r.returncode == 2 and "--scales" in r.stderr and "float16" in r.stderr
+    _no_traceback_one_error(r.stderr)
+    assert not (tmp_path / "run").exists()
+
+
+def test_memory_preflight_refuses_what_cannot_fit_in_one_line(tmp_path):
+    t0 = time.time()
+    r = _run("experiments.sweep", "--num-seeds", "1000000", "--epochs", "100000", "--data", "bundled", "--no-cache",
+             "--quiet", "--out", str(tmp_path / "run"))
+    assert r.returncode == 1 and "GiB" in r.stderr and "--num-seeds" in r.stderr
+    _no_traceback_one_error(r.stderr)
+    assert time.time() - t0 < 120 and not (tmp_path / "run").exists()
+
+
+def test_memory_problem_counts_chunks_and_results():
+    from bnjax import sweep
+    from experiments import harness
+
+    small = sweep.GridConfig()
+    assert harness.memory_problem(small, 784, 1000, 0) is None
+    host = sweep.GridConfig(num_seeds=10**6, num_records=10**5)
+    assert "--num-seeds" in harness.memory_problem(host, 784, 1000, 0)
+    # one huge model per chunk: the batch activations alone exceed any machine
+    wide = sweep.GridConfig(batch_size=10**9, max_models_per_chunk=1)
+    assert "--batch-size" in harness.memory_problem(wide, 784, 1000, 0)
+
+
+def test_a_corrupt_compilation_cache_entry_is_replaced_once(tmp_path):
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    args = [*TINY[:-3], "--no-plot", "--quiet", "--data", "bundled"]
+    assert _run("experiments.sweep", *args, "--out", str(tmp_path / "a"), **env).returncode == 0
+    entries = [p for p in (tmp_path / "cache" / "bnjax" / "jax-compilation-cache").iterdir() if p.is_file()]
+    assert entries
+    for p in entries:
+        p.write_bytes(b"garbage")
+    r = _run("experiments.sweep", *args, "--out", str(tmp_path / "b"), **env)
+    assert r.returncode == 0 and "replaced" in r.stderr and "Warning" not in r.stderr
+    again = _run("experiments.sweep", *args, "--out", str(tmp_path / "c"), **env)
+    assert again.returncode == 0 and again.stderr == ""
+    first = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert json.loads((tmp_path / "c" / "results.json").read_text())["train_accuracy"] == first["train_accuracy"]
+
+
+def test_matplotlib_gets_a_writable_config_dir():
+    # As if HOME were unwritable (os.access says so until the directory is chosen; this test runs as root).
+    code = ("import os; real = os.access; os.access = lambda path, mode: False\n"
+            "from experiments import plot; plot._config_dir(); os.access = real\n"
+            "plot.pyplot(); print(os.environ['MPLCONFIGDIR'])")
+    env = _env()
+    env.pop("MPLCONFIGDIR", None)
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "bnjax-matplotlib-" in r.stdout and "Traceback" not in r.stderr and "Matplotlib" not in r.stderr
+
+
+@pytest.mark.parametrize("when", ["compile", "run"])
+@pytest.mark.parametrize("sig,status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupt_keeps_earlier_results_byte_identical(tmp_path, when, sig, status):
+    out = tmp_path / "run"
+    base = ["experiments.init", "--scales", "0.1,0.01", "--epochs", "2", "--num-seeds", "2", "--train-size", "200",
+            "--data", "bundled", "--no-cache", "--out", str(out)]
+    assert _run(*base, "--quiet").returncode == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    proc = subprocess.Popen([sys.executable, "-m", *base[:1], "--num-seeds", "64", "--epochs", "200", *base[7:]],
+                            cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and "compiling" not in (proc.stdout.readline() or ""):
+        pass
+    time.sleep(0.2 if when == "compile" else 3.0)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == status, err[-2000:]
+    assert "Traceback" not in err and len(err.strip().splitlines()[-1:]) == 1
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no temporary file, nothing changed
