@@ -128,11 +128,14 @@ def sign_test(wins: int, losses: int) -> float:
     """Two-sided exact sign test: the probability of a split at least this uneven if each non-tied pair were a
     fair coin. Ties are left out before calling. Returns 1.0 with no pairs."""
     wins, losses = int(wins), int(losses)
+    if wins < 0 or losses < 0:
+        raise ValueError(f"sign_test: counts must be >= 0, got {wins} wins and {losses} losses")
     n = wins + losses
     if n == 0:
         return 1.0
     k = min(wins, losses)
-    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2.0**n
+    # Exact integers: 2.0 ** n overflows a float from n = 1024 on (16 scales x 64 seeds).
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
     return min(1.0, 2.0 * tail)
 
 

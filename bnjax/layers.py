@@ -190,14 +190,22 @@ def _real_values(value: Any, name: str, who: str) -> np.ndarray | None:
 def _check_hyper(momentum: Any, eps: Any, who: str) -> None:
     """``momentum`` in [0, 1] and ``eps`` finite and > 0, where concrete (see the module docstring)."""
     m = _real_values(momentum, "momentum", who)
+    e = _real_values(eps, "eps", who)
+    for name, arr in (("momentum", m), ("eps", e)):
+        # A scalar, or one value per feature; more dimensions would broadcast the running statistics to a new shape.
+        if arr is not None and arr.ndim > 1:
+            raise ValueError(f"{who}: {name} must be a scalar or one value per feature (vmap over a stack for "
+                             f"several), got shape {arr.shape}")
     if m is not None and not np.all((m >= 0.0) & (m <= 1.0)):  # NaN fails both comparisons
         raise ValueError(
             f"{who}: momentum must be in [0, 1] (new = momentum * old + (1 - momentum) * batch), got {momentum!r}"
         )
-    e = _real_values(eps, "eps", who)
-    # eps = 0 would turn a constant feature (variance 0) into 0/0 = NaN.
-    if e is not None and not np.all(np.isfinite(e) & (e > 0.0)):
-        raise ValueError(f"{who}: eps must be finite and > 0 (it is added to the variance), got {eps!r}")
+    # eps = 0 would turn a constant feature (variance 0) into 0/0 = NaN; the statistics are float32, so eps must
+    # survive the cast (1e-320 would become 0, 1e300 inf).
+    tiny, big = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)
+    if e is not None and not np.all((e >= tiny) & (e <= big)):
+        raise ValueError(f"{who}: eps must be > 0 and within float32's range {tiny:.3g}..{big:.3g} (it is added "
+                         f"to the variance), got {eps!r}")
 
 
 def _as_input(x: Any, who: str) -> Array:

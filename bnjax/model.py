@@ -63,8 +63,9 @@ class MLPConfig(NamedTuple):
             raise ValueError(f"dropout_ratio must be in [0, 1), got {self.dropout_ratio}")
         if not 0.0 <= self.bn_momentum <= 1.0:
             raise ValueError(f"bn_momentum must be in [0, 1], got {self.bn_momentum}")
-        if not self.bn_eps > 0.0:
-            raise ValueError(f"bn_eps must be > 0, got {self.bn_eps}")
+        # Batch-norm statistics are float32: eps must survive the cast (1e-320 would become 0, 1e300 inf).
+        if not 1.1754944e-38 <= self.bn_eps <= 3.4028235e38:
+            raise ValueError(f"bn_eps must be > 0 and within float32's range, got {self.bn_eps}")
         return self
 
 

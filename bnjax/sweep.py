@@ -183,7 +183,11 @@ class GridConfig:
                 raise ValueError(f"arm names must be non-empty strings, got {name!r}")
             if not isinstance(arm, Arm):
                 raise ValueError(f"arm {name!r} must be a bnjax.sweep.Arm, got {type(arm).__name__}")
-            if arm.init_stream is not None and not (isinstance(arm.init_stream, int) and arm.init_stream >= 0):
+            for flag in ("batch_norm", "dropout_inverted"):
+                if not isinstance(getattr(arm, flag), (bool, np.bool_)):
+                    raise ValueError(f"arm {name!r}: {flag} must be True or False, got {getattr(arm, flag)!r}")
+            if arm.init_stream is not None and (isinstance(arm.init_stream, bool) or
+                                                not (isinstance(arm.init_stream, int) and arm.init_stream >= 0)):
                 raise ValueError(f"arm {name!r}: init_stream must be None or an integer >= 0, got {arm.init_stream!r}")
             if not _valid_weight_init(arm.weight_init):
                 raise ValueError(f"arm {name!r}: weight_init must be None, 'he', 'xavier' or a finite number > 0, "
@@ -200,6 +204,13 @@ class GridConfig:
             _check_values(name, vals)
         for name in options.AXES:
             _check_values(name, np.asarray([getattr(self, name)], dtype=float))
+        for name in ("num_records", "batch_size", "num_seeds", "eval_batch_size", "seed", "num_classes",
+                     "updates_per_record", "max_models_per_chunk", "memory_budget_bytes"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+        if self.matmul_precision not in ("default", "high", "highest", "bfloat16", "tensorfloat32", "float32"):
+            raise ValueError(f"matmul_precision must be 'default', 'high' or 'highest', got {self.matmul_precision!r}")
         for name in ("num_records", "batch_size", "num_seeds", "eval_batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -216,8 +227,9 @@ class GridConfig:
         # Values that would round to 0 or overflow to inf in the dtype they are used in: weight scales in the
         # model's dtype, learning rates and weight decays in at least float32.
         model_dtype = jnp.dtype(self.dtype)
+        # The optimizer scales the updates in the parameters' dtype: the learning rate must survive it too.
         for name, finfo in (("weight_scale", jnp.finfo(model_dtype)),
-                            ("learning_rate", jnp.finfo(jnp.promote_types(model_dtype, jnp.float32))),
+                            ("learning_rate", jnp.finfo(model_dtype)),
                             ("weight_decay", jnp.finfo(jnp.promote_types(model_dtype, jnp.float32)))):
             vals = np.abs(np.asarray(self.axes.get(name, [getattr(self, name)]), dtype=float))
             vals = vals[vals != 0]

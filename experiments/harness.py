@@ -181,7 +181,7 @@ def check_common_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
             parser.error(f"--coordinator must be HOST:PORT, got {args.coordinator!r}")
     if args.out is None:
-        args.out = Path("runs") / datetime.now().strftime(f"{name}-%Y%m%d-%H%M%S")
+        args.out = default_out(name)
     if args.process_id in (None, 0):
         try:
             check_writable(args.out)
@@ -193,6 +193,24 @@ def check_common_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
 # Output directories this process created: removed again at exit while still empty (a run that fails after
 # parsing leaves nothing behind).
 _CREATED: list[Path] = []
+
+
+def default_out(name: str) -> Path:
+    """``runs/<name>-<date>-<time>``, with ``-2``, ``-3``, ... when a run started in the same second already
+    claimed it (two runs must never share a folder)."""
+    base = Path("runs") / datetime.now().strftime(f"{name}-%Y%m%d-%H%M%S")
+    for i in range(1, 1000):
+        candidate = base if i == 1 else base.with_name(f"{base.name}-{i}")
+        try:
+            candidate.parent.mkdir(parents=True, exist_ok=True)
+            candidate.mkdir()  # atomic: exactly one process creates it
+        except FileExistsError:
+            continue
+        except OSError:
+            return candidate  # check_writable reports the problem
+        _CREATED.append(candidate)
+        return candidate
+    return base
 
 
 def check_writable(directory: str | os.PathLike) -> Path:
@@ -215,6 +233,8 @@ def check_writable(directory: str | os.PathLike) -> Path:
 
 def remove_empty_outputs() -> None:
     """Remove the directories ``check_writable`` created that are still empty, deepest first."""
+    # Deepest first: a report's folder holds the folders of the experiments it ran.
+    _CREATED.sort(key=lambda d: len(Path(d).absolute().parts), reverse=True)
     while _CREATED:
         directory = _CREATED.pop(0)
         try:
@@ -667,6 +687,15 @@ def main_wrapper(main: Callable[[list[str] | None], int], argv: list[str] | None
     except MemoryError:
         _hard_exit("error: out of host memory; use fewer models (--num-seeds, scales) or "
                    "--max-models-per-chunk, or a smaller --batch-size", 1)
+    except BrokenPipeError:
+        # The reader of our output went away (``| head``): nothing more to say, and nowhere to say it.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _hard_exit("", 1)
+    except Exception as err:
+        if "RESOURCE_EXHAUSTED" in str(err):  # XLA's out-of-memory has no class of its own
+            _hard_exit(f"error: out of memory ({str(err).strip().splitlines()[0][:120]}); use smaller sizes or "
+                       "--max-models-per-chunk", 1)
+        raise
     finally:
         remove_empty_outputs()
         if previous is not None:
@@ -676,7 +705,8 @@ def main_wrapper(main: Callable[[list[str] | None], int], argv: list[str] | None
 
 def _hard_exit(message: str, status: int) -> None:
     remove_empty_outputs()
-    print(message, file=sys.stderr)
+    if message:
+        print(message, file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)

@@ -91,7 +91,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.data_dir is not None and not args.data_dir.is_dir():
         parser.error(f"--data-dir {args.data_dir} is not a directory")
     if args.out is None:
-        args.out = Path("runs") / datetime.now().strftime("report-%Y%m%d-%H%M%S")
+        args.out = harness.default_out("report")
     try:
         harness.check_writable(args.out)
     except OSError as err:
@@ -158,8 +158,11 @@ def main(argv=None) -> int:
                 return status
         try:
             results[name] = json.loads(path.read_text())
-        except (OSError, ValueError) as err:
-            print(f"error: cannot read {path}: {err}", file=sys.stderr)
+            if not isinstance(results[name], dict) or "verdict" not in results[name]:
+                raise ValueError(f"not the results of experiments.{name} (no verdict)")
+            section(name, results[name], args.out)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as err:
+            print(f"error: cannot read {path}: {type(err).__name__}: {err}", file=sys.stderr)
             return 1
     report = write_report(args.out, results, args.quick)
     print(f"wrote {report} ({time.perf_counter() - _START:.0f} s)")

@@ -187,3 +187,66 @@ def test_interrupt_keeps_earlier_results_byte_identical(tmp_path, when, sig, sta
     assert proc.returncode == status, err[-2000:]
     assert "Traceback" not in err and len(err.strip().splitlines()[-1:]) == 1
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no temporary file, nothing changed
+
+
+def test_failed_report_leaves_no_nested_directory(tmp_path):
+    r = _run("experiments.report", "--quick", "--no-cache", "--out", str(tmp_path / "r" / "deep"), JAX_PLATFORMS="cuda")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("content", ["null", "[]", "{}", '{"verdict": {}}', '{"verdict": {"per_scale": 3}}'])
+def test_report_refuses_results_that_are_not_an_experiments(tmp_path, content):
+    (tmp_path / "init").mkdir()
+    (tmp_path / "init" / "results.json").write_text(content)
+    r = _run("experiments.report", "--reuse", "--only", "init", "--out", str(tmp_path))
+    assert r.returncode == 1 and "cannot read" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "report.md").exists()
+
+
+def test_default_output_folders_never_collide(tmp_path, monkeypatch):
+    from experiments import harness
+
+    monkeypatch.chdir(tmp_path)
+    folders = {harness.default_out("sweep") for _ in range(3)}  # within one second
+    assert len(folders) == 3 and all(f.is_dir() for f in folders)
+    harness.remove_empty_outputs()
+    assert not any((tmp_path / "runs").iterdir())
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.sweep", *TINY[:-1], "--data", "bundled", "--out",
+                             str(tmp_path / "run")], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # as `| head -0` does
+    err = proc.stderr.read()
+    proc.wait(timeout=120)
+    assert proc.returncode in (0, 1) and "Traceback" not in err and "BrokenPipe" not in err
+
+
+def test_library_refuses_values_its_float32_statistics_cannot_hold():
+    import numpy as np
+
+    from bnjax import claims, layers, model, sweep
+
+    params, state = layers.batch_norm_init(3)
+    x = np.ones((4, 3), np.float32)
+    for eps in (1e-320, 1e300):
+        with pytest.raises(ValueError, match="eps"):
+            layers.batch_norm_apply(params, state, x, True, eps=eps)
+        with pytest.raises(ValueError, match="bn_eps"):
+            model.MLPConfig(bn_eps=eps).check()
+    with pytest.raises(ValueError, match="momentum must be a scalar"):
+        layers.batch_norm_apply(params, state, x, True, momentum=np.array([[0.9]]))
+    assert claims.sign_test(3000, 3000) == 1.0  # no float overflow past 1024 pairs
+    # normal approximation with continuity: z = (2800.5 - 2900) / (sqrt(5800) / 2) = -2.613, p = 2 Phi(z)
+    assert claims.sign_test(3000, 2800) == pytest.approx(0.00897, rel=0.01)
+    with pytest.raises(ValueError, match="counts"):
+        claims.sign_test(-1, 5)
+    for change, field in [({"num_records": 2.5}, "num_records"), ({"seed": 1.5}, "seed"),
+                          ({"batch_size": True}, "batch_size"), ({"matmul_precision": "bogus"}, "matmul_precision"),
+                          ({"arms": {"a": sweep.Arm(batch_norm="no")}}, "batch_norm"),
+                          ({"arms": {"a": sweep.Arm(init_stream=True)}}, "init_stream"),
+                          ({"dtype": "float16", "learning_rate": 1e5}, "learning_rate")]:
+        with pytest.raises(ValueError, match=field):
+            sweep.GridConfig(**change).validate()
