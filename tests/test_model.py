@@ -181,3 +181,91 @@ def test_hidden_returns_what_each_layer_feeds_forward(use_bn, activation):
     logits, _ = model.apply(config, params, state, x, train=True)
     last = np.asarray(inside[-1][1]) @ np.asarray(params.affine[-1].W) + np.asarray(params.affine[-1].b)
     np.testing.assert_allclose(logits, last, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("use_bn", [False, True])
+def test_evaluation_has_no_dropout_and_the_books_dropout_scales_each_layer(use_bn):
+    # Oracles: the dropout-free network (inverted dropout is the identity at evaluation) and the network built
+    # by hand from bnjax.layers, each hidden activation times (1 - ratio) (the book's dropout at evaluation).
+    rng = np.random.default_rng(4)
+    cfg = model.MLPConfig(6, (7, 5), 3, batch_norm=use_bn, dropout_ratio=0.4)
+    params, state = model.init(jax.random.key(2), cfg, 0.8)
+    if use_bn:  # non-trivial running statistics
+        state = model.apply(cfg, params, state, jnp.asarray(rng.normal(size=(30, 6)), jnp.float32), True,
+                            jax.random.key(0))[1]
+    x = jnp.asarray(rng.normal(size=(9, 6)), jnp.float32)
+    plain_cfg = cfg._replace(dropout_ratio=0.0)
+    want, _ = model.apply(plain_cfg, params, state, x, train=False)
+    for key in (None, jax.random.key(7)):  # a key given at evaluation changes nothing
+        got, _ = model.apply(cfg, params, state, x, train=False, key=key)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(model.predict(cfg, params, state, x), model.predict(plain_cfg, params, state, x))
+    book = cfg._replace(dropout_inverted=False)
+    got, _ = model.apply(book, params, state, x, train=False)
+    h = x
+    for i, aff in enumerate(params.affine[:-1]):
+        h = layers.affine_apply(aff, h)
+        if use_bn:
+            h, _ = layers.batch_norm_apply(params.batch_norm[i], state.batch_norm[i], h, False)
+        h = layers.relu(h) * 0.6
+    np.testing.assert_allclose(np.asarray(got), np.asarray(layers.affine_apply(params.affine[-1], h)), rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_training_dropout_masks_each_layer_with_its_own_key_and_the_books_keeps_the_scale():
+    # Oracle: layers.dropout_apply with the per-layer split keys; the book's dropout keeps units unscaled.
+    cfg = model.MLPConfig(5, (40, 40), 4, dropout_ratio=0.5, dropout_inverted=False)
+    params, state = model.init(jax.random.key(3), cfg, "he")
+    x = jnp.abs(jax.random.normal(jax.random.key(4), (3, 5))) + 0.1
+    key = jax.random.key(9)
+    inside = []
+    h = x
+    keys = jax.random.split(key, 2)
+    for i, aff in enumerate(params.affine[:-1]):
+        a = layers.relu(layers.affine_apply(aff, h))
+        h = layers.dropout_apply(a, keys[i], 0.5, True, inverted=False)
+        inside.append((a, h))
+    got, _ = model.apply(cfg, params, state, x, True, key)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(layers.affine_apply(params.affine[-1], h)), rtol=1e-5,
+                               atol=1e-6)
+    for a, dropped in inside:  # kept units unscaled, about half of the active ones dropped
+        a, dropped = np.asarray(a), np.asarray(dropped)
+        kept = dropped != 0
+        np.testing.assert_array_equal(dropped[kept], a[kept])
+        assert 0.2 < kept[a > 0].mean() < 0.8
+    # the two (same-shaped) layers are not masked alike
+    assert not np.array_equal(np.asarray(inside[0][1]) != 0, np.asarray(inside[1][1]) != 0)
+
+
+def test_batch_norm_conventions_of_the_config_are_used():
+    # Oracle: layers.batch_norm_apply called with the config's momentum and eps.
+    rng = np.random.default_rng(5)
+    cfg = model.MLPConfig(4, (6,), 3, batch_norm=True, bn_momentum=0.3, bn_eps=0.5)
+    params, state = model.init(jax.random.key(1), cfg, 0.2)
+    x = jnp.asarray(rng.normal(size=(10, 4)), jnp.float32)
+    logits, new_state = model.apply(cfg, params, state, x, True)
+    z = layers.affine_apply(params.affine[0], x)
+    bn, bn_state = layers.batch_norm_apply(params.batch_norm[0], state.batch_norm[0], z, True, momentum=0.3, eps=0.5)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(layers.affine_apply(params.affine[1], layers.relu(bn))),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(new_state.batch_norm[0].mean), np.asarray(bn_state.mean), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(new_state.batch_norm[0].var), np.asarray(bn_state.var), rtol=1e-6)
+    # evaluation mode: the running statistics with the config's eps
+    ev, _ = model.apply(cfg, params, new_state, x, False)
+    zn = (np.asarray(z) - np.asarray(bn_state.mean)) / np.sqrt(np.asarray(bn_state.var) + 0.5)
+    want = np.maximum(zn * np.asarray(params.batch_norm[0].gamma) + np.asarray(params.batch_norm[0].beta), 0)
+    want = want @ np.asarray(params.affine[1].W) + np.asarray(params.affine[1].b)
+    np.testing.assert_allclose(np.asarray(ev), want, rtol=1e-5, atol=1e-6)
+
+
+def test_accuracy_and_predict_follow_the_scores():
+    cfg = model.MLPConfig(3, (4,), 5)
+    params, state = model.init(jax.random.key(0), cfg, 0.5)
+    x = jnp.asarray(np.random.default_rng(6).normal(size=(12, 3)), jnp.float32)
+    logits, _ = model.apply(cfg, params, state, x)
+    pred = np.argmax(np.asarray(logits), axis=1)
+    assert len(set(pred.tolist())) > 2
+    np.testing.assert_array_equal(model.predict(cfg, params, state, x), pred)
+    t = pred.copy()
+    t[:3] = (t[:3] + 1) % 5  # 9 of 12 right
+    assert float(model.accuracy(cfg, params, state, x, jnp.asarray(t))) == pytest.approx(0.75)

@@ -426,3 +426,211 @@ def test_an_arms_own_weight_scale_equals_the_scale_axis(bundled):
     assert not np.array_equal(by_arm.metrics["train_loss"]["bn"], by_arm.metrics["train_loss"]["bn_small"])
     start = sweep.init_models(sweep.GridConfig(arms={"s": sweep.Arm(weight_init=0.05)}, axes={}, weight_scale=2.0))
     assert start["s"].params.affine[2].W.std() == pytest.approx(0.1, rel=0.05)  # 0.05 x weight_scale 2
+
+
+# --------------------------------------------------------------------------------------------------
+# Sampling, initial weights, recorded numbers and sharding checked from first principles: nothing below takes
+# keys or batch indices from the engine; what a model saw is read back from its own weights.
+# --------------------------------------------------------------------------------------------------
+
+
+def _batch_counts(net, before, after, x, t, lr, batch_size):
+    """How often each training image was in the batch of one SGD update from ``before`` to ``after``.
+
+    With one-hot images (image i is the unit vector e_i) only image i touches row i of the first weight matrix,
+    and every copy of it in the batch adds the same gradient G_i to that row: ``dW0[i] = -lr / B * count_i * G_i``.
+    ``G_i`` is image i's own gradient, i.e. row i of ``N *`` the gradient of the mean loss over all N images.
+    """
+    grads = jax.grad(lambda p: model.loss(net, p, before.state, x, t, True)[0])(before.params)
+    g = np.asarray(grads.affine[0].W, np.float64) * x.shape[0]  # [N, H]: row i is image i's gradient
+    delta = np.asarray(after.params.affine[0].W, np.float64) - np.asarray(before.params.affine[0].W, np.float64)
+    step = -lr / batch_size * g
+    counts = np.sum(delta * step, axis=1) / np.sum(step * step, axis=1)
+    np.testing.assert_allclose(counts, np.round(counts), atol=0.02)  # whole copies, nothing else moved a row
+    return np.round(counts).astype(int)
+
+
+def _model_at(ts, *index):
+    return jax.tree_util.tree_map(lambda leaf: jnp.asarray(leaf[index]), ts)
+
+
+def test_batches_are_drawn_with_replacement_and_change_every_step_and_seed():
+    n, batch, lr = 1000, 100, 1.0
+    x = np.eye(n, dtype=np.float32)
+    t = (np.arange(n) * 7) % 10
+    # Sigmoid: no unit is ever exactly off, so every image in a batch leaves a trace in its row of W0.
+    cfg = sweep.GridConfig(arms={"probe": sweep.Arm(activation="sigmoid")}, axes={"weight_scale": (0.5, 0.2)},
+                           num_records=1, updates_per_record=1, batch_size=batch, learning_rate=lr,
+                           hidden_sizes=(6,), num_seeds=2, seed=3, keep_final=True)
+    start = sweep.init_models(cfg, n)["probe"]
+    one = sweep.run_grid(cfg, x, t).final["probe"]  # after update 1
+    two = sweep.run_grid(cfg.replace(num_records=2), x, t).final["probe"]  # after updates 1 and 2
+    net = cfg.network(cfg.arms["probe"], n)
+    counts = {}  # (seed, step) -> [N] copies of each image in that step's batch
+    for s in range(2):
+        for j in range(2):
+            c1 = _batch_counts(net, _model_at(start, s, j), _model_at(one, s, j), x, t, lr, batch)
+            c2 = _batch_counts(net, _model_at(one, s, j), _model_at(two, s, j), x, t, lr, batch)
+            if j == 0:
+                counts[s, 1], counts[s, 2] = c1, c2
+            else:  # every model of a seed sees the same batches
+                np.testing.assert_array_equal(c1, counts[s, 1])
+                np.testing.assert_array_equal(c2, counts[s, 2])
+    for c in counts.values():
+        assert c.sum() == batch and c.min() >= 0
+    drawn = np.concatenate([np.repeat(np.arange(n), c) for c in counts.values()])
+    # 400 uniform draws from 0..999 all above 99 (or all below 900): probability 2 * 0.9**400 < 1e-18.
+    assert drawn.min() < n // 10 and drawn.max() >= n - n // 10
+    # With replacement, a batch of 100 from 1000 images has no repeated image with probability
+    # prod_{k<100} (1 - k/1000) ~ 0.006, so all 4 batches lack one with probability ~1e-9; without
+    # replacement none ever has one. The expected number of repeated draws per batch is 100 - 1000 (1 - 0.999**100).
+    p_distinct = np.prod(1 - np.arange(batch) / n)
+    assert p_distinct < 0.01 and p_distinct ** len(counts) < 1e-8
+    repeats = sum(int(np.sum(np.maximum(c - 1, 0))) for c in counts.values())
+    expected = len(counts) * (batch - n * (1 - (1 - 1 / n) ** batch))
+    assert repeats > 0 and 0.3 * expected < repeats < 3 * expected, (repeats, expected)
+    # A new batch at every step and for every seed (two batches of 100 from 1000 are equal with probability ~0).
+    assert not np.array_equal(counts[0, 1], counts[0, 2]) and not np.array_equal(counts[1, 1], counts[1, 2])
+    assert not np.array_equal(counts[0, 1], counts[1, 1]) and not np.array_equal(counts[0, 2], counts[1, 2])
+
+
+def _eval_scores(net, ts, x, t):
+    """Accuracy and mean cross-entropy of one model in evaluation mode, straight from bnjax.model."""
+    logits, _ = model.apply(net, ts.params, ts.state, jnp.asarray(x), train=False)
+    acc = float(model.accuracy(net, ts.params, ts.state, jnp.asarray(x), jnp.asarray(t)))
+    logp = jax.nn.log_softmax(np.asarray(logits, np.float64), axis=-1)
+    return acc, float(-np.mean(np.asarray(logp)[np.arange(len(t)), t]))
+
+
+def test_recorded_metrics_are_the_final_models_scores_on_each_set(bundled):
+    """Every recorded number against ``model.accuracy`` of the returned final model on the set it names; a net
+    predicting one class scores exactly that class's share, on each set its own share."""
+    x, t = bundled.x_train[:200], bundled.t_train[:200]
+    xh, th = bundled.x_heldout[:150], bundled.t_heldout[:150]
+    arms = {"batchnorm": sweep.Arm(batch_norm=True), "plain": sweep.Arm(), "dropout": sweep.Arm(dropout_ratio=0.5)}
+    cfg = sweep.GridConfig(arms=arms, axes={"weight_scale": (0.3, 1e-4)}, num_records=2, updates_per_record=3,
+                           batch_size=50, hidden_sizes=(16, 16), num_seeds=2, seed=2, learning_rate=0.1,
+                           eval_batch_size=64, keep_final=True)
+    result = sweep.run_grid(cfg, x, t, xh, th)
+    sets = {"train": (x, t), "heldout": (xh, th)}
+    for name, arm in arms.items():
+        net = cfg.network(arm, 784)
+        for s in range(2):
+            for j in range(2):
+                ts = _model_at(result.final[name], s, j)
+                for split, (xs, ys) in sets.items():
+                    acc, loss = _eval_scores(net, ts, xs, ys)
+                    assert result.metrics[f"{split}_accuracy"][name][s, j, -1] == pytest.approx(acc, abs=1e-6)
+                    assert result.metrics[f"{split}_loss"][name][s, j, -1] == pytest.approx(loss, rel=1e-4)
+                    if name == "dropout":  # inverted dropout is the identity at evaluation
+                        assert acc == _eval_scores(net._replace(dropout_ratio=0.0), ts, xs, ys)[0]
+    # The sets really differ: the held-out numbers are not the training numbers.
+    assert not np.allclose(result.metrics["heldout_loss"]["batchnorm"], result.metrics["train_loss"]["batchnorm"])
+    shares = {split: np.bincount(ys, minlength=10) / len(ys) for split, (_, ys) in sets.items()}
+    assert not np.allclose(shares["train"], shares["heldout"])
+    for s in range(2):  # the plain net at scale 1e-4 predicts a single class c, on both sets
+        for r in range(2):
+            train_acc = result.metrics["train_accuracy"]["plain"][s, 1, r]
+            held_acc = result.metrics["heldout_accuracy"]["plain"][s, 1, r]
+            classes = [c for c in range(10) if abs(train_acc - shares["train"][c]) < 1e-6
+                       and abs(held_acc - shares["heldout"][c]) < 1e-6]
+            assert classes, (train_acc, held_acc, shares)
+
+
+def test_run_sweep_returns_each_sets_own_accuracy(bundled):
+    cfg = sweep.SweepConfig(weight_scales=(0.2, 0.05), num_records=2, hidden_sizes=(12,), batch_size=50, seed=4)
+    x, t, xh, th = bundled.x_train[:200], bundled.t_train[:200], bundled.x_heldout[:120], bundled.t_heldout[:120]
+    result = sweep.run_sweep(cfg, x, t, xh, th)
+    for name, use_bn in (("batchnorm", True), ("plain", False)):
+        net = model.MLPConfig(784, cfg.hidden_sizes, 10, batch_norm=use_bn)
+        for j in range(2):
+            ts = _model_at(result.final[name], 0, j)
+            assert result.train_accuracy[name][0, j, -1] == pytest.approx(_eval_scores(net, ts, x, t)[0], abs=1e-6)
+            assert result.heldout_accuracy[name][0, j, -1] == pytest.approx(_eval_scores(net, ts, xh, th)[0],
+                                                                            abs=1e-6)
+        np.testing.assert_array_equal(result.train_accuracy[name], result.grid.metrics["train_accuracy"][name])
+        np.testing.assert_array_equal(result.heldout_accuracy[name], result.grid.metrics["heldout_accuracy"][name])
+        np.testing.assert_array_equal(result.diverged[name], result.grid.diverged[name])
+    assert sweep.run_sweep(cfg, x, t).heldout_accuracy is None
+
+
+def test_each_device_holds_its_own_block_of_models(bundled, monkeypatch):
+    """The trained models are split over the ('seeds', 'grid') mesh, one block per device, not replicated."""
+    if jax.device_count() < 4:
+        pytest.skip("needs 4 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+    captured = []
+    to_host = sweep._to_host
+
+    def spy(tree):  # the device arrays on their way to the host
+        captured.append(tree)
+        return to_host(tree)
+
+    monkeypatch.setattr(sweep, "_to_host", spy)
+    devices = jax.devices()[:4]
+    # 2 seeds x 4 scales on 4 devices: a 2 x 2 mesh, each device one seed x two scales.
+    cfg = sweep.GridConfig(axes={"weight_scale": (0.2, 0.1, 0.05, 0.02)}, num_seeds=2, num_records=1,
+                           hidden_sizes=(8,), keep_final=True)
+    result = sweep.run_grid(cfg, bundled.x_train[:100], bundled.t_train[:100], devices=devices)
+    assert result.layout["mesh_shape"] == (2, 2) and result.layout["devices_used"] == 4
+    assert (result.layout["seed_block"], result.layout["grid_block"]) == (2, 4)
+    mesh = np.asarray(devices).reshape(2, 2)
+    models = [tree for tree in captured if isinstance(tree, dict) and set(tree) == set(cfg.arms)
+              and isinstance(next(iter(tree.values())), train.TrainState)]
+    assert len(models) == 1
+    for arm, ts in models[0].items():
+        leaves = jax.tree_util.tree_leaves(ts.params)
+        assert leaves
+        for leaf in leaves:
+            assert leaf.shape[:2] == (2, 4)
+            shards = leaf.addressable_shards
+            assert sorted(s.device.id for s in shards) == sorted(d.id for d in devices)
+            for shard in shards:
+                assert shard.data.shape == (1, 2, *leaf.shape[2:]), (arm, shard.data.shape)
+                i, j = [int(v) for v in np.argwhere(mesh == shard.device)[0]]
+                assert shard.index[:2] == (slice(i, i + 1), slice(2 * j, 2 * j + 2))
+    # and the numbers are those of one device
+    one = sweep.run_grid(cfg, bundled.x_train[:100], bundled.t_train[:100], devices=devices[:1])
+    for arm in cfg.arms:
+        np.testing.assert_allclose(result.metrics["train_loss"][arm], one.metrics["train_loss"][arm], rtol=1e-5)
+        np.testing.assert_allclose(result.final[arm].params.affine[0].W, one.final[arm].params.affine[0].W,
+                                   rtol=1e-5, atol=1e-7)
+
+
+def test_init_models_follow_the_seed_and_each_arm_draws_its_own_weights():
+    cfg = sweep.GridConfig(axes={"weight_scale": (0.5, 0.1)}, hidden_sizes=(6,), seed=5, num_seeds=2)
+    start = sweep.init_models(cfg, 20)
+    init_keys = {s: reference_keys(s, 2, 2, 1, 1, 1)[0] for s in (5, 6)}
+    for v, (name, arm) in enumerate(cfg.arms.items()):
+        net = cfg.network(arm, 20)
+        for s in range(2):
+            for j, scale in enumerate((0.5, 0.1)):
+                params, _ = model.init(init_keys[5 + s][v, j], net, jnp.float32(scale))
+                for got, want in zip(start[name].params.affine, params.affine):
+                    np.testing.assert_allclose(got.W[s, j], want.W, rtol=1e-6)
+    w = {name: start[name].params.affine[0].W for name in cfg.arms}
+    # BN and plain nets draw their own weights; each seed and each scale too (not just a rescaled copy).
+    assert np.corrcoef(w["batchnorm"].ravel(), w["plain"].ravel())[0, 1] < 0.2
+    assert np.corrcoef(w["plain"][0, 0].ravel(), w["plain"][1, 0].ravel())[0, 1] < 0.5
+    assert np.corrcoef(w["plain"][0, 0].ravel(), w["plain"][0, 1].ravel())[0, 1] < 0.5
+
+
+def test_fixed_hyper_parameters_and_batch_norm_conventions_reach_every_model(bundled):
+    """Values without an axis (learning rate, weight decay) and bn_momentum / bn_eps against one model trained
+    by hand with the same keys and batches."""
+    cfg = sweep.GridConfig(arms={"bn": sweep.Arm(batch_norm=True)}, axes={"weight_scale": (0.3,)},
+                           learning_rate=0.2, weight_decay=0.05, bn_momentum=0.5, bn_eps=1e-2, num_records=2,
+                           updates_per_record=2, batch_size=40, hidden_sizes=(10,), seed=9, keep_final=True)
+    x, t = bundled.x_train[:120], bundled.t_train[:120]
+    result = sweep.run_grid(cfg, x, t)
+    init_keys, batch_idx = reference_keys(9, 1, 1, 3, 40, 120)
+    net = model.MLPConfig(784, (10,), 10, batch_norm=True, bn_momentum=0.5, bn_eps=1e-2)
+    params, state = model.init(init_keys[0, 0], net, jnp.float32(0.3))
+    opt = optax.sgd(0.2)
+    ts = train.train_state_init(params, state, opt)
+    for u in range(3):
+        ts, _ = train.train_step(net, ts, x[batch_idx[u]], t[batch_idx[u]], opt, None, 0.05)
+    got = _model_at(result.final["bn"], 0, 0)
+    np.testing.assert_allclose(got.params.affine[0].W, ts.params.affine[0].W, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(got.state.batch_norm[0].mean, ts.state.batch_norm[0].mean, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(got.state.batch_norm[0].var, ts.state.batch_norm[0].var, rtol=1e-4, atol=1e-6)
+    assert result.metrics["train_loss"]["bn"][0, 0, -1] == pytest.approx(_eval_scores(net, ts, x, t)[1], rel=1e-4)

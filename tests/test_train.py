@@ -118,3 +118,54 @@ def test_step_size_probe_follows_the_first_order_taylor_expansion(use_bn):
         stepped = jax.tree_util.tree_map(lambda p, d: p - 30.0 * d, params, g)
         assert ratios[3] == pytest.approx(float(value(stepped)) / float(L), rel=1e-12)
         assert abs(ratios[3] - 1) > 1e-3  # the large step really moves the loss
+
+
+def test_train_step_is_one_sgd_step_on_the_dropout_loss_with_its_key():
+    # Oracle: jax.grad of model.loss with the same key and weight decay, applied by hand (W -= lr * g).
+    net = model.MLPConfig(6, (8, 8), 3, batch_norm=True, dropout_ratio=0.3)
+    params, state = model.init(jax.random.key(1), net, 0.6)
+    rng = np.random.default_rng(2)
+    x, t = jnp.asarray(rng.normal(size=(10, 6)), jnp.float32), jnp.asarray(rng.integers(0, 3, 10))
+    key = jax.random.key(5)
+    opt = train.make_optimizer("sgd", 0.3)
+    ts = train.train_state_init(params, state, opt)
+    new, value = train.train_step(net, ts, x, t, opt, key, 0.2)
+    (want_value, want_state), grads = jax.value_and_grad(model.loss, argnums=1, has_aux=True)(
+        net, params, state, x, t, True, key, 0.2)
+    assert float(value) == pytest.approx(float(want_value), rel=1e-6)
+    for got, p, g in zip(jax.tree_util.tree_leaves(new.params), jax.tree_util.tree_leaves(params),
+                         jax.tree_util.tree_leaves(grads)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(p) - 0.3 * np.asarray(g), rtol=1e-5, atol=1e-7)
+    for got, want in zip(jax.tree_util.tree_leaves(new.state), jax.tree_util.tree_leaves(want_state)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
+    # another key drops other units: another step
+    other, _ = train.train_step(net, ts, x, t, opt, jax.random.key(6), 0.2)
+    assert not np.allclose(np.asarray(other.params.affine[0].W), np.asarray(new.params.affine[0].W))
+
+
+@pytest.mark.parametrize("name, rule", [
+    ("adam", lambda g, m, v, k: (0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g * g)),
+    ("rmsprop", lambda g, m, v, k: (m, 0.9 * v + 0.1 * g * g)),
+    ("adagrad", lambda g, m, v, k: (m, v + g * g)),
+])
+def test_adaptive_optimizers_follow_their_update_rules(name, rule):
+    # Oracle: the textbook rules with optax's defaults (adam: b1 0.9, b2 0.999, eps 1e-8, bias-corrected;
+    # rmsprop: decay 0.9, eps 1e-8 outside the root; adagrad: initial accumulator 0.1, eps 1e-7).
+    lr = 0.05
+    opt = train.make_optimizer(name, lr)
+    p = jnp.array([1.0, -2.0, 0.5], jnp.float32)
+    state = opt.init(p)
+    ref = np.array([1.0, -2.0, 0.5])
+    m, v = np.zeros(3), np.zeros(3) + (0.1 if name == "adagrad" else 0.0)
+    for k, g in enumerate(([0.5, 1.0, -0.2], [0.25, -1.0, 0.3], [1.0, 0.0, -0.1]), start=1):
+        g = np.array(g)
+        updates, state = opt.update(jnp.asarray(g, jnp.float32), state, p)
+        p = optax.apply_updates(p, updates)
+        m, v = rule(g, m, v, k)
+        if name == "adam":
+            ref = ref - lr * (m / (1 - 0.9 ** k)) / (np.sqrt(v / (1 - 0.999 ** k)) + 1e-8)
+        elif name == "rmsprop":
+            ref = ref - lr * g / (np.sqrt(v) + 1e-8)
+        else:
+            ref = ref - lr * g / np.sqrt(v + 1e-7)
+        np.testing.assert_allclose(np.asarray(p), ref, rtol=1e-5)
