@@ -281,3 +281,75 @@ def test_benchmark_quick_runs(tmp_path):
     assert [row["models"] for row in res["scaling"]] == [32]
     assert res["scaling"][0]["model_updates_per_s"] > 0 and res["scaling"][0]["peak_rss_gb"] > 0
     assert "ratio" in proc.stdout and "scaling" in proc.stdout
+
+
+def test_results_file_table_and_figure_hold_each_arms_own_numbers(tmp_path, monkeypatch, capsys):
+    """results.json, the summary table and the figure's data against the engine run directly on the same split,
+    with every option away from its default, so a swapped arm, set or option shows."""
+    from bnjax import data
+    from bnjax import sweep as engine
+    from experiments import plot
+
+    drawn = []
+    figure = plot.sweep_figure
+
+    def spy(scales, accuracy, **kwargs):
+        drawn.append((list(scales), accuracy, kwargs))
+        return figure(scales, accuracy, **kwargs)
+
+    monkeypatch.setattr(plot, "sweep_figure", spy)
+    scales = (0.3, 0.05, 1e-4)
+    out = tmp_path / "run"
+    code = sweep.main(["--scales", "0.3,0.05,0.0001", "--epochs", "3", "--train-size", "200", "--heldout-size", "150",
+                       "--batch-size", "40", "--lr", "0.1", "--optimizer", "momentum", "--dtype", "bfloat16", "--seed", "3",
+                       "--split-seed", "2", "--data", "bundled", "--no-cache", "--out", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    res = _results(out)
+    ds = data.load("bundled", 200, 150, split_seed=2)
+    assert res["data"]["train_sha256"] == ds.source["train_sha256"]
+    direct = engine.run_sweep(engine.SweepConfig(weight_scales=scales, num_records=3, batch_size=40, learning_rate=0.1,
+                                                 optimizer="momentum", dtype="bfloat16", seed=3),
+                              ds.x_train, ds.t_train, ds.x_heldout, ds.t_heldout)
+    metrics = direct.grid.metrics
+    assert res["record_steps"] == [1, 6, 11] and res["seeds"] == [3]
+    assert set(res) >= {"train_accuracy", "train_loss", "heldout_accuracy", "heldout_loss", "diverged", "summary"}
+    for metric in ("train_accuracy", "train_loss", "heldout_accuracy", "heldout_loss"):
+        assert set(res[metric]) == {"batchnorm", "plain"}
+        for arm in ("batchnorm", "plain"):
+            np.testing.assert_allclose(np.array(res[metric][arm], float), metrics[metric][arm], rtol=1e-6, atol=1e-7,
+                                       err_msg=f"{metric} {arm}")
+    for arm in ("batchnorm", "plain"):
+        assert res["diverged"][arm] == direct.diverged[arm].tolist()
+    # The arms differ here, so swapping two of them cannot go unseen.
+    assert not np.allclose(metrics["train_accuracy"]["batchnorm"][0, :, -1], metrics["train_accuracy"]["plain"][0, :, -1])
+    # The plain net at scale 1e-4 predicts one class: each set's accuracy is that class's share of the set.
+    shares = {split: np.bincount(labels, minlength=10) / len(labels)
+              for split, labels in (("train", ds.t_train), ("heldout", ds.t_heldout))}
+    train_acc, held_acc = res["train_accuracy"]["plain"][0][2][-1], res["heldout_accuracy"]["plain"][0][2][-1]
+    assert [c for c in range(10) if abs(train_acc - shares["train"][c]) < 1e-6
+            and abs(held_acc - shares["heldout"][c]) < 1e-6]
+    # Summary: the final records, mean over seeds, and the wins computed here.
+    final = {arm: metrics["train_accuracy"][arm][:, :, -1].mean(0) for arm in ("batchnorm", "plain")}
+    summary = res["summary"]
+    for arm in ("batchnorm", "plain"):
+        np.testing.assert_allclose(summary["final_train_accuracy_mean"][arm], final[arm], atol=1e-7)
+    bn_wins = int(np.sum(final["batchnorm"] > final["plain"] + 1e-6))
+    plain_wins = int(np.sum(final["plain"] > final["batchnorm"] + 1e-6))
+    assert bn_wins != plain_wins
+    assert summary["bn_wins"] == summary["wins"]["batchnorm"] == bn_wins and summary["wins"]["plain"] == plain_wins
+    assert summary["num_scales"] == 3 and res["weight_scales"] == list(scales)
+    # The printed table: one row per scale, BN's column first.
+    lines = printed.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split()[:3] == ["scale", "BN", "plain"])
+    for i, w in enumerate(scales):
+        row = lines[header + 1 + i].split()
+        assert float(row[0]) == pytest.approx(w, rel=1e-3)
+        assert (float(row[1]), float(row[2])) == pytest.approx((final["batchnorm"][i], final["plain"][i]), abs=6e-4)
+    assert f"BN wins at {bn_wins} of 3 scales" in printed
+    # The figure is drawn from the same numbers, BN first (solid), at the scales in their order.
+    assert len(drawn) == 1 and drawn[0][0] == list(scales) and list(drawn[0][1]) == ["batchnorm", "plain"]
+    for arm in ("batchnorm", "plain"):
+        np.testing.assert_allclose(drawn[0][1][arm], metrics["train_accuracy"][arm], atol=1e-7)
+        np.testing.assert_array_equal(drawn[0][2]["diverged"][arm], direct.diverged[arm])
+    assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -256,6 +256,9 @@ def test_batch_norm_conventions_of_the_config_are_used():
     want = np.maximum(zn * np.asarray(params.batch_norm[0].gamma) + np.asarray(params.batch_norm[0].beta), 0)
     want = want @ np.asarray(params.affine[1].W) + np.asarray(params.affine[1].b)
     np.testing.assert_allclose(np.asarray(ev), want, rtol=1e-5, atol=1e-6)
+    # the initial running variance of the config (the book's 0; Flax's and PyTorch's 1)
+    _, state1 = model.init(jax.random.key(1), cfg._replace(bn_init_var=1.0), 0.2)
+    assert np.all(np.asarray(state1.batch_norm[0].var) == 1.0) and np.all(np.asarray(state.batch_norm[0].var) == 0.0)
 
 
 def test_accuracy_and_predict_follow_the_scores():
