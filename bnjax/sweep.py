@@ -347,17 +347,22 @@ def bytes_per_model(config: GridConfig, input_size: int) -> int:
     return int(itemsize * (params + activations))
 
 
+def device_memory_limit() -> int | None:
+    """The first device's memory in bytes on an accelerator; ``None`` on CPU or without memory statistics."""
+    device = jax.devices()[0]
+    if device.platform == "cpu":
+        return None
+    try:
+        limit = (device.memory_stats() or {}).get("bytes_limit")
+    except Exception:  # some backends have no memory statistics
+        limit = None
+    return int(limit) if limit else None
+
+
 def default_memory_budget() -> int:
     """1 GiB on CPU (host memory is shared with everything else); a quarter of an accelerator's memory."""
-    device = jax.devices()[0]
-    if device.platform != "cpu":
-        try:
-            limit = (device.memory_stats() or {}).get("bytes_limit")
-        except Exception:  # some backends have no memory statistics
-            limit = None
-        if limit:
-            return int(limit) // 4
-    return 1 << 30
+    limit = device_memory_limit()
+    return limit // 4 if limit else 1 << 30
 
 
 def plan_layout(config: GridConfig, num_devices: int, input_size: int = 784) -> Layout:

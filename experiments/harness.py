@@ -508,14 +508,11 @@ def available_memory() -> tuple[int, str]:
     """``(bytes, where)``: the first device's memory limit on an accelerator, else the host's available memory."""
     import jax
 
-    device = jax.devices()[0]
-    if device.platform != "cpu":
-        try:
-            limit = (device.memory_stats() or {}).get("bytes_limit")
-        except Exception:  # some backends have no memory statistics
-            limit = None
-        if limit:
-            return int(limit), f"{device.device_kind} memory"
+    from bnjax import sweep
+
+    limit = sweep.device_memory_limit()
+    if limit:
+        return limit, f"{jax.devices()[0].device_kind} memory"
     return available_host_memory(), "available host memory"
 
 
