@@ -507,7 +507,9 @@ def test_recorded_metrics_are_the_final_models_scores_on_each_set(bundled):
     predicting one class scores exactly that class's share, on each set its own share."""
     x, t = bundled.x_train[:200], bundled.t_train[:200]
     xh, th = bundled.x_heldout[:150], bundled.t_heldout[:150]
-    arms = {"batchnorm": sweep.Arm(batch_norm=True), "plain": sweep.Arm(), "dropout": sweep.Arm(dropout_ratio=0.5)}
+    # the dropout arm starts from the plain arm's weights (stream 1): only dropout tells them apart
+    arms = {"batchnorm": sweep.Arm(batch_norm=True), "plain": sweep.Arm(),
+            "dropout": sweep.Arm(dropout_ratio=0.5, init_stream=1)}
     cfg = sweep.GridConfig(arms=arms, axes={"weight_scale": (0.3, 1e-4)}, num_records=2, updates_per_record=3,
                            batch_size=50, hidden_sizes=(16, 16), num_seeds=2, seed=2, learning_rate=0.1,
                            eval_batch_size=64, keep_final=True)
@@ -524,6 +526,8 @@ def test_recorded_metrics_are_the_final_models_scores_on_each_set(bundled):
                     assert result.metrics[f"{split}_loss"][name][s, j, -1] == pytest.approx(loss, rel=1e-4)
                     if name == "dropout":  # inverted dropout is the identity at evaluation
                         assert acc == _eval_scores(net._replace(dropout_ratio=0.0), ts, xs, ys)[0]
+    w_plain, w_dropout = result.final["plain"].params.affine[1].W, result.final["dropout"].params.affine[1].W
+    assert not np.allclose(w_plain[:, 0], w_dropout[:, 0], rtol=1e-3)  # dropout changed the updates
     # The sets really differ: the held-out numbers are not the training numbers.
     assert not np.allclose(result.metrics["heldout_loss"]["batchnorm"], result.metrics["train_loss"]["batchnorm"])
     shares = {split: np.bincount(ys, minlength=10) / len(ys) for split, (_, ys) in sets.items()}
