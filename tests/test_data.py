@@ -38,7 +38,7 @@ def test_bundled_is_deterministic_and_disjoint():
     assert a.source["train_sha256"] != c.source["train_sha256"]
     train_rows = {r.tobytes() for r in (a.x_train * 255).astype(np.uint8)}
     held_rows = {r.tobytes() for r in (a.x_heldout * 255).astype(np.uint8)}
-    assert len(train_rows & held_rows) <= 2  # MNIST has a few duplicate images, not shared rows
+    assert len(train_rows & held_rows) == 0  # all 5,000 bundled images are distinct: no row may be shared
     with pytest.raises(ValueError, match="num_train"):
         data.load_bundled(6000)
     with pytest.raises(ValueError, match="num_heldout"):
