@@ -28,6 +28,7 @@ the program and must be Python bools; running statistics must be floating point.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, NamedTuple, Sequence
 
@@ -54,6 +55,18 @@ __all__ = [
     "dropout_apply",
     "softmax_cross_entropy",
     "torch_batch_norm_to_bnjax",
+    "Norm",
+    "BatchNorm",
+    "BatchRenorm",
+    "BatchRenormState",
+    "GhostBatchNorm",
+    "batch_norm",
+    "batch_renorm",
+    "ghost_batch_norm",
+    "renorm_schedule",
+    "recalibrate",
+    "fold_batch_norm",
+    "fold_conv_batch_norm",
 ]
 
 # Module-level so docs, tests and users can read the defaults from one place.
@@ -408,8 +421,10 @@ def _batch_stats(x: Array, faxes: tuple[int, ...], axis_name: Any, mask: Array |
     return jnp.squeeze(mean, red_axes), jnp.squeeze(var, red_axes), count
 
 
-def _normalize(x, mean, var, gamma, beta, eps, faxes):
-    """The one normalisation both train and eval use, so equal statistics give bit-equal outputs."""
+def _normalize(x, mean, var, gamma, beta, eps, faxes, r=None, d=None):
+    """The one normalisation every norm uses in training and evaluation, so equal statistics give bit-equal
+    outputs: ``gamma * ((x - mean) / sqrt(var + eps) * r + d) + beta``, ``r`` and ``d`` (Batch Renorm's
+    corrections) omitted when ``None``; with ``r = 1``, ``d = 0`` the result is bit-equal to omitting them."""
     stat_dtype = mean.dtype
 
     def expand(v):
@@ -420,12 +435,43 @@ def _normalize(x, mean, var, gamma, beta, eps, faxes):
         return v.reshape(shape)
 
     scale = lax.rsqrt(var + jnp.asarray(eps, stat_dtype))
+    if r is not None:
+        scale = scale * r
     if gamma is not None:
         scale = scale * gamma.astype(stat_dtype)
     y = (x.astype(stat_dtype) - expand(mean)) * expand(scale)
-    if beta is not None:
-        y = y + expand(beta.astype(stat_dtype))
+    offset = None if beta is None else beta.astype(stat_dtype)
+    if d is not None:
+        shift = d if gamma is None else gamma.astype(stat_dtype) * d
+        offset = shift if offset is None else offset + shift
+    if offset is not None:
+        y = y + expand(offset)
     return y.astype(x.dtype)
+
+
+
+def _prepare(params: Any, state: Any, x: Any, feature_axes: Any, mask: Any, who: str):
+    """The input checks every norm's ``apply`` makes: returns ``(x, feature axes, mask)``."""
+    x = _as_input(x, who)
+    faxes = _check_input(x, feature_axes, who)
+    feature_shape = tuple(x.shape[a] for a in faxes)
+    for name, v in (("gamma", params.gamma), ("beta", params.beta), ("running mean", state.mean),
+                    ("running var", state.var)):
+        if v is not None and tuple(v.shape) != feature_shape:
+            raise ValueError(
+                f"{who}: {name} has shape {tuple(v.shape)} but x {tuple(x.shape)} has features "
+                f"{feature_shape} on axes {faxes}; no broadcasting is done"
+            )
+    for name, v in (("running mean", state.mean), ("running var", state.var)):
+        if not jnp.issubdtype(v.dtype, jnp.floating):
+            raise TypeError(
+                f"{who}: running statistics must be floating point, but state {name} has dtype {v.dtype} "
+                "(an integer state would truncate every update); build it with the norm's init"
+            )
+    if mask is not None:
+        red_axes = tuple(a for a in range(x.ndim) if a not in faxes)
+        mask = _check_mask(mask, x, red_axes, who)
+    return x, faxes, mask
 
 
 def batch_norm_apply(
@@ -488,25 +534,7 @@ def batch_norm_apply(
     use_batch_stats = train if use_batch_stats is None else use_batch_stats
     update_stats = train if update_stats is None else update_stats
     _check_hyper(momentum, eps, who)
-    x = _as_input(x, who)
-    faxes = _check_input(x, feature_axes, who)
-    feature_shape = tuple(x.shape[a] for a in faxes)
-    for name, v in (("gamma", params.gamma), ("beta", params.beta), ("running mean", state.mean),
-                    ("running var", state.var)):
-        if v is not None and tuple(v.shape) != feature_shape:
-            raise ValueError(
-                f"{who}: {name} has shape {tuple(v.shape)} but x {tuple(x.shape)} has features "
-                f"{feature_shape} on axes {faxes}; no broadcasting is done"
-            )
-    for name, v in (("running mean", state.mean), ("running var", state.var)):
-        if not jnp.issubdtype(v.dtype, jnp.floating):
-            raise TypeError(
-                f"{who}: running statistics must be floating point, but state {name} has dtype {v.dtype} "
-                "(an integer state would truncate every update); build it with batch_norm_init"
-            )
-    if mask is not None:
-        red_axes = tuple(a for a in range(x.ndim) if a not in faxes)
-        mask = _check_mask(mask, x, red_axes, who)
+    x, faxes, mask = _prepare(params, state, x, feature_axes, mask, who)
 
     new_state = state
     if use_batch_stats or update_stats:
@@ -527,6 +555,480 @@ def batch_norm_apply(
         mean, var = state.mean, state.var
     y = _normalize(x, mean, var, params.gamma, params.beta, eps, faxes)
     return y, new_state
+
+
+# --------------------------------------------------------------------------------------------------
+# Norms as values: batch norm, Batch Renorm, Ghost batch norm
+# --------------------------------------------------------------------------------------------------
+
+
+def _static_float(value: Any, name: str, who: str) -> float:
+    """A hyper-parameter stored in a norm value: a real Python/NumPy scalar (values are static and hashable)."""
+    v = _real_values(value, name, who)
+    if v is None or v.ndim != 0:
+        raise TypeError(f"{who}: {name} must be a real scalar (pass arrays or traced values per call), got {value!r}")
+    return float(v)
+
+
+@dataclasses.dataclass(frozen=True)
+class Norm:
+    """A normalisation layer as a value, like optax's ``GradientTransformation``: two pure functions.
+
+    ``init(num_features, dtype=float32) -> (params, state)`` and
+    ``apply(params, state, x, train=True, **call_kwargs) -> (y, new_state)``. A norm value is frozen,
+    hashable and compared by value, so it can sit in a static configuration (``model.MLPConfig``,
+    ``sweep.Arm``); what varies per call (a traced momentum, ``mask``, ``axis_name``) goes in the call.
+    Every norm here normalises with its running statistics in evaluation mode
+    (``gamma * (x - mean) / sqrt(var + eps) + beta``), which ``fold_batch_norm`` and ``recalibrate`` rely on.
+    """
+
+    def init(self, num_features: int | Sequence[int], dtype: Any = jnp.float32) -> tuple[Any, Any]:
+        raise NotImplementedError
+
+    def apply(self, params: Any, state: Any, x: Array, train: bool = True, **call_kwargs: Any) -> tuple[Array, Any]:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """The norm as a JSON-friendly dict: its kind and every field."""
+        return {"norm": type(self).__name__, **dataclasses.asdict(self)}
+
+
+def _common_fields(self, who: str) -> None:
+    """Checks and float conversion of the fields every norm has (momentum, eps, init_mean, init_var, flags)."""
+    for name in ("momentum", "eps", "init_mean", "init_var"):
+        object.__setattr__(self, name, _static_float(getattr(self, name), name, who))
+    _check_hyper(self.momentum, self.eps, who)
+    if not (math.isfinite(self.init_mean) and math.isfinite(self.init_var) and self.init_var >= 0):
+        raise ValueError(f"{who}: init_mean must be finite and init_var finite and >= 0, got "
+                         f"{self.init_mean!r}, {self.init_var!r}")
+    for name in ("use_scale", "use_offset"):
+        object.__setattr__(self, name, _check_flag(getattr(self, name), name, who))
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchNorm(Norm):
+    """``batch_norm_init`` / ``batch_norm_apply`` as a value; build it with ``batch_norm(...)``."""
+
+    momentum: float = CONVENTIONS["momentum"]
+    eps: float = CONVENTIONS["eps"]
+    init_mean: float = CONVENTIONS["init_mean"]
+    init_var: float = CONVENTIONS["init_var"]
+    unbiased_running_var: bool = False
+    use_scale: bool = True
+    use_offset: bool = True
+
+    def __post_init__(self):
+        _common_fields(self, "batch_norm")
+        object.__setattr__(self, "unbiased_running_var",
+                           _check_flag(self.unbiased_running_var, "unbiased_running_var", "batch_norm"))
+
+    def init(self, num_features, dtype=jnp.float32):
+        return batch_norm_init(num_features, use_scale=self.use_scale, use_offset=self.use_offset,
+                               init_mean=self.init_mean, init_var=self.init_var, dtype=dtype)
+
+    def apply(self, params, state, x, train=True, **call_kwargs):
+        """``batch_norm_apply`` with this value's settings; ``call_kwargs`` are its other keyword arguments
+        (``momentum`` overrides the value's, e.g. a traced schedule; ``mask``, ``axis_name``, ...)."""
+        call_kwargs.setdefault("momentum", self.momentum)
+        return batch_norm_apply(params, state, x, train, eps=self.eps,
+                                unbiased_running_var=self.unbiased_running_var, **call_kwargs)
+
+
+def batch_norm(
+    momentum: float = CONVENTIONS["momentum"],
+    eps: float = CONVENTIONS["eps"],
+    *,
+    init_mean: float = CONVENTIONS["init_mean"],
+    init_var: float = CONVENTIONS["init_var"],
+    unbiased_running_var: bool = False,
+    use_scale: bool = True,
+    use_offset: bool = True,
+) -> BatchNorm:
+    """Batch norm as a value: ``norm.init(C)``, ``norm.apply(params, state, x, train)``.
+
+    The same numbers as ``batch_norm_init`` / ``batch_norm_apply`` with these settings (see them for the
+    conventions); the hyper-parameters are checked here, once.
+    """
+    return BatchNorm(momentum, eps, init_mean, init_var, unbiased_running_var, use_scale, use_offset)
+
+
+class BatchRenormState(NamedTuple):
+    """Running statistics of Batch Renorm, each of the feature shape, and the number of updates made (``step``,
+    an int32 scalar that drives the warm-up schedule)."""
+
+    mean: Array
+    var: Array
+    step: Array
+
+
+def renorm_schedule(
+    step: Any,
+    r_max: float = 3.0,
+    d_max: float = 5.0,
+    *,
+    hold_steps: int = 5000,
+    r_steps: int = 40000,
+    d_steps: int = 25000,
+) -> tuple[Array, Array]:
+    """Ioffe (2017)'s warm-up of Batch Renorm's clipping limits: ``(r_max(step), d_max(step))``.
+
+    ``r_max = 1`` and ``d_max = 0`` (plain batch norm) for the first ``hold_steps`` updates, then rising
+    linearly to ``r_max`` at ``r_steps`` and ``d_max`` at ``d_steps``, constant afterwards (the paper's
+    numbers by default: 5k, 40k and 25k updates). ``step`` may be traced; jit- and vmap-friendly.
+    """
+    # The default float dtype (float64 under x64): exact step counts up to 2**53 there, 2**24 otherwise.
+    step = jnp.asarray(step, jnp.result_type(float))
+
+    def ramp(end):
+        span = max(float(end) - float(hold_steps), 1.0)
+        return jnp.clip((step - float(hold_steps)) / span, 0.0, 1.0)
+
+    return 1.0 + (float(r_max) - 1.0) * ramp(r_steps), float(d_max) * ramp(d_steps)
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchRenorm(Norm):
+    """Batch Renormalization (Ioffe 2017, Algorithm 1); build it with ``batch_renorm(...)``."""
+
+    momentum: float = CONVENTIONS["momentum"]
+    eps: float = CONVENTIONS["eps"]
+    r_max: float = 3.0
+    d_max: float = 5.0
+    warmup: tuple[int, int, int] | None = None
+    running_average: str = "var"
+    init_mean: float = 0.0
+    init_var: float = 1.0
+    use_scale: bool = True
+    use_offset: bool = True
+
+    def __post_init__(self):
+        who = "batch_renorm"
+        _common_fields(self, who)
+        for name in ("r_max", "d_max"):
+            object.__setattr__(self, name, _static_float(getattr(self, name), name, who))
+        if not (self.r_max >= 1.0 and math.isfinite(self.r_max)) or not (self.d_max >= 0.0 and
+                                                                         math.isfinite(self.d_max)):
+            raise ValueError(f"{who}: r_max must be finite and >= 1 and d_max finite and >= 0 "
+                             f"(r_max=1, d_max=0 is batch norm), got r_max={self.r_max!r}, d_max={self.d_max!r}")
+        if self.running_average not in ("var", "std"):
+            raise ValueError(f"{who}: running_average must be 'var' or 'std', got {self.running_average!r}")
+        if self.warmup is not None:
+            try:
+                steps = tuple(self.warmup)
+            except TypeError:
+                steps = ()
+            if len(steps) != 3 or not all(isinstance(s, (int, np.integer)) and not _is_bool(s) and s >= 0
+                                          for s in steps) or not steps[0] <= min(steps[1], steps[2]):
+                raise ValueError(f"{who}: warmup must be None or (hold_steps, r_steps, d_steps), integers >= 0 "
+                                 f"with hold_steps <= both others, got {self.warmup!r}")
+            object.__setattr__(self, "warmup", tuple(int(s) for s in steps))
+
+    def init(self, num_features, dtype=jnp.float32):
+        params, state = batch_norm_init(num_features, use_scale=self.use_scale, use_offset=self.use_offset,
+                                        init_mean=self.init_mean, init_var=self.init_var, dtype=dtype)
+        return params, BatchRenormState(state.mean, state.var, jnp.zeros((), jnp.int32))
+
+    def limits(self, step: Any) -> tuple[Any, Any]:
+        """``(r_max, d_max)`` at update ``step``: the fixed values, or the warm-up schedule's."""
+        if self.warmup is None:
+            return self.r_max, self.d_max
+        hold, r_steps, d_steps = self.warmup
+        return renorm_schedule(step, self.r_max, self.d_max, hold_steps=hold, r_steps=r_steps, d_steps=d_steps)
+
+    def apply(self, params, state, x, train=True, *, r_max=None, d_max=None, momentum=None, update_stats=None,
+              mask=None, axis_name=None, feature_axes=-1):
+        """Training: batch statistics corrected by ``r`` and ``d``; evaluation: the running statistics.
+
+        With the batch mean ``mu_B``, ``sigma_B = sqrt(var_B + eps)`` and the running ``mu``,
+        ``sigma = sqrt(var + eps)``: ``r = stop_gradient(clip(sigma_B / sigma, 1 / r_max, r_max))``,
+        ``d = stop_gradient(clip((mu_B - mu) / sigma, -d_max, d_max))``,
+        ``y = gamma * ((x - mu_B) / sigma_B * r + d) + beta``.
+
+        Args:
+          params, state: from ``init`` (``BatchNormParams``, ``BatchRenormState``).
+          x, train, mask, axis_name, feature_axes: as ``batch_norm_apply``.
+          r_max, d_max: override the value's limits (and its warm-up) for this call; may be traced.
+          momentum: overrides the value's; may be traced.
+          update_stats: fold the batch statistics into the running ones (default: ``train``).
+
+        Returns:
+          ``(y, new_state)``; ``new_state.step`` counts the updates made.
+        """
+        who = "batch_renorm.apply"
+        if not isinstance(state, BatchRenormState):
+            raise TypeError(f"{who}: state must be a BatchRenormState (from batch_renorm(...).init), got "
+                            f"{type(state).__name__}; Batch Renorm counts its updates for the warm-up")
+        train = _check_flag(train, "train", who)
+        update_stats = train if _check_flag(update_stats, "update_stats", who, allow_none=True) is None \
+            else update_stats
+        momentum = self.momentum if momentum is None else momentum
+        _check_hyper(momentum, self.eps, who)
+        x, faxes, mask = _prepare(params, state, x, feature_axes, mask, who)
+        if not train and not update_stats:
+            return _normalize(x, state.mean, state.var, params.gamma, params.beta, self.eps, faxes), state
+        mean_b, var_b, count = _batch_stats(x, faxes, axis_name, mask)
+        stat_dtype = mean_b.dtype
+        eps = jnp.asarray(self.eps, stat_dtype)
+        sigma_b = jnp.sqrt(var_b + eps)
+        sigma = jnp.sqrt(state.var.astype(stat_dtype) + eps)
+        new_state = state
+        if update_stats:
+            m = jnp.asarray(momentum, state.mean.dtype)
+            new_mean = m * state.mean + (1 - m) * mean_b.astype(state.mean.dtype)
+            if self.running_average == "var":
+                new_var = m * state.var + (1 - m) * var_b.astype(state.var.dtype)
+            else:  # the paper's: sigma := sigma + alpha (sigma_B - sigma), stored as var = sigma^2 - eps
+                new_sigma = m * sigma.astype(state.var.dtype) + (1 - m) * sigma_b.astype(state.var.dtype)
+                new_var = jnp.maximum(jnp.square(new_sigma) - eps.astype(state.var.dtype), 0.0)
+            has_rows = count > 0  # an all-masked batch carries no information
+            new_state = BatchRenormState(mean=jnp.where(has_rows, new_mean, state.mean),
+                                         var=jnp.where(has_rows, new_var, state.var),
+                                         step=state.step + has_rows.astype(state.step.dtype))
+        if not train:
+            y = _normalize(x, state.mean, state.var, params.gamma, params.beta, self.eps, faxes)
+            return y, new_state
+        lim_r, lim_d = self.limits(state.step)
+        lim_r = lim_r if r_max is None else r_max
+        lim_d = lim_d if d_max is None else d_max
+        lim_r = jnp.asarray(lim_r, stat_dtype)
+        lim_d = jnp.asarray(lim_d, stat_dtype)
+        r = lax.stop_gradient(jnp.clip(sigma_b / sigma, 1.0 / lim_r, lim_r))
+        d = lax.stop_gradient(jnp.clip((mean_b - state.mean.astype(stat_dtype)) / sigma, -lim_d, lim_d))
+        y = _normalize(x, mean_b, var_b, params.gamma, params.beta, self.eps, faxes, r, d)
+        return y, new_state
+
+
+def batch_renorm(
+    momentum: float = CONVENTIONS["momentum"],
+    eps: float = CONVENTIONS["eps"],
+    *,
+    r_max: float = 3.0,
+    d_max: float = 5.0,
+    warmup: tuple[int, int, int] | None = None,
+    running_average: str = "var",
+    init_mean: float = 0.0,
+    init_var: float = 1.0,
+    use_scale: bool = True,
+    use_offset: bool = True,
+) -> BatchRenorm:
+    """Batch Renormalization (Ioffe 2017, Algorithm 1) as a value.
+
+    Args:
+      momentum, eps: as batch norm's (``new = momentum * old + (1 - momentum) * batch``).
+      r_max, d_max: clipping limits of ``r`` (in ``[1/r_max, r_max]``) and ``d`` (in ``[-d_max, d_max]``);
+        ``r_max=1, d_max=0`` is batch norm exactly. Per-call ``r_max=``/``d_max=`` may be traced (a schedule).
+      warmup: ``(hold_steps, r_steps, d_steps)`` to ramp the limits with ``renorm_schedule`` from the state's
+        update count (the paper's ``(5000, 40000, 25000)``), or ``None`` for fixed limits.
+      running_average: ``'var'`` averages the variance (as batch norm, Flax-based CrossQ code); ``'std'``
+        averages ``sigma = sqrt(var + eps)`` as the paper writes, stored as ``sigma**2 - eps`` so evaluation
+        and folding read the state as batch norm's.
+      init_mean, init_var: initial running statistics; 0 and 1 by default (not the book's 0 and 0: ``r`` divides
+        by the running ``sigma``, which would start at ``sqrt(eps)``).
+      use_scale, use_offset: learn gamma / beta.
+    """
+    return BatchRenorm(momentum, eps, r_max, d_max, warmup, running_average, init_mean, init_var, use_scale,
+                       use_offset)
+
+
+@dataclasses.dataclass(frozen=True)
+class GhostBatchNorm(Norm):
+    """Ghost (virtual) batch norm (Hoffer et al. 2017); build it with ``ghost_batch_norm(...)``."""
+
+    virtual_batch_size: int = 32
+    momentum: float = CONVENTIONS["momentum"]
+    eps: float = CONVENTIONS["eps"]
+    init_mean: float = CONVENTIONS["init_mean"]
+    init_var: float = CONVENTIONS["init_var"]
+    use_scale: bool = True
+    use_offset: bool = True
+
+    def __post_init__(self):
+        who = "ghost_batch_norm"
+        k = self.virtual_batch_size
+        if _is_bool(k) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"{who}: virtual_batch_size must be an integer >= 1, got {k!r}")
+        object.__setattr__(self, "virtual_batch_size", int(k))
+        _common_fields(self, who)
+
+    def init(self, num_features, dtype=jnp.float32):
+        return batch_norm_init(num_features, use_scale=self.use_scale, use_offset=self.use_offset,
+                               init_mean=self.init_mean, init_var=self.init_var, dtype=dtype)
+
+    def apply(self, params, state, x, train=True, *, momentum=None, update_stats=None, mask=None, axis_name=None,
+              feature_axes=-1):
+        """Training: each group of ``virtual_batch_size`` consecutive rows (axis 0) is normalised with its own
+        statistics; evaluation: the running statistics only (never virtual batches).
+
+        If ``virtual_batch_size`` does not divide the batch, the last group is smaller (a batch of 10 with
+        groups of 4: 4, 4, 2). The running statistics take one update per call, from the pooled group
+        statistics: the mean of the rows and the count-weighted mean of the group variances (the mean of the
+        group statistics, as TensorFlow's ``virtual_batch_size``, when the groups are equal). Groups are formed
+        on each device from its own rows; with ``axis_name`` the pooled statistics of the running update are
+        summed over devices. A mask removes rows from their group (a group with no valid row is skipped).
+
+        Args: as ``BatchRenorm.apply`` without ``r_max``/``d_max``; feature axes must not include axis 0.
+        """
+        who = "ghost_batch_norm.apply"
+        train = _check_flag(train, "train", who)
+        update_stats = train if _check_flag(update_stats, "update_stats", who, allow_none=True) is None \
+            else update_stats
+        momentum = self.momentum if momentum is None else momentum
+        _check_hyper(momentum, self.eps, who)
+        x, faxes, mask = _prepare(params, state, x, feature_axes, mask, who)
+        if 0 in faxes:
+            raise ValueError(f"{who}: axis 0 holds the rows the virtual batches are made of; it cannot be a "
+                             f"feature axis (feature_axes={feature_axes!r})")
+        if not train and not update_stats:
+            return _normalize(x, state.mean, state.var, params.gamma, params.beta, self.eps, faxes), state
+        n, k = x.shape[0], self.virtual_batch_size
+        if axis_name is None and n <= k:
+            # One group: batch norm itself, bit for bit.
+            mean, var, count = _batch_stats(x, faxes, None, mask)
+            y = _normalize(x, mean, var, params.gamma, params.beta, self.eps, faxes)
+            pooled = (mean, var, count)
+        else:
+            y, pooled = self._groups(params, x, faxes, mask, axis_name)
+        new_state = state
+        if update_stats:
+            mean, var, count = pooled
+            m = jnp.asarray(momentum, state.mean.dtype)
+            new_mean = m * state.mean + (1 - m) * mean.astype(state.mean.dtype)
+            new_var = m * state.var + (1 - m) * var.astype(state.var.dtype)
+            has_rows = count > 0
+            new_state = BatchNormState(mean=jnp.where(has_rows, new_mean, state.mean),
+                                       var=jnp.where(has_rows, new_var, state.var))
+        if not train:
+            y = _normalize(x, state.mean, state.var, params.gamma, params.beta, self.eps, faxes)
+        return y, new_state
+
+    def _groups(self, params, x, faxes, mask, axis_name):
+        """Per-group normalisation and the pooled statistics ``(mean, var, count)`` of all groups."""
+        n, k = x.shape[0], min(self.virtual_batch_size, x.shape[0])
+        num_groups = -(-n // k)
+        pad = num_groups * k - n
+        if pad:
+            if mask is None:
+                mask = jnp.ones((n,), bool)
+            x = jnp.concatenate([x, jnp.zeros((pad, *x.shape[1:]), x.dtype)])
+            mask = jnp.concatenate([mask, jnp.zeros((pad, *mask.shape[1:]), mask.dtype)])
+        xg = x.reshape(num_groups, k, *x.shape[1:])
+        mg = None if mask is None else mask.reshape(num_groups, k, *mask.shape[1:])
+
+        def one(xi, mi):
+            mean, var, count = _batch_stats(xi, faxes, None, mi)
+            return _normalize(xi, mean, var, params.gamma, params.beta, self.eps, faxes), (mean, var, count)
+
+        yg, (means, variances, counts) = jax.vmap(one)(xg, mg) if mg is not None else \
+            jax.vmap(lambda xi: one(xi, None))(xg)
+        y = yg.reshape(num_groups * k, *x.shape[1:])[:n]
+        w = counts.reshape((num_groups,) + (1,) * (means.ndim - 1))
+        sums = (jnp.sum(w * means, axis=0), jnp.sum(w * variances, axis=0), jnp.sum(counts))
+        if axis_name is not None:
+            sums = _psum(sums, axis_name)
+        total = jnp.maximum(sums[2], 1.0)
+        return y, (sums[0] / total, sums[1] / total, sums[2])
+
+
+def ghost_batch_norm(
+    virtual_batch_size: int,
+    momentum: float = CONVENTIONS["momentum"],
+    eps: float = CONVENTIONS["eps"],
+    *,
+    init_mean: float = CONVENTIONS["init_mean"],
+    init_var: float = CONVENTIONS["init_var"],
+    use_scale: bool = True,
+    use_offset: bool = True,
+) -> GhostBatchNorm:
+    """Ghost batch norm (Hoffer et al. 2017) as a value: training statistics over groups of
+    ``virtual_batch_size`` rows, evaluation with the running statistics (see ``GhostBatchNorm.apply``).
+    ``virtual_batch_size >= batch`` is batch norm exactly."""
+    return GhostBatchNorm(virtual_batch_size, momentum, eps, init_mean, init_var, use_scale, use_offset)
+
+
+def recalibrate(norm: Norm, params: Any, state: Any, batches: Any, **call_kwargs: Any) -> Any:
+    """Precise statistics of one norm layer: the running mean and variance set to the equal-weight average of
+    the batch statistics of ``batches`` (fvcore's precise BN, PyTorch's ``update_bn`` cumulative average).
+
+    Args:
+      norm: the layer's norm value.
+      params, state: the layer's parameters and running statistics (other state fields are kept).
+      batches: ``[num_batches, N, ...]``, one batch per leading index; scanned with ``lax.scan``, so memory
+        does not grow with the number of batches. Call it under ``jit`` for one compiled pass.
+      call_kwargs: passed to ``norm.apply`` (``feature_axes``, ``axis_name``, ...).
+
+    Returns:
+      the new state: ``mean`` and ``var`` are the averages of the per-batch statistics the norm's training
+      mode computes (for Ghost BN its pooled group statistics; the biased variance unless the norm stores
+      another).
+    """
+    if "momentum" in call_kwargs:
+        raise TypeError("recalibrate: momentum is not an option here: the running statistics are replaced by the "
+                        "average of the batch statistics, whatever the norm's momentum")
+    batches = _as_input(batches, "recalibrate")
+    if batches.ndim < 3 or batches.shape[0] < 1:
+        raise ValueError(f"recalibrate: batches must be [num_batches >= 1, N, ...], got shape {batches.shape}")
+
+    def body(sums, xb):
+        _, s = norm.apply(params, state, xb, True, momentum=0.0, **call_kwargs)
+        return (sums[0] + s.mean, sums[1] + s.var), None
+
+    zero = (jnp.zeros_like(state.mean), jnp.zeros_like(state.var))
+    (mean, var), _ = lax.scan(body, zero, batches)
+    num = batches.shape[0]
+    return state._replace(mean=mean / num, var=var / num)
+
+
+def fold_batch_norm(
+    affine_params: AffineParams, bn_params: BatchNormParams, bn_state: Any, eps: float = CONVENTIONS["eps"]
+) -> AffineParams:
+    """Affine parameters whose output equals ``Affine`` followed by a norm in evaluation mode.
+
+    ``gamma * (x @ W + b - mean) / sqrt(var + eps) + beta = x @ (W * s) + (b - mean) * s + beta`` with
+    ``s = gamma / sqrt(var + eps)``; for every norm of this module (their evaluation is batch norm's with
+    the running statistics). Computed in the statistics' precision, returned in the Affine's dtype.
+
+    Args:
+      affine_params: ``W [num_in, C]``, ``b [C]``.
+      bn_params, bn_state: the norm's parameters (gamma/beta may be ``None``) and running ``mean``/``var``
+        ``[C]``.
+      eps: the norm's eps.
+    """
+    W, b = affine_params
+    scale, shift = _fold_scale_shift(bn_params, bn_state, eps, W.shape[-1], "fold_batch_norm")
+    dt = scale.dtype
+    return AffineParams(W=(W.astype(dt) * scale).astype(W.dtype), b=(b.astype(dt) * scale + shift).astype(b.dtype))
+
+
+def fold_conv_batch_norm(
+    kernel: Array, bias: Array | None, bn_params: BatchNormParams, bn_state: Any, eps: float = CONVENTIONS["eps"]
+) -> tuple[Array, Array]:
+    """``fold_batch_norm`` for a convolution: ``kernel [H, W, I, O]`` (HWIO, for NHWC inputs) and ``bias [O]``
+    (or ``None``) -> the folded kernel and bias, whose convolution equals conv followed by the norm in
+    evaluation mode."""
+    kernel = jnp.asarray(kernel)
+    if kernel.ndim != 4:
+        raise ValueError(f"fold_conv_batch_norm: kernel must be HWIO [H, W, I, O], got shape {kernel.shape}")
+    scale, shift = _fold_scale_shift(bn_params, bn_state, eps, kernel.shape[-1], "fold_conv_batch_norm")
+    dt = scale.dtype
+    bias = jnp.zeros(kernel.shape[-1], kernel.dtype) if bias is None else jnp.asarray(bias)
+    return (kernel.astype(dt) * scale).astype(kernel.dtype), (bias.astype(dt) * scale + shift).astype(bias.dtype)
+
+
+def _fold_scale_shift(bn_params, bn_state, eps, num_out, who):
+    _check_hyper(0.0, eps, who)
+    mean, var = bn_state.mean, bn_state.var
+    for name, v in (("gamma", bn_params.gamma), ("beta", bn_params.beta), ("running mean", mean),
+                    ("running var", var)):
+        if v is not None and tuple(v.shape) != (num_out,):
+            raise ValueError(f"{who}: {name} has shape {tuple(v.shape)}, expected ({num_out},) (one per output)")
+    dt = jnp.promote_types(mean.dtype, jnp.float32)
+    scale = lax.rsqrt(var.astype(dt) + jnp.asarray(eps, dt))
+    if bn_params.gamma is not None:
+        scale = scale * bn_params.gamma.astype(dt)
+    shift = -mean.astype(dt) * scale
+    if bn_params.beta is not None:
+        shift = shift + bn_params.beta.astype(dt)
+    return scale, shift
 
 
 # --------------------------------------------------------------------------------------------------

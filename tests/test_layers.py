@@ -582,3 +582,838 @@ def test_softmax_reference_is_sane():
     # Guards the oracle itself.
     p = softmax(np.array([[1.0, 2.0, 3.0]]))
     np.testing.assert_allclose(p.sum(), 1.0)
+
+
+# ==================================================================================================
+# Norms as values: batch_norm / batch_renorm / ghost_batch_norm, recalibrate, folding
+#
+# Every expected value below comes from an independent float64 NumPy oracle written from the formulas
+# (Ioffe 2017 Algorithm 1 for Batch Renorm, Hoffer et al. 2017 for Ghost BN), from finite differences, or
+# from the plain ``batch_norm_apply`` function where the brief asks for exact equality with it.
+# ==================================================================================================
+
+import json  # noqa: E402
+
+
+def _np_renorm(x, gamma, beta, mean, var, *, r_max, d_max, momentum, eps, mode="var"):
+    """Ioffe (2017) Algorithm 1 in float64 NumPy; features on the last axis, every other axis reduced.
+
+    Returns y, new running mean, new running var, and the unclipped / clipped r and d."""
+    x = np.asarray(x, np.float64)
+    red = tuple(range(x.ndim - 1))
+    mu_b = x.mean(red)
+    var_b = ((x - mu_b) ** 2).mean(red)  # biased
+    sigma_b = np.sqrt(var_b + eps)
+    sigma = np.sqrt(var + eps)
+    r_raw = sigma_b / sigma
+    d_raw = (mu_b - mean) / sigma
+    r = np.clip(r_raw, 1.0 / r_max, r_max)
+    d = np.clip(d_raw, -d_max, d_max)
+    y = gamma * ((x - mu_b) / sigma_b * r + d) + beta
+    new_mean = momentum * mean + (1 - momentum) * mu_b
+    if mode == "var":
+        new_var = momentum * var + (1 - momentum) * var_b
+    else:
+        sigma_new = momentum * sigma + (1 - momentum) * sigma_b
+        new_var = sigma_new ** 2 - eps
+    return y, new_mean, new_var, (r_raw, d_raw), (r, d)
+
+
+def _np_bn_eval(x, gamma, beta, mean, var, eps):
+    g = 1.0 if gamma is None else gamma
+    b = 0.0 if beta is None else beta
+    return g * (np.asarray(x, np.float64) - mean) / np.sqrt(var + eps) + b
+
+
+def _np_ghost(x, k, gamma, beta, mean, var, *, momentum, eps, mask=None):
+    """Ghost BN oracle for one device: groups of k consecutive rows (axis 0; the last one smaller), masked rows
+    dropped from their group, empty groups skipped. Returns y (NaN at masked rows), the new running statistics,
+    and the per-group (count, mean, var) list (for pooling across devices)."""
+    x = np.asarray(x, np.float64)
+    n = x.shape[0]
+    c = x.shape[-1]
+    y = np.full_like(x, np.nan)
+    groups = []
+    for start in range(0, n, k):
+        rows = np.arange(start, min(start + k, n))
+        if mask is not None:
+            rows = rows[np.asarray(mask, bool)[rows]]
+        if len(rows) == 0:
+            continue
+        g = x[rows].reshape(-1, c)
+        mu, v = g.mean(0), g.var(0)
+        y[rows] = gamma * (x[rows] - mu) / np.sqrt(v + eps) + beta
+        groups.append((g.shape[0], mu, v))
+    new_mean, new_var = _np_pool(groups, mean, var, momentum)
+    return y, new_mean, new_var, groups
+
+
+def _np_pool(groups, mean, var, momentum):
+    if not groups:  # no valid row anywhere: no update
+        return mean, var
+    cnt = np.array([g[0] for g in groups], np.float64)
+    mu = sum(n * m for n, m, _ in groups) / cnt.sum()
+    v = sum(n * vv for n, _, vv in groups) / cnt.sum()  # count-weighted mean of the group variances
+    return momentum * mean + (1 - momentum) * mu, momentum * var + (1 - momentum) * v
+
+
+def _bn_params(gamma, beta, dtype=None):
+    as_ = (lambda a: None if a is None else jnp.asarray(a, dtype))
+    return layers.BatchNormParams(as_(gamma), as_(beta))
+
+
+def _a(v):
+    return np.asarray(v)
+
+
+def _shard_map():
+    try:
+        return jax.shard_map
+    except AttributeError:
+        from jax.experimental.shard_map import shard_map
+
+        return shard_map
+
+
+# --- Batch Renorm: Algorithm 1 ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["var", "std"])
+def test_renorm_matches_float64_algorithm_1_over_chained_steps_with_and_without_clipping(mode):
+    rng = np.random.default_rng(100)
+    C = 4
+    locs = np.array([12.0, -7.0, 0.3, 2.0])
+    scales = np.array([6.0, 0.15, 1.0, 2.5])
+    m, eps, r_max, d_max = 0.6, 1e-3, 2.0, 1.5
+    gamma = rng.uniform(0.5, 2.0, C)
+    beta = rng.normal(0.0, 2.0, C)
+    r_clip, d_clip = [], []
+    with x64():
+        norm = layers.batch_renorm(m, eps, r_max=r_max, d_max=d_max, running_average=mode)
+        _, state = norm.init(C, dtype=jnp.float64)
+        assert state.mean.dtype == jnp.float64 and state.step.dtype == jnp.int32 and int(state.step) == 0
+        np.testing.assert_array_equal(_a(state.mean), 0.0)
+        np.testing.assert_array_equal(_a(state.var), 1.0)
+        params = _bn_params(gamma, beta, jnp.float64)
+        mean, var = np.zeros(C), np.ones(C)
+        for t in range(7):
+            x = rng.normal(locs * (1 + 0.05 * t), scales, (10, C))
+            y, state = norm.apply(params, state, jnp.asarray(x))
+            y_ref, mean, var, (r_raw, d_raw), _ = _np_renorm(
+                x, gamma, beta, mean, var, r_max=r_max, d_max=d_max, momentum=m, eps=eps, mode=mode)
+            assert y.dtype == jnp.float64
+            np.testing.assert_allclose(_a(y), y_ref, rtol=1e-10, atol=1e-10)
+            np.testing.assert_allclose(_a(state.mean), mean, rtol=1e-10, atol=1e-10)
+            np.testing.assert_allclose(_a(state.var), var, rtol=1e-10, atol=1e-10)
+            assert int(state.step) == t + 1
+            r_clip.append((r_raw > r_max) | (r_raw < 1 / r_max))
+            d_clip.append(np.abs(d_raw) > d_max)
+        r_clip, d_clip = np.array(r_clip), np.array(d_clip)
+        # The clipping really happens (r from above and below) and really does not happen elsewhere.
+        assert r_clip.any() and not r_clip.all() and d_clip.any() and not d_clip.all()
+        # Evaluation: the running statistics, no update, step kept.
+        x = rng.normal(locs, scales, (5, C))
+        y, s_eval = norm.apply(params, state, jnp.asarray(x), train=False)
+        np.testing.assert_allclose(_a(y), _np_bn_eval(x, gamma, beta, mean, var, eps), rtol=1e-10, atol=1e-10)
+        for a, b in zip(s_eval, state):
+            np.testing.assert_array_equal(_a(a), _a(b))
+
+
+def test_renorm_r_clips_from_below_and_above_in_the_oracle_case():
+    # Guards the case design of the previous test: r is clipped at 1/r_max (small std) and r_max (large std).
+    rng = np.random.default_rng(100)
+    gamma, beta = rng.uniform(0.5, 2.0, 4), rng.normal(0.0, 2.0, 4)
+    x = rng.normal(np.array([12.0, -7.0, 0.3, 2.0]), np.array([6.0, 0.15, 1.0, 2.5]), (10, 4))
+    _, _, _, (r_raw, _), (r, _) = _np_renorm(x, gamma, beta, np.zeros(4), np.ones(4), r_max=2.0, d_max=1.5,
+                                             momentum=0.6, eps=1e-3)
+    assert r[0] == 2.0 and r[1] == 0.5
+
+
+def _renorm_fd_case(clipped):
+    rng = np.random.default_rng(101 + clipped)
+    x = rng.normal(2.0, 3.0, (6, 3))
+    gamma, beta = rng.uniform(0.5, 2.0, 3), rng.normal(size=3)
+    w = rng.normal(size=(6, 3))
+    mu_b, sb = x.mean(0), np.sqrt(x.var(0) + 1e-5)
+    if clipped:
+        r_max, d_max = 1.2, 0.1
+        sigma = sb * np.array([2.0, 1 / 3.0, 4.0])  # r = 0.5, 3, 0.25: all clipped
+        mean = mu_b - np.array([2.0, -1.5, 0.8]) * sigma
+    else:
+        r_max, d_max = 3.0, 5.0
+        sigma = sb * np.array([1.5, 0.7, 1.25])  # r = 0.67, 1.43, 0.8
+        mean = mu_b - np.array([0.5, -0.4, 0.2]) * sigma
+    var = sigma ** 2 - 1e-5
+    return x, gamma, beta, w, mean, var, r_max, d_max
+
+
+def _central_fd(f, arr, h=1e-5):
+    g = np.zeros_like(arr)
+    for idx in np.ndindex(arr.shape):
+        a = arr.copy()
+        a[idx] += h
+        fp = f(a)
+        a[idx] -= 2 * h
+        g[idx] = (fp - f(a)) / (2 * h)
+    return g
+
+
+@pytest.mark.parametrize("clipped", [False, True], ids=["r_d_inside", "r_d_clipped"])
+def test_renorm_gradients_treat_r_and_d_as_constants(clipped):
+    x, gamma, beta, w, mean, var, r_max, d_max = _renorm_fd_case(clipped)
+    eps = 1e-5
+    _, _, _, (r_raw, d_raw), (r, d) = _np_renorm(x, gamma, beta, mean, var, r_max=r_max, d_max=d_max,
+                                                 momentum=0.9, eps=eps)
+    if clipped:
+        assert np.all((r_raw > r_max) | (r_raw < 1 / r_max)) and np.all(np.abs(d_raw) > d_max)
+    else:
+        assert np.all((r_raw < r_max) & (r_raw > 1 / r_max)) and np.all(np.abs(d_raw) < d_max)
+        assert np.all(np.abs(r - 1) > 0.1) and np.all(np.abs(d) > 0.1)
+
+    def loss_np(xx, gg, bb, rr=r, dd=d):  # r and d frozen at their values for x
+        mu, sb = xx.mean(0), np.sqrt(xx.var(0) + eps)
+        return np.sum(w * (gg * ((xx - mu) / sb * rr + dd) + bb))
+
+    fd = [_central_fd(lambda a: loss_np(a, gamma, beta), x),
+          _central_fd(lambda a: loss_np(x, a, beta), gamma),
+          _central_fd(lambda a: loss_np(x, gamma, a), beta)]
+    with x64():
+        norm = layers.batch_renorm(0.9, eps, r_max=r_max, d_max=d_max)
+        state = layers.BatchRenormState(jnp.asarray(mean), jnp.asarray(var), jnp.asarray(0, jnp.int32))
+
+        def loss(xx, gg, bb):
+            y, _ = norm.apply(layers.BatchNormParams(gg, bb), state, xx)
+            return jnp.sum(jnp.asarray(w) * y)
+
+        grads = jax.grad(loss, argnums=(0, 1, 2))(jnp.asarray(x), jnp.asarray(gamma), jnp.asarray(beta))
+    for g, f in zip(grads, fd):
+        np.testing.assert_allclose(_a(g), f, rtol=1e-7, atol=1e-7)
+    if not clipped:
+        # The case discriminates: letting r and d follow x changes the x-gradient.
+        def loss_full(xx):
+            _, _, _, _, (rr, dd) = _np_renorm(xx, gamma, beta, mean, var, r_max=r_max, d_max=d_max, momentum=0.9,
+                                              eps=eps)
+            return loss_np(xx, gamma, beta, rr, dd)
+
+        assert np.abs(_central_fd(loss_full, x) - fd[0]).max() > 1e-2
+
+
+# --- Batch Renorm with r_max=1, d_max=0 is batch norm ---------------------------------------------------
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_renorm_with_unit_limits_is_batch_norm_bit_for_bit(jit):
+    rng = np.random.default_rng(102)
+    bn = layers.batch_norm(0.8, 1e-5, init_var=1.0)
+    rn = layers.batch_renorm(0.8, 1e-5, r_max=1.0, d_max=0.0, init_var=1.0)
+    params = _bn_params(rng.uniform(0.5, 2.0, 4).astype(np.float32), rng.normal(size=4).astype(np.float32))
+
+    def run(norm, params, state, x, w):
+        def loss(p, xx):
+            y, s = norm.apply(p, state, xx)
+            return jnp.sum(w * y), (y, s)
+
+        (_, (y, s)), (gp, gx) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x)
+        return y, s, gp, gx
+
+    run = jax.jit(run, static_argnums=0) if jit else run
+    _, s_bn = bn.init(4)
+    _, s_rn = rn.init(4)
+    for t in range(3):
+        x = jnp.asarray(rng.normal(3.0 - 2 * t, 2.0 + t, (9, 4)).astype(np.float32))
+        w = jnp.asarray(rng.normal(size=(9, 4)).astype(np.float32))
+        y1, s_bn, gp1, gx1 = run(bn, params, s_bn, x, w)
+        y2, s_rn, gp2, gx2 = run(rn, params, s_rn, x, w)
+        for a, b in ((y1, y2), (s_bn.mean, s_rn.mean), (s_bn.var, s_rn.var), (gp1.gamma, gp2.gamma),
+                     (gp1.beta, gp2.beta), (gx1, gx2)):
+            np.testing.assert_array_equal(_a(a), _a(b))
+        assert int(s_rn.step) == t + 1
+
+
+def test_renorm_with_running_stats_equal_to_batch_stats_is_batch_norm():
+    rng = np.random.default_rng(103)
+    x = jnp.asarray(rng.normal(5.0, 3.0, (8, 3)).astype(np.float32))
+    params = _bn_params(rng.uniform(0.5, 2.0, 3).astype(np.float32), rng.normal(size=3).astype(np.float32))
+    mu, var = x.mean(0), x.var(0)  # what the batch will measure
+    state = layers.BatchRenormState(mu, var, jnp.asarray(0, jnp.int32))
+    y, _ = layers.batch_renorm(0.9, 1e-5, r_max=100.0, d_max=100.0).apply(params, state, x)
+    y_bn, _ = layers.batch_norm_apply(params, layers.BatchNormState(mu, var), x, eps=1e-5)
+    np.testing.assert_allclose(_a(y), _a(y_bn), atol=1e-6)
+
+
+# --- Warm-up schedule and traced limits ----------------------------------------------------------------
+
+
+def test_renorm_schedule_at_hand_computed_steps():
+    # Defaults: hold 5000, r_max 3 at 40000, d_max 5 at 25000.
+    for step, r, d in ((0, 1.0, 0.0), (4999, 1.0, 0.0), (5000, 1.0, 0.0), (22500, 2.0, 4.375),
+                       (30000, 1.0 + 2.0 * 25000 / 35000, 5.0), (40000, 3.0, 5.0), (10 ** 6, 3.0, 5.0)):
+        got = layers.renorm_schedule(step)
+        np.testing.assert_allclose([float(got[0]), float(got[1])], [r, d], rtol=1e-6, atol=1e-6, err_msg=str(step))
+    # Custom: hold 2, r reaches 3 at 6, d reaches 2 at 4; traced steps under jit and vmap.
+    steps = jnp.arange(9)
+    exp_r = [1, 1, 1, 1.5, 2, 2.5, 3, 3, 3]
+    exp_d = [0, 0, 0, 1, 2, 2, 2, 2, 2]
+    f = jax.jit(lambda s: layers.renorm_schedule(s, 3.0, 2.0, hold_steps=2, r_steps=6, d_steps=4))
+    r, d = f(steps)
+    np.testing.assert_allclose(_a(r), exp_r, atol=1e-6)
+    np.testing.assert_allclose(_a(d), exp_d, atol=1e-6)
+    r, d = jax.vmap(f)(steps)
+    np.testing.assert_allclose(_a(r), exp_r, atol=1e-6)
+    np.testing.assert_allclose(_a(d), exp_d, atol=1e-6)
+
+
+def test_renorm_warmup_is_batch_norm_during_hold_then_follows_the_schedule():
+    hold, r_steps, d_steps, r_max, d_max, m, eps = 3, 7, 5, 3.0, 5.0, 0.5, 1e-4
+    rng = np.random.default_rng(104)
+    gamma, beta = rng.uniform(0.5, 2.0, 3), rng.normal(size=3)
+    differs = []
+    with x64():
+        rn = layers.batch_renorm(m, eps, r_max=r_max, d_max=d_max, warmup=(hold, r_steps, d_steps))
+        bn = layers.batch_norm(m, eps, init_var=1.0)
+        params = _bn_params(gamma, beta, jnp.float64)
+        _, s_rn = rn.init(3, jnp.float64)
+        _, s_bn = bn.init(3, jnp.float64)
+        mean, var = np.zeros(3), np.ones(3)
+        for t in range(8):
+            x = rng.normal(4.0 + 2 * t, [0.2, 2.0, 6.0], (7, 3))
+            y_rn, s_rn = rn.apply(params, s_rn, jnp.asarray(x))
+            y_bn, s_bn = bn.apply(params, s_bn, jnp.asarray(x))
+            lim_r = 1 + (r_max - 1) * np.clip((t - hold) / (r_steps - hold), 0, 1)
+            lim_d = d_max * np.clip((t - hold) / (d_steps - hold), 0, 1)
+            y_ref, mean, var, _, _ = _np_renorm(x, gamma, beta, mean, var, r_max=lim_r, d_max=lim_d,
+                                                momentum=m, eps=eps)
+            if t < hold:
+                np.testing.assert_array_equal(_a(y_rn), _a(y_bn))
+                np.testing.assert_array_equal(_a(s_rn.mean), _a(s_bn.mean))
+                np.testing.assert_array_equal(_a(s_rn.var), _a(s_bn.var))
+            np.testing.assert_allclose(_a(y_rn), y_ref, rtol=1e-10, atol=1e-10)
+            np.testing.assert_allclose(_a(s_rn.var), var, rtol=1e-10, atol=1e-10)
+            assert int(s_rn.step) == t + 1
+            differs.append(np.abs(_a(y_rn) - _a(y_bn)).max() > 1e-3)
+    assert not any(differs[:hold]) and all(differs[hold + 1:])
+
+
+def test_renorm_traced_limits_under_jit_and_vmap_agree_with_the_oracle():
+    rng = np.random.default_rng(105)
+    gamma, beta = rng.uniform(0.5, 2.0, 3), rng.normal(size=3)
+    x = rng.normal([3.0, -1.0, 0.0], [4.0, 0.3, 1.0], (8, 3))
+    mean, var = np.array([0.5, 0.0, 0.1]), np.array([1.0, 2.0, 0.8])
+    eps, m = 1e-5, 0.9
+    traces = []
+    with x64():
+        norm = layers.batch_renorm(m, eps)
+        params = _bn_params(gamma, beta, jnp.float64)
+        state = layers.BatchRenormState(jnp.asarray(mean), jnp.asarray(var), jnp.asarray(0, jnp.int32))
+
+        def f(p, s, xx, rm, dm):
+            traces.append(1)
+            return norm.apply(p, s, xx, r_max=rm, d_max=dm)
+
+        jf = jax.jit(f)
+        for rm, dm in ((1.5, 0.5), (2.5, 3.0)):
+            y, s = jf(params, state, jnp.asarray(x), jnp.asarray(rm), jnp.asarray(dm))
+            y_ref, mu_ref, var_ref, _, _ = _np_renorm(x, gamma, beta, mean, var, r_max=rm, d_max=dm, momentum=m,
+                                                      eps=eps)
+            np.testing.assert_allclose(_a(y), y_ref, rtol=1e-10, atol=1e-10)
+            np.testing.assert_allclose(_a(s.var), var_ref, rtol=1e-10, atol=1e-10)
+        assert len(traces) == 1
+        rms = jnp.asarray([1.0, 1.3, 2.0, 10.0])
+        ys, states = jax.vmap(lambda rm: norm.apply(params, state, jnp.asarray(x), r_max=rm, d_max=0.5))(rms)
+        outs = [_np_renorm(x, gamma, beta, mean, var, r_max=float(rm), d_max=0.5, momentum=m, eps=eps)[0]
+                for rm in rms]
+        for i, y_ref in enumerate(outs):
+            np.testing.assert_allclose(_a(ys[i]), y_ref, rtol=1e-10, atol=1e-10)
+        assert np.abs(outs[0] - outs[2]).max() > 1e-2  # the limits matter here
+        np.testing.assert_array_equal(_a(states.step), 1)
+
+
+# --- Ghost batch norm ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [9, 20])
+def test_ghost_with_virtual_batch_at_least_the_batch_is_batch_norm_exactly(k):
+    rng = np.random.default_rng(106)
+    x = jnp.asarray(rng.normal(2.0, 3.0, (9, 4)).astype(np.float32))
+    mask = jnp.asarray(rng.random(9) < 0.7)
+    params = _bn_params(rng.uniform(0.5, 2.0, 4).astype(np.float32), rng.normal(size=4).astype(np.float32))
+    gh = layers.ghost_batch_norm(k, 0.8, 1e-5, init_var=1.0)
+    _, state = gh.init(4)
+    for kw in ({}, {"mask": mask}):
+        y, s = gh.apply(params, state, x, **kw)
+        y_bn, s_bn = layers.batch_norm_apply(params, state, x, momentum=0.8, eps=1e-5, **kw)
+        np.testing.assert_array_equal(_a(y), _a(y_bn))
+        np.testing.assert_array_equal(_a(s.mean), _a(s_bn.mean))
+        np.testing.assert_array_equal(_a(s.var), _a(s_bn.var))
+
+
+def test_ghost_dividing_groups_equal_batch_norm_group_by_group():
+    rng = np.random.default_rng(107)
+    n, k, c, m, eps = 12, 4, 3, 0.7, 1e-5
+    x = rng.normal(2.0, 3.0, (n, c)).astype(np.float32)
+    x[4:8] += 10.0  # groups with different statistics
+    gamma, beta = rng.uniform(0.5, 2.0, c).astype(np.float32), rng.normal(size=c).astype(np.float32)
+    params = _bn_params(gamma, beta)
+    gh = layers.ghost_batch_norm(k, m, eps, init_mean=0.5, init_var=2.0)
+    _, state = gh.init(c)
+    y, s = gh.apply(params, state, jnp.asarray(x))
+    y_groups = [layers.batch_norm_apply(params, state, jnp.asarray(x[i:i + k]), eps=eps)[0] for i in range(0, n, k)]
+    np.testing.assert_allclose(_a(y), np.concatenate([_a(g) for g in y_groups]), atol=1e-6)
+    xd = x.astype(np.float64)
+    group_vars = [xd[i:i + k].var(0) for i in range(0, n, k)]
+    np.testing.assert_allclose(_a(s.mean), m * 0.5 + (1 - m) * xd.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(_a(s.var), m * 2.0 + (1 - m) * np.mean(group_vars, 0), rtol=1e-5)
+    assert np.abs(np.mean(group_vars, 0) - xd.var(0)).min() > 1.0  # not the full-batch variance
+
+
+def test_ghost_non_dividing_groups_last_group_smaller_count_weighted():
+    rng = np.random.default_rng(108)
+    n, k, c, m, eps = 10, 4, 3, 0.7, 1e-5
+    x = rng.normal(2.0, 3.0, (n, c))
+    x[8:] = rng.normal(-5.0, 0.5, (2, c))  # the small last group has a very different variance
+    gamma, beta = rng.uniform(0.5, 2.0, c), rng.normal(size=c)
+    mean, var = rng.normal(size=c), rng.uniform(0.5, 2.0, c)
+    with x64():
+        gh = layers.ghost_batch_norm(k, m, eps)
+        state = layers.BatchNormState(jnp.asarray(mean), jnp.asarray(var))
+        y, s = gh.apply(_bn_params(gamma, beta, jnp.float64), state, jnp.asarray(x))
+    y_ref, mu_ref, var_ref, groups = _np_ghost(x, k, gamma, beta, mean, var, momentum=m, eps=eps)
+    assert [g[0] for g in groups] == [4, 4, 2]
+    np.testing.assert_allclose(_a(y), y_ref, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(_a(s.mean), mu_ref, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(_a(s.var), var_ref, rtol=1e-10, atol=1e-10)
+    unweighted = m * var + (1 - m) * np.mean([g[2] for g in groups], 0)
+    assert np.abs(unweighted - var_ref).min() > 1e-2  # the weighting is tested
+
+
+def test_ghost_evaluation_is_batch_norm_evaluation_with_the_running_stats():
+    rng = np.random.default_rng(109)
+    x = jnp.asarray(rng.normal(2.0, 3.0, (10, 3)).astype(np.float32))
+    params = _bn_params(rng.uniform(0.5, 2.0, 3).astype(np.float32), rng.normal(size=3).astype(np.float32))
+    state = layers.BatchNormState(jnp.asarray(rng.normal(size=3).astype(np.float32)),
+                                  jnp.asarray(rng.uniform(0.5, 3.0, 3).astype(np.float32)))
+    for k in (3, 4, 10, 16):
+        y, s = layers.ghost_batch_norm(k, 0.9, 1e-5).apply(params, state, x, train=False)
+        y_bn, _ = layers.batch_norm_apply(params, state, x, train=False, eps=1e-5)
+        np.testing.assert_array_equal(_a(y), _a(y_bn))
+        np.testing.assert_array_equal(_a(s.mean), _a(state.mean))
+        np.testing.assert_array_equal(_a(s.var), _a(state.var))
+
+
+def test_ghost_mask_removes_rows_from_their_groups():
+    rng = np.random.default_rng(110)
+    n, k, c, m, eps = 11, 4, 3, 0.6, 1e-5
+    x = rng.normal(1.0, 2.0, (n, c))
+    mask = np.array([1, 0, 1, 1, 0, 0, 0, 0, 1, 1, 0], bool)  # group 2 (rows 4..7) fully masked: skipped
+    x[~mask] = 1e4  # garbage in masked rows must not leak
+    gamma, beta = rng.uniform(0.5, 2.0, c), rng.normal(size=c)
+    mean, var = rng.normal(size=c), rng.uniform(0.5, 2.0, c)
+    with x64():
+        gh = layers.ghost_batch_norm(k, m, eps)
+        y, s = gh.apply(_bn_params(gamma, beta, jnp.float64), layers.BatchNormState(jnp.asarray(mean),
+                                                                                     jnp.asarray(var)),
+                        jnp.asarray(x), mask=jnp.asarray(mask))
+    y_ref, mu_ref, var_ref, groups = _np_ghost(x, k, gamma, beta, mean, var, momentum=m, eps=eps, mask=mask)
+    assert [g[0] for g in groups] == [3, 2]
+    np.testing.assert_allclose(_a(y)[mask], y_ref[mask], rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(_a(s.mean), mu_ref, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(_a(s.var), var_ref, rtol=1e-10, atol=1e-10)
+
+
+def test_ghost_nhwc_groups_rows_and_reduces_space():
+    rng = np.random.default_rng(111)
+    n, k, c, m, eps = 6, 4, 3, 0.6, 1e-5
+    x = rng.normal(1.0, 2.0, (n, 2, 3, c))
+    x[4:] += 3.0
+    gamma, beta = rng.uniform(0.5, 2.0, c), rng.normal(size=c)
+    mean, var = rng.normal(size=c), rng.uniform(0.5, 2.0, c)
+    with x64():
+        gh = layers.ghost_batch_norm(k, m, eps)
+        y, s = gh.apply(_bn_params(gamma, beta, jnp.float64),
+                        layers.BatchNormState(jnp.asarray(mean), jnp.asarray(var)), jnp.asarray(x))
+    y_ref, mu_ref, var_ref, groups = _np_ghost(x, k, gamma, beta, mean, var, momentum=m, eps=eps)
+    assert [g[0] for g in groups] == [24, 12]
+    assert y.shape == x.shape
+    np.testing.assert_allclose(_a(y), y_ref, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(_a(s.mean), mu_ref, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(_a(s.var), var_ref, rtol=1e-10, atol=1e-10)
+
+
+def test_ghost_rejects_axis_0_as_feature_axis_and_bad_virtual_batch_sizes():
+    gh = layers.ghost_batch_norm(2)
+    params, state = gh.init(4)
+    with pytest.raises(ValueError, match="axis 0"):
+        gh.apply(params, state, jnp.ones((4, 4)), feature_axes=0)
+    with pytest.raises(ValueError, match="axis 0"):
+        gh.apply(params, state, jnp.ones((4, 4)), feature_axes=(0,), train=False)
+    for bad in (0, -3, 2.5, True, "4", None):
+        with pytest.raises(ValueError, match="virtual_batch_size"):
+            layers.ghost_batch_norm(bad)
+
+
+def test_fully_masked_batch_leaves_renorm_and_ghost_state_and_step_unchanged():
+    x = jnp.asarray(np.random.default_rng(119).normal(size=(6, 2)).astype(np.float32))
+    for norm in (layers.batch_renorm(0.5), layers.ghost_batch_norm(4, 0.5, init_var=1.0)):
+        params, state = norm.init(2)
+        _, s = norm.apply(params, state, x, mask=jnp.zeros(6, bool))
+        for a, b in zip(s, state):
+            np.testing.assert_array_equal(_a(a), _a(b))
+
+
+# --- Every variant: jit, vmap ensembles, axis_name with unequal shards, bf16 ------------------------------
+
+_M, _EPS = 0.7, 1e-5
+_VARIANTS = {
+    "batch_norm": lambda: layers.batch_norm(_M, _EPS, init_mean=0.5, init_var=2.0),
+    "batch_renorm": lambda: layers.batch_renorm(_M, _EPS, r_max=1.5, d_max=0.5, init_mean=0.5, init_var=2.0),
+    "ghost_batch_norm": lambda: layers.ghost_batch_norm(3, _M, _EPS, init_mean=0.5, init_var=2.0),
+}
+
+
+def _variant_case(rng, n=10, c=3):
+    x = rng.normal(3.0, 2.0, (n, c)).astype(np.float32)
+    gamma, beta = rng.uniform(0.5, 2.0, c).astype(np.float32), rng.normal(size=c).astype(np.float32)
+    return x, gamma, beta
+
+
+@pytest.mark.parametrize("name", list(_VARIANTS))
+def test_every_norm_jit_equals_eager_without_retracing(name):
+    norm = _VARIANTS[name]()
+    rng = np.random.default_rng(112)
+    x, gamma, beta = _variant_case(rng)
+    params = _bn_params(gamma, beta)
+    _, state = norm.init(3)
+    traces = []
+
+    def f(p, s, xx):
+        traces.append(1)
+        return norm.apply(p, s, xx)
+
+    jf = jax.jit(f)
+    y_j, s_j = jf(params, state, jnp.asarray(x))
+    y_e, s_e = f(params, state, jnp.asarray(x))
+    np.testing.assert_allclose(_a(y_j), _a(y_e), atol=1e-6)
+    for a, b in zip(s_j, s_e):
+        np.testing.assert_allclose(_a(a), _a(b), rtol=1e-6)
+    n = len(traces)
+    jf(params, s_j, jnp.asarray(x * 2))
+    assert len(traces) == n
+
+
+@pytest.mark.parametrize("name", list(_VARIANTS))
+def test_every_norm_vmapped_ensemble_matches_a_python_loop(name):
+    norm = _VARIANTS[name]()
+    rng = np.random.default_rng(113)
+    num, n, c = 3, 10, 3
+    xs = rng.normal(3.0, 2.0, (num, n, c)).astype(np.float32) * np.arange(1, num + 1)[:, None, None]
+    params = _bn_params(rng.uniform(0.5, 2.0, (num, c)).astype(np.float32),
+                        rng.normal(size=(num, c)).astype(np.float32))
+    _, state = jax.vmap(lambda _: norm.init(c))(jnp.arange(num))
+    state = state._replace(mean=state.mean + jnp.arange(num, dtype=jnp.float32)[:, None])
+    for train in (True, False):
+        ys, states = jax.vmap(lambda p, s, xx: norm.apply(p, s, xx, train))(params, state, jnp.asarray(xs))
+        for i in range(num):
+            p_i, s_i = jax.tree_util.tree_map(lambda a: a[i], (params, state))
+            y_i, st_i = norm.apply(p_i, s_i, jnp.asarray(xs[i]), train)
+            np.testing.assert_allclose(_a(ys[i]), _a(y_i), atol=1e-5)
+            for a, b in zip(states, st_i):
+                np.testing.assert_allclose(_a(a[i]), _a(b), rtol=1e-6)
+
+
+def _shards(rng, sizes, nmax, c):
+    """Per-device shards padded to nmax rows, a mask with padding and a few extra masked rows."""
+    x = rng.normal(3.0, 2.0, (len(sizes), nmax, c)).astype(np.float32)
+    x[1] += 4.0  # devices see different data
+    mask = np.arange(nmax)[None, :] < np.array(sizes)[:, None]
+    mask[0, 1] = False
+    mask[2, 4] = False
+    x[~mask] = 1e6
+    return x, mask
+
+
+def _expected_sharded(name, x, mask, gamma, beta, mean, var):
+    """Float64 oracle of the cross-device run: (y per shard, NaN at masked rows; new mean; new var)."""
+    xd = x.astype(np.float64)
+    valid = np.concatenate([xd[i][mask[i]] for i in range(len(xd))])
+    if name == "ghost_batch_norm":
+        ys, groups = [], []
+        for i in range(len(xd)):
+            y_i, _, _, g_i = _np_ghost(xd[i], 3, gamma, beta, mean, var, momentum=_M, eps=_EPS, mask=mask[i])
+            ys.append(y_i)
+            groups += g_i
+        mu, v = _np_pool(groups, mean, var, _M)
+        return np.stack(ys), mu, v
+    if name == "batch_renorm":
+        y_valid, mu, v, _, _ = _np_renorm(valid, gamma, beta, mean, var, r_max=1.5, d_max=0.5, momentum=_M,
+                                          eps=_EPS)
+    else:
+        mu_b, var_b = valid.mean(0), valid.var(0)
+        y_valid = gamma * (valid - mu_b) / np.sqrt(var_b + _EPS) + beta
+        mu, v = _M * mean + (1 - _M) * mu_b, _M * var + (1 - _M) * var_b
+    y = np.full_like(xd, np.nan)
+    y[mask] = y_valid
+    return y, mu, v
+
+
+@pytest.mark.parametrize("how", ["vmap", "shard_map"])
+@pytest.mark.parametrize("name", list(_VARIANTS))
+def test_every_norm_across_unequal_masked_shards_equals_the_concatenated_valid_rows(name, how):
+    norm = _VARIANTS[name]()
+    rng = np.random.default_rng(114)
+    sizes, nmax, c = [5, 1, 7, 3], 7, 3
+    x, mask = _shards(rng, sizes, nmax, c)
+    gamma, beta = rng.uniform(0.5, 2.0, c).astype(np.float32), rng.normal(size=c).astype(np.float32)
+    params = _bn_params(gamma, beta)
+    _, state = norm.init(c)
+    if name == "batch_renorm":
+        assert int(state.step) == 0
+
+    def per_shard(xs, ms):
+        return norm.apply(params, state, xs, axis_name="i", mask=ms)
+
+    if how == "vmap":
+        ys, states = jax.vmap(per_shard, axis_name="i")(jnp.asarray(x), jnp.asarray(mask))
+        ys = _a(ys)
+        states = jax.tree_util.tree_map(lambda a: a[0], states)
+    else:
+        from jax.sharding import Mesh, PartitionSpec as P
+
+        if len(jax.devices()) < 4:
+            pytest.skip("needs 4 devices")
+        mesh = Mesh(np.array(jax.devices()[:4]), ("i",))
+        kwargs = dict(mesh=mesh, in_specs=(P("i"), P("i")), out_specs=(P("i"), P()))
+        try:
+            sm = _shard_map()(per_shard, check_vma=False, **kwargs)
+        except TypeError:
+            sm = _shard_map()(per_shard, check_rep=False, **kwargs)
+        ys, states = jax.jit(sm)(jnp.asarray(x.reshape(-1, c)), jnp.asarray(mask.reshape(-1)))
+        ys = _a(ys).reshape(x.shape)
+    y_ref, mu_ref, var_ref = _expected_sharded(name, x, mask, gamma.astype(np.float64), beta.astype(np.float64),
+                                               0.5, 2.0)
+    np.testing.assert_allclose(ys[mask], y_ref[mask], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(_a(states.mean), mu_ref, rtol=1e-5)
+    np.testing.assert_allclose(_a(states.var), var_ref, rtol=1e-4)
+    if name == "batch_renorm":
+        assert int(states.step) == 1
+        # And equal to the single-device run on the concatenated valid rows.
+        valid = np.concatenate([x[i][mask[i]] for i in range(len(x))])
+        y1, s1 = norm.apply(params, state, jnp.asarray(valid))
+        np.testing.assert_allclose(ys[mask], _a(y1), atol=1e-5)
+        np.testing.assert_allclose(_a(states.mean), _a(s1.mean), rtol=1e-6)
+        np.testing.assert_allclose(_a(states.var), _a(s1.var), rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(_VARIANTS))
+def test_every_norm_bf16_input_bf16_output_float32_state(name):
+    norm = _VARIANTS[name]()
+    rng = np.random.default_rng(115)
+    x, gamma, beta = _variant_case(rng)
+    params = _bn_params(gamma, beta)
+    _, state = norm.init(3)
+    xb = jnp.asarray(x).astype(jnp.bfloat16)
+    x32 = xb.astype(jnp.float32)  # the same numbers in float32
+    for train in (True, False):
+        y, s = norm.apply(params, state, xb, train)
+        y32, s32 = norm.apply(params, state, x32, train)
+        assert y.dtype == jnp.bfloat16
+        assert s.mean.dtype == jnp.float32 and s.var.dtype == jnp.float32
+        for a, b in zip(s, s32):
+            np.testing.assert_allclose(_a(a), _a(b), rtol=1e-6)
+        np.testing.assert_allclose(_a(y.astype(jnp.float32)), _a(y32), rtol=2 ** -8, atol=1e-6)
+
+
+# --- recalibrate ---------------------------------------------------------------------------------------
+
+
+_RECAL = {
+    "batch_norm": lambda: layers.batch_norm(0.9, 1e-5),
+    "batch_norm_unbiased": lambda: layers.batch_norm(0.9, 1e-5, unbiased_running_var=True),
+    "batch_renorm": lambda: layers.batch_renorm(0.9, 1e-5),
+    "batch_renorm_std": lambda: layers.batch_renorm(0.9, 1e-5, running_average="std"),
+    "ghost_batch_norm": lambda: layers.ghost_batch_norm(3, 0.9, 1e-5),
+}
+
+
+@pytest.mark.parametrize("name", list(_RECAL))
+def test_recalibrate_is_the_mean_of_the_per_batch_statistics(name):
+    norm = _RECAL[name]()
+    rng = np.random.default_rng(116)
+    nb, n, c = 4, 8, 3
+    batches = rng.normal(0.0, 1.0, (nb, n, c)) * rng.uniform(0.5, 4.0, (nb, 1, c)) + rng.normal(0, 5, (nb, 1, c))
+    batches = batches.astype(np.float32)
+    params = _bn_params(rng.uniform(0.5, 2.0, c).astype(np.float32), rng.normal(size=c).astype(np.float32))
+    _, state = norm.init(c)
+    state = state._replace(mean=state.mean + 7.0, var=state.var + 9.0)  # must not leak into the result
+    if "renorm" in name:
+        state = state._replace(step=jnp.asarray(17, jnp.int32))
+    bd = batches.astype(np.float64)
+    if name.startswith("ghost"):
+        stats = [_np_pool(_np_ghost(b, 3, 1.0, 0.0, 0.0, 0.0, momentum=0.0, eps=1e-5)[3], 0.0, 0.0, 0.0)
+                 for b in bd]
+        exp_mean, exp_var = np.mean([s[0] for s in stats], 0), np.mean([s[1] for s in stats], 0)
+        assert np.abs(exp_var - np.mean([b.var(0) for b in bd], 0)).min() > 1e-2  # pooled groups != full batch
+    else:
+        ddof = 1 if name.endswith("unbiased") else 0
+        exp_mean = np.mean([b.mean(0) for b in bd], 0)
+        exp_var = np.mean([b.var(0, ddof=ddof) for b in bd], 0)
+    for fn in (layers.recalibrate, jax.jit(layers.recalibrate, static_argnums=0)):
+        new = fn(norm, params, state, jnp.asarray(batches))
+        assert type(new) is type(state)
+        np.testing.assert_allclose(_a(new.mean), exp_mean, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(_a(new.var), exp_var, rtol=1e-5)
+        if "renorm" in name:
+            assert int(new.step) == 17
+
+
+# --- Folding ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("use_gamma,use_beta", [(True, True), (False, True), (True, False), (False, False)])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_fold_batch_norm_equals_affine_then_batch_norm_eval(dtype, use_gamma, use_beta):
+    rng = np.random.default_rng(117)
+    nin, nout, n, eps = 6, 4, 5, 1e-5
+    W = rng.normal(0, 0.7, (nin, nout))
+    b = rng.normal(0, 1.0, nout)
+    x = rng.normal(1.0, 2.0, (n, nin))
+    gamma = rng.uniform(0.5, 2.0, nout) if use_gamma else None
+    beta = rng.normal(0, 1.0, nout) if use_beta else None
+    mean, var = rng.normal(2.0, 1.0, nout), rng.uniform(0.3, 3.0, nout)
+    tol = 1e-5 if dtype == "float32" else 1e-12
+    with x64():
+        dt = jnp.dtype(dtype)
+        aff = layers.AffineParams(jnp.asarray(W, dt), jnp.asarray(b, dt))
+        bnp = _bn_params(gamma, beta, dt)
+        st = layers.BatchNormState(jnp.asarray(mean, dt), jnp.asarray(var, dt))
+        folded = layers.fold_batch_norm(aff, bnp, st, eps)
+        assert folded.W.dtype == dt and folded.b.dtype == dt
+        y_fold = _a(layers.affine_apply(folded, jnp.asarray(x, dt)))
+        y_ref, _ = layers.batch_norm_apply(bnp, st, layers.affine_apply(aff, jnp.asarray(x, dt)), train=False,
+                                           eps=eps)
+    y_np = _np_bn_eval(x @ W + b, gamma, beta, mean, var, eps)
+    scale = np.abs(y_np).max()
+    np.testing.assert_allclose(y_fold, _a(y_ref), rtol=tol, atol=tol * scale)
+    np.testing.assert_allclose(y_fold, y_np, rtol=tol, atol=tol * scale)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_fold_conv_batch_norm_equals_conv_then_batch_norm_eval(dtype, with_bias):
+    rng = np.random.default_rng(118)
+    cin, cout, eps = 3, 4, 1e-5
+    kernel = rng.normal(0, 0.5, (3, 2, cin, cout))
+    bias = rng.normal(size=cout) if with_bias else None
+    x = rng.normal(1.0, 2.0, (2, 5, 6, cin))
+    gamma, beta = rng.uniform(0.5, 2.0, cout), rng.normal(size=cout)
+    mean, var = rng.normal(2.0, 1.0, cout), rng.uniform(0.3, 3.0, cout)
+    tol = 1e-5 if dtype == "float32" else 1e-12
+    with x64():
+        dt = jnp.dtype(dtype)
+
+        def conv(k, bb, xx):
+            out = jax.lax.conv_general_dilated(xx, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                               precision=jax.lax.Precision.HIGHEST)
+            return out if bb is None else out + bb
+
+        bnp = _bn_params(gamma, beta, dt)
+        st = layers.BatchNormState(jnp.asarray(mean, dt), jnp.asarray(var, dt))
+        k_dt, b_dt = jnp.asarray(kernel, dt), (None if bias is None else jnp.asarray(bias, dt))
+        fk, fb = layers.fold_conv_batch_norm(k_dt, b_dt, bnp, st, eps)
+        assert fk.shape == kernel.shape and fb.shape == (cout,) and fk.dtype == dt
+        y_fold = _a(conv(fk, fb, jnp.asarray(x, dt)))
+        y_ref, _ = layers.batch_norm_apply(bnp, st, conv(k_dt, b_dt, jnp.asarray(x, dt)), train=False, eps=eps)
+        # Independent float64 conv for the NumPy oracle.
+        conv64 = _a(conv(jnp.asarray(kernel), None if bias is None else jnp.asarray(bias), jnp.asarray(x)))
+    y_np = _np_bn_eval(conv64, gamma, beta, mean, var, eps)
+    scale = np.abs(y_np).max()
+    np.testing.assert_allclose(y_fold, _a(y_ref), rtol=tol, atol=tol * scale)
+    np.testing.assert_allclose(y_fold, y_np, rtol=tol, atol=tol * scale)
+
+
+def test_fold_shape_mismatches_raise():
+    aff = layers.AffineParams(jnp.ones((5, 3)), jnp.zeros(3))
+    good = layers.BatchNormState(jnp.zeros(3), jnp.ones(3))
+    with pytest.raises(ValueError):
+        layers.fold_batch_norm(aff, _bn_params(np.ones(4), np.zeros(3)), good)
+    with pytest.raises(ValueError):
+        layers.fold_batch_norm(aff, _bn_params(np.ones(3), np.zeros(3)),
+                               layers.BatchNormState(jnp.zeros(4), jnp.ones(4)))
+    with pytest.raises(ValueError):
+        layers.fold_conv_batch_norm(jnp.ones((3, 3, 2, 4)), None, _bn_params(np.ones(3), None), good)
+    with pytest.raises(ValueError):
+        layers.fold_conv_batch_norm(jnp.ones((3, 2, 3)), None, _bn_params(np.ones(3), None), good)
+    with pytest.raises(ValueError):
+        layers.fold_batch_norm(aff, _bn_params(np.ones(3), np.zeros(3)), good, eps=0.0)
+
+
+# --- Validation, hashing, describe -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("factory,kw,exc", [
+    (layers.batch_norm, dict(momentum=1.5), ValueError),
+    (layers.batch_norm, dict(eps=0.0), ValueError),
+    (layers.batch_norm, dict(use_scale=1), TypeError),
+    (layers.batch_norm, dict(unbiased_running_var="yes"), TypeError),
+    (layers.batch_renorm, dict(momentum=1.5), ValueError),
+    (layers.batch_renorm, dict(eps=0.0), ValueError),
+    (layers.batch_renorm, dict(r_max=0.5), ValueError),
+    (layers.batch_renorm, dict(d_max=-1.0), ValueError),
+    (layers.batch_renorm, dict(running_average="x"), ValueError),
+    (layers.batch_renorm, dict(warmup=(5, 1, 1)), ValueError),
+    (layers.batch_renorm, dict(warmup=(1, 2)), ValueError),
+    (layers.batch_renorm, dict(use_scale=None), TypeError),
+    (layers.batch_renorm, dict(init_var=-1.0), ValueError),
+    (lambda **kw: layers.ghost_batch_norm(4, **kw), dict(momentum=1.5), ValueError),
+    (lambda **kw: layers.ghost_batch_norm(4, **kw), dict(eps=0.0), ValueError),
+    (lambda **kw: layers.ghost_batch_norm(4, **kw), dict(use_offset="no"), TypeError),
+])
+def test_norm_factories_reject_bad_hyper_parameters(factory, kw, exc):
+    with pytest.raises(exc):
+        factory(**kw)
+
+
+def test_norm_values_are_hashable_equal_by_value_and_static_for_jit():
+    assert layers.batch_norm(0.9) == layers.batch_norm(0.9)
+    assert hash(layers.batch_norm(0.9)) == hash(layers.batch_norm(np.float64(0.9)))
+    assert layers.batch_norm(0.9) != layers.batch_norm(0.8)
+    assert layers.batch_renorm(warmup=[1, 2, 3]) == layers.batch_renorm(warmup=(1, 2, 3))
+    assert hash(layers.batch_renorm(warmup=[1, 2, 3])) == hash(layers.batch_renorm(warmup=(1, 2, 3)))
+    assert layers.ghost_batch_norm(4) == layers.ghost_batch_norm(4) != layers.ghost_batch_norm(5)
+    assert len({layers.batch_norm(), layers.batch_renorm(), layers.ghost_batch_norm(8), layers.batch_norm()}) == 3
+    traces = []
+
+    def f(norm, p, s, x):
+        traces.append(1)
+        return norm.apply(p, s, x)
+
+    jf = jax.jit(f, static_argnums=0)
+    params, state = layers.batch_norm(0.9).init(3)
+    x = jnp.ones((4, 3))
+    jf(layers.batch_norm(0.9), params, state, x)
+    jf(layers.batch_norm(0.9), params, state, x)  # a new but equal value: no retrace
+    assert len(traces) == 1
+    jf(layers.batch_norm(0.8), params, state, x)
+    assert len(traces) == 2
+
+
+def test_describe_is_json_serialisable():
+    for norm in (layers.batch_norm(0.8, unbiased_running_var=True), layers.batch_renorm(warmup=(1, 2, 3)),
+                 layers.ghost_batch_norm(np.int64(16))):
+        d = json.loads(json.dumps(norm.describe()))
+        assert d["norm"] == type(norm).__name__
+        assert d["momentum"] == norm.momentum and d["eps"] == norm.eps
+    assert json.loads(json.dumps(layers.batch_renorm(warmup=(1, 2, 3)).describe()))["warmup"] == [1, 2, 3]
+    assert json.loads(json.dumps(layers.ghost_batch_norm(np.int64(16)).describe()))["virtual_batch_size"] == 16
+
+
+def test_norm_misuse_gets_a_message_that_says_what_to_do():
+    renorm = layers.batch_renorm()
+    bn_params, bn_state = layers.batch_norm(0.9).init(3)
+    x = jnp.ones((4, 3))
+    with pytest.raises(TypeError, match="BatchRenormState"):
+        renorm.apply(bn_params, bn_state, x, True)
+    with pytest.raises(TypeError, match="momentum is not an option"):
+        layers.recalibrate(layers.batch_norm(), bn_params, bn_state, jnp.ones((2, 4, 3)), momentum=0.5)
+    with x64():  # the schedule in the default float dtype: float64 limits under x64
+        r, d = layers.renorm_schedule(1, 3.0, 5.0, hold_steps=0, r_steps=3, d_steps=3)
+        assert float(r) == pytest.approx(5.0 / 3.0, rel=1e-15) and float(d) == pytest.approx(5.0 / 3.0, rel=1e-15)
