@@ -1,7 +1,7 @@
 """The book's ``MultiLayerNetExtend`` as pure functions.
 
 ``Affine -> [BatchNorm] -> activation -> [Dropout]`` for each hidden layer, then ``Affine`` to the scores.
-The network's *structure* (sizes, activation, whether batch norm is used, the dropout ratio, batch-norm
+The network's *structure* (sizes, activation, which norm is used if any, the dropout ratio, batch-norm
 hyper-parameters) is an ``MLPConfig``: static, hashable, passed first to every function, as a Flax module is.
 The trained parameters (``MLPParams``) and the running statistics (``MLPState``) are plain pytrees of arrays,
 so ``weight_init_std`` may be an array: ``jax.vmap(lambda s, k: init(k, config, s))`` builds a stack of
@@ -10,17 +10,20 @@ models, one per scale.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax import lax
 
 from bnjax import layers
 
 Array = jax.Array
 
 __all__ = ["MLPConfig", "MLPParams", "MLPState", "ACTIVATIONS", "init", "apply", "hidden", "loss", "predict", "accuracy",
-           "num_flops"]
+           "recalibrate", "fold", "num_flops"]
 
 ACTIVATIONS = {"relu": layers.relu, "sigmoid": layers.sigmoid}
 
@@ -31,18 +34,22 @@ class MLPConfig(NamedTuple):
     Attributes:
       input_size, hidden_sizes, output_size: layer widths.
       activation: ``'relu'`` or ``'sigmoid'``.
-      batch_norm: insert batch norm between each hidden Affine and its activation.
+      batch_norm: the norm between each hidden Affine and its activation: a norm value
+        (``layers.batch_norm(...)``, ``layers.batch_renorm(...)``, ``layers.ghost_batch_norm(...)`` or any
+        ``layers.Norm``), or ``None``/``False`` for none; ``True`` is shorthand for
+        ``layers.batch_norm(bn_momentum, bn_eps, init_var=bn_init_var)`` (the book's BatchNorm).
       dropout_ratio: dropout after each hidden activation (0.0: none).
       dropout_inverted: ``True`` scales kept units by ``1/(1-ratio)`` in training (modern); ``False`` is the
         book's (no scaling in training, times ``1-ratio`` at evaluation).
-      bn_momentum, bn_eps, bn_init_var: batch-norm conventions (defaults: ``layers.CONVENTIONS``).
+      bn_momentum, bn_eps, bn_init_var: batch-norm conventions of ``batch_norm=True`` (defaults:
+        ``layers.CONVENTIONS``); a norm value carries its own.
     """
 
     input_size: int = 784
     hidden_sizes: tuple[int, ...] = (100, 100, 100, 100, 100)
     output_size: int = 10
     activation: str = "relu"
-    batch_norm: bool = False
+    batch_norm: Any = False
     dropout_ratio: float = 0.0
     dropout_inverted: bool = True
     bn_momentum: float = layers.CONVENTIONS["momentum"]
@@ -53,8 +60,20 @@ class MLPConfig(NamedTuple):
     def sizes(self) -> list[int]:
         return [int(self.input_size), *[int(h) for h in self.hidden_sizes], int(self.output_size)]
 
+    @property
+    def norm(self) -> layers.Norm | None:
+        """The norm value of the hidden layers, or ``None``."""
+        if isinstance(self.batch_norm, layers.Norm):
+            return self.batch_norm
+        if self.batch_norm is True or (isinstance(self.batch_norm, np.bool_) and bool(self.batch_norm)):
+            return layers.batch_norm(self.bn_momentum, self.bn_eps, init_var=self.bn_init_var)
+        return None
+
     def check(self) -> "MLPConfig":
         """Raise ``ValueError`` naming the field if the configuration cannot build a network."""
+        if not (self.batch_norm is None or isinstance(self.batch_norm, (bool, np.bool_, layers.Norm))):
+            raise ValueError(f"batch_norm must be a norm value (layers.batch_norm(), layers.batch_renorm(), "
+                             f"layers.ghost_batch_norm(...)), True, False or None, got {self.batch_norm!r}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation={self.activation!r}: expected one of {sorted(ACTIVATIONS)}")
         if any(s < 1 for s in self.sizes):
@@ -74,7 +93,7 @@ class MLPParams(NamedTuple):
 
     Attributes:
       affine: one ``AffineParams`` per layer, hidden layers first, the output layer last.
-      batch_norm: one ``BatchNormParams`` per hidden layer, or ``()`` without batch norm.
+      batch_norm: one ``BatchNormParams`` per hidden layer (the norm's parameters), or ``()`` without a norm.
     """
 
     affine: tuple
@@ -82,7 +101,7 @@ class MLPParams(NamedTuple):
 
 
 class MLPState(NamedTuple):
-    """Non-trained state: one ``BatchNormState`` per hidden layer (empty without batch norm)."""
+    """Non-trained state: the norm's state (``BatchNormState``, ...) per hidden layer (empty without a norm)."""
 
     batch_norm: tuple
 
@@ -116,9 +135,10 @@ def init(
         affine.append(layers.AffineParams(W=W, b=jnp.zeros((num_out,), dtype)))
         offset += num_in * num_out
     bn_params, bn_state = [], []
-    if config.batch_norm:
+    norm = config.norm
+    if norm is not None:
         for size in sizes[1:-1]:
-            p, s = layers.batch_norm_init(size, init_var=config.bn_init_var, dtype=dtype)
+            p, s = norm.init(size, dtype=dtype)
             bn_params.append(p)
             bn_state.append(s)
     return MLPParams(tuple(affine), tuple(bn_params)), MLPState(tuple(bn_state))
@@ -160,10 +180,11 @@ def hidden(
     return _forward(config, params, state, x, train, key)[2]
 
 
-def _forward(config, params, state, x, train, key):
+def _forward(config, params, state, x, train, key, norm_kwargs=None):
     if x.ndim != 2:
         raise ValueError(f"model.apply: x must be [N, features], got shape {x.shape}")
-    num_bn = len(config.hidden_sizes) if config.batch_norm else 0
+    norm = config.norm
+    num_bn = len(config.hidden_sizes) if norm is not None else 0
     if len(params.batch_norm) != num_bn or len(state.batch_norm) != num_bn:
         raise ValueError("model.apply: config, params and state disagree on batch norm (use the pair init returned "
                          "with the same config)")
@@ -176,10 +197,8 @@ def _forward(config, params, state, x, train, key):
     h = x
     for i, aff in enumerate(hidden_layers):
         h = layers.affine_apply(aff, h)
-        if config.batch_norm:
-            h, s = layers.batch_norm_apply(
-                params.batch_norm[i], state.batch_norm[i], h, train, momentum=config.bn_momentum, eps=config.bn_eps,
-            )
+        if norm is not None:
+            h, s = norm.apply(params.batch_norm[i], state.batch_norm[i], h, train, **(norm_kwargs or {}))
             new_bn.append(s)
         pre = h
         h = act(h)
@@ -220,6 +239,72 @@ def predict(config: MLPConfig, params: MLPParams, state: MLPState, x: Array) -> 
 def accuracy(config: MLPConfig, params: MLPParams, state: MLPState, x: Array, t: Array) -> Array:
     """Share of ``x`` classified as ``t``, in evaluation mode (running statistics, no update)."""
     return jnp.mean((predict(config, params, state, x) == t).astype(jnp.float32))
+
+
+def recalibrate(
+    config: MLPConfig, params: MLPParams, state: MLPState, batches: Array, key: Array | None = None
+) -> MLPState:
+    """Precise statistics: every norm layer's running mean and variance set to the equal-weight average of its
+    batch statistics over ``batches`` (fvcore's precise BN; PyTorch's ``update_bn`` cumulative average).
+
+    The network runs in training mode (each layer normalised as in training, so layer ``l`` sees the inputs
+    training gives it) without taking gradients; the parameters are unchanged. One jitted pass, ``lax.scan``
+    over the batches, so memory does not grow with their number. Use it after weight averaging (SWA/EMA),
+    pruning or other surgery, or to replace running averages that lag behind training.
+
+    Args:
+      config, params, state: the network.
+      batches: ``[num_batches, N, input_size]``.
+      key: a ``jax.random`` key when the network has dropout (the training-mode forward drops units).
+
+    Returns:
+      the new ``MLPState`` (other state fields, e.g. Batch Renorm's update count, are kept).
+    """
+    config.check()
+    batches = jnp.asarray(batches)
+    if batches.ndim != 3 or batches.shape[0] < 1 or batches.shape[-1] != config.input_size:
+        raise ValueError(f"recalibrate: batches must be [num_batches >= 1, N, {config.input_size}], got shape "
+                         f"{batches.shape}")
+    if config.dropout_ratio > 0 and key is None:
+        raise ValueError("recalibrate: the network has dropout; pass a jax.random key")
+    if config.norm is None:
+        return state
+    return _recalibrate(config, params, state, batches, key)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _recalibrate(config, params, state, batches, key):
+    def body(sums, xs):
+        i, xb = xs
+        k = None if key is None else jax.random.fold_in(key, i)
+        # momentum 0: each layer's new state is its batch statistics.
+        _, s, _ = _forward(config, params, state, xb, True, k, {"momentum": 0.0})
+        return jax.tree_util.tree_map(lambda acc, new: acc + new, sums,
+                                      [(b.mean, b.var) for b in s.batch_norm]), None
+
+    zero = [(jnp.zeros_like(b.mean), jnp.zeros_like(b.var)) for b in state.batch_norm]
+    sums, _ = lax.scan(body, zero, (jnp.arange(batches.shape[0]), batches))
+    num = batches.shape[0]
+    return MLPState(tuple(b._replace(mean=m / num, var=v / num) for b, (m, v) in zip(state.batch_norm, sums)))
+
+
+def fold(config: MLPConfig, params: MLPParams, state: MLPState) -> tuple[MLPConfig, MLPParams, MLPState]:
+    """The same network in evaluation mode without norm layers: each norm folded into the Affine before it.
+
+    Returns:
+      ``(config without a norm, params, empty state)`` whose ``apply(..., train=False)`` gives the evaluation
+      outputs of the original (to float rounding; see ``layers.fold_batch_norm``). Training the folded network
+      is training a network without batch norm.
+    """
+    config.check()
+    norm = config.norm
+    plain = config._replace(batch_norm=False)
+    if norm is None:
+        return plain, params, MLPState(())
+    _forward(config, params, state, jnp.zeros((1, config.input_size), params.affine[0].W.dtype), False, None)
+    affine = tuple(layers.fold_batch_norm(a, p, s, norm.eps)
+                   for a, p, s in zip(params.affine[:-1], params.batch_norm, state.batch_norm))
+    return plain, MLPParams(affine + (params.affine[-1],), ()), MLPState(())
 
 
 def num_flops(sizes: Any, batch_size: int, *, backward: bool = False) -> int:

@@ -272,3 +272,141 @@ def test_accuracy_and_predict_follow_the_scores():
     t = pred.copy()
     t[:3] = (t[:3] + 1) % 5  # 9 of 12 right
     assert float(model.accuracy(cfg, params, state, x, jnp.asarray(t))) == pytest.approx(0.75)
+
+
+# --------------------------------------------------------------------------------------------------
+# Norm values in the network, precise statistics, folding (issue 9)
+# --------------------------------------------------------------------------------------------------
+
+
+def _numpy_forward(params, x, stats=None, eps=1e-6):
+    """The book's network in float64 NumPy, training-mode batch norm (``stats=None``: batch statistics, recorded
+    per layer) or evaluation mode with ``stats`` [(mean, var)] per layer. Returns (logits, [(mean, var)])."""
+    h, seen = np.asarray(x, np.float64), []
+    for i, aff in enumerate(params.affine[:-1]):
+        h = h @ np.asarray(aff.W, np.float64) + np.asarray(aff.b, np.float64)
+        if params.batch_norm:
+            mu, var = (h.mean(0), h.var(0)) if stats is None else stats[i]
+            seen.append((mu, var))
+            p = params.batch_norm[i]
+            h = np.asarray(p.gamma, np.float64) * (h - mu) / np.sqrt(var + eps) + np.asarray(p.beta, np.float64)
+        h = np.maximum(h, 0.0)
+    last = params.affine[-1]
+    return h @ np.asarray(last.W, np.float64) + np.asarray(last.b, np.float64), seen
+
+
+def _perturbed(params, rng):
+    """Non-trivial gamma and beta (1 and 0 would hide a swapped or missing term)."""
+    bn = tuple(p._replace(gamma=p.gamma * jnp.asarray(rng.uniform(0.5, 2.0, p.gamma.shape), p.gamma.dtype),
+                          beta=p.beta + jnp.asarray(rng.normal(size=p.beta.shape), p.beta.dtype))
+               for p in params.batch_norm)
+    return params._replace(batch_norm=bn)
+
+
+def test_a_norm_value_plugs_into_the_network_as_the_boolean_did():
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.normal(size=(10, SIZES[0])), jnp.float32)
+    base = net(*SIZES, batch_norm=True, bn_momentum=0.7, bn_eps=1e-3)
+    as_value = net(*SIZES, batch_norm=layers.batch_norm(0.7, 1e-3))
+    params, state = model.init(jax.random.key(0), base, 0.5)
+    params_v, state_v = model.init(jax.random.key(0), as_value, 0.5)
+    for a, b in zip(jax.tree_util.tree_leaves((params, state)), jax.tree_util.tree_leaves((params_v, state_v))):
+        np.testing.assert_array_equal(a, b)
+    for train in (True, False):
+        (la, sa), (lb, sb) = model.apply(base, params, state, x, train), model.apply(as_value, params, state, x, train)
+        np.testing.assert_array_equal(la, lb)
+        for a, b in zip(jax.tree_util.tree_leaves(sa), jax.tree_util.tree_leaves(sb)):
+            np.testing.assert_array_equal(a, b)
+    # renorm with r_max = 1, d_max = 0 and ghost BN with one group are batch norm (same init variance)
+    for norm in (layers.batch_renorm(0.7, 1e-3, r_max=1.0, d_max=0.0, init_var=0.0), layers.ghost_batch_norm(10, 0.7, 1e-3)):
+        cfg = net(*SIZES, batch_norm=norm)
+        p, s = model.init(jax.random.key(0), cfg, 0.5)
+        logits, new = model.apply(cfg, p, s, x, True)
+        np.testing.assert_array_equal(logits, model.apply(base, params, state, x, True)[0])
+        np.testing.assert_array_equal(new.batch_norm[0].var, model.apply(base, params, state, x, True)[1].batch_norm[0].var)
+    # a renorm network's state counts its updates; ghost groups of 5 differ from batch norm over 10
+    cfg = net(*SIZES, batch_norm=layers.batch_renorm())
+    p, s = model.init(jax.random.key(0), cfg, 0.5)
+    assert int(model.apply(cfg, p, s, x, True)[1].batch_norm[2].step) == 1
+    ghost = net(*SIZES, batch_norm=layers.ghost_batch_norm(5, 0.7, 1e-3))
+    assert not np.allclose(model.apply(ghost, params, state, x, True)[0], model.apply(base, params, state, x, True)[0])
+    with pytest.raises(ValueError, match="batch_norm must be a norm value"):
+        model.init(jax.random.key(0), net(*SIZES, batch_norm="yes"), 0.5)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_recalibrate_sets_the_average_of_each_layers_batch_statistics(dtype):
+    rng = np.random.default_rng(8)
+    with x64():
+        dt = jnp.dtype(dtype)
+        cfg = net(*SIZES, batch_norm=True)
+        params, state = model.init(jax.random.key(3), cfg, 0.5, dt)
+        params = _perturbed(params, rng)
+        batches = rng.normal(1.0, 2.0, size=(5, 7, SIZES[0]))
+        new = model.recalibrate(cfg, params, state, jnp.asarray(batches, dt))
+        per_batch = [_numpy_forward(params, xb)[1] for xb in batches]  # layer statistics of each batch
+        tol = 1e-12 if dtype == "float64" else 2e-5
+        for i, s in enumerate(new.batch_norm):
+            np.testing.assert_allclose(np.asarray(s.mean), np.mean([b[i][0] for b in per_batch], 0), rtol=tol, atol=tol)
+            np.testing.assert_allclose(np.asarray(s.var), np.mean([b[i][1] for b in per_batch], 0), rtol=tol, atol=tol)
+        # the parameters are unchanged and the state is float, of the same structure
+        assert jax.tree_util.tree_structure(new) == jax.tree_util.tree_structure(state)
+        # a renorm network keeps its update count; the statistics are its training-mode batch statistics
+        rcfg = net(*SIZES, batch_norm=layers.batch_renorm(running_average="std"))
+        rp, rs = model.init(jax.random.key(3), rcfg, 0.5, dt)
+        rs = model.apply(rcfg, rp, rs, jnp.asarray(batches[0], dt), True)[1]
+        rnew = model.recalibrate(rcfg, rp, rs, jnp.asarray(batches[:1], dt))
+        assert int(rnew.batch_norm[0].step) == 1
+        first = _numpy_forward(rp, batches[0])[1][0]
+        np.testing.assert_allclose(np.asarray(rnew.batch_norm[0].mean), first[0], rtol=tol, atol=tol)
+        np.testing.assert_allclose(np.asarray(rnew.batch_norm[0].var), first[1], rtol=max(tol, 1e-9), atol=max(tol, 1e-9))
+
+
+def test_recalibrate_checks_its_input_and_needs_a_key_with_dropout():
+    cfg = net(*SIZES, batch_norm=True)
+    params, state = model.init(jax.random.key(0), cfg, 0.5)
+    with pytest.raises(ValueError, match="num_batches"):
+        model.recalibrate(cfg, params, state, jnp.zeros((7, SIZES[0])))
+    with pytest.raises(ValueError, match="num_batches"):
+        model.recalibrate(cfg, params, state, jnp.zeros((2, 7, SIZES[0] + 1)))
+    drop = cfg._replace(dropout_ratio=0.5)
+    with pytest.raises(ValueError, match="key"):
+        model.recalibrate(drop, params, state, jnp.ones((2, 7, SIZES[0])))
+    out = model.recalibrate(drop, params, state, jnp.ones((2, 7, SIZES[0])), jax.random.key(1))
+    assert all(np.all(np.isfinite(np.asarray(s.var))) for s in out.batch_norm)
+    plain = net(*SIZES)
+    p, s = model.init(jax.random.key(0), plain, 0.5)
+    assert model.recalibrate(plain, p, s, jnp.ones((2, 7, SIZES[0]))) == s
+
+
+@pytest.mark.parametrize("norm", [True, layers.batch_renorm(), layers.ghost_batch_norm(4)])
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("float64", 1e-12)])
+def test_fold_gives_the_evaluation_outputs_of_the_unfolded_book_network(norm, dtype, tol):
+    rng = np.random.default_rng(9)
+    with x64():
+        dt = jnp.dtype(dtype)
+        cfg = net(784, (100,) * 5, 10, batch_norm=norm)
+        params, state = model.init(jax.random.key(4), cfg, "he", dt)
+        params = _perturbed(params, rng)
+        # trained running statistics: a few training-mode passes (momentum 0.9) on shifted, scaled data
+        for i in range(5):
+            xb = jnp.asarray(rng.normal(0.3, 1.5, size=(16, 784)), dt)
+            state = model.apply(cfg, params, state, xb, True)[1]
+        x = jnp.asarray(rng.normal(0.3, 1.5, size=(32, 784)), dt)
+        folded_cfg, folded, folded_state = model.fold(cfg, params, state)
+        assert folded_cfg.norm is None and folded.batch_norm == () and folded_state.batch_norm == ()
+        want = np.asarray(model.apply(cfg, params, state, x, False)[0], np.float64)
+        got = np.asarray(model.apply(folded_cfg, folded, folded_state, x, False)[0], np.float64)
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
+        # an independent float64 NumPy evaluation of the unfolded network agrees too
+        ref = _numpy_forward(params, x, [(np.asarray(s.mean, np.float64), np.asarray(s.var, np.float64))
+                                         for s in state.batch_norm], eps=cfg.norm.eps)[0]
+        np.testing.assert_allclose(got, ref, rtol=tol * 10, atol=tol * 10 * np.abs(ref).max())
+        assert all(a.W.dtype == dt for a in folded.affine)
+
+
+def test_fold_of_a_network_without_norm_is_the_network():
+    cfg = net(*SIZES)
+    params, state = model.init(jax.random.key(0), cfg, 0.5)
+    folded_cfg, folded, folded_state = model.fold(cfg, params, state)
+    assert folded_cfg == cfg and folded is params and folded_state == state
