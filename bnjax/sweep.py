@@ -2,14 +2,16 @@
 
 A sweep (``GridConfig``) is
 
-* **arms**: a ``dict[str, Arm]`` of static variants of the network (batch norm or not, activation, dropout,
-  initialisation); each arm is its own traced program, all arms run in the same compiled call;
+* **arms**: a ``dict[str, Arm]`` of static variants of the network (the norm: none, batch norm or any norm value
+  of ``bnjax.layers``; activation, dropout, initialisation, batch size, a learning-rate factor); each arm is its
+  own traced program, all arms run in the same compiled call;
 * **axes**: a ``dict[str, values]`` of numeric hyper-parameters that are *vmapped* (``weight_scale``,
   ``learning_rate``, ``weight_decay``); the grid is their product;
 * **seeds**: ``num_seeds`` seeds from ``seed`` on; seed ``i`` of a run equals a one-seed run at ``seed + i``.
 
 Every model of a seed sees the same mini-batches (paired comparisons, and one wide first-layer matmul for all
-models of a seed). Models that differ only in learning rate or weight decay also share their initial weights;
+models of a seed); an arm with a batch size of its own (``Arm.batch_size``) draws its own batches, shared with
+the arms of that size, and runs its own number of updates per record, so all arms train the same epochs. Models that differ only in learning rate or weight decay also share their initial weights;
 each arm and each weight scale draws its own (with the book's two arms and its 16 scales this reproduces the
 keys the book's sweep always used).
 
@@ -53,6 +55,7 @@ __all__ = [
     "updates_per_record",
     "num_updates",
     "record_steps",
+    "arm_batch_size",
     "grid_flops",
     "init_models",
     # the book's sweep, as one configuration of the engine
@@ -70,7 +73,9 @@ class Arm(NamedTuple):
     """A static variant of the network: anything that changes the traced program.
 
     Attributes:
-      batch_norm: insert batch norm between each hidden Affine and its activation.
+      batch_norm: the norm between each hidden Affine and its activation: ``True`` for batch norm with the
+        grid's ``bn_momentum``/``bn_eps``, ``False`` for none, or a norm value (``layers.batch_renorm()``,
+        ``layers.ghost_batch_norm(8)``, ...; see ``model.MLPConfig``).
       activation: ``'relu'`` or ``'sigmoid'``.
       dropout_ratio: dropout after each hidden activation (0: none).
       dropout_inverted: modern inverted dropout (True) or the book's (False: scale at evaluation).
@@ -82,14 +87,22 @@ class Arm(NamedTuple):
         (the book's BN and plain nets draw their own weights). Arms given the same stream start from the same
         Affine weights (a paired comparison, e.g. with and without dropout), and an arm run alone with
         ``init_stream=i`` reproduces the arm at position ``i`` of a larger run.
+      batch_size: the arm's own mini-batch size; ``None``: ``GridConfig.batch_size``. Arms of one batch size
+        share their batches (per seed); an arm with its own size draws its own and, unless
+        ``GridConfig.updates_per_record`` is set, runs ``max(num_train // batch_size, 1)`` updates per record,
+        so every arm trains for the same number of epochs (see ``GridResult.arm_record_steps``).
+      learning_rate_scale: multiplies the learning rate (the axis's or the fixed value) for this arm, e.g.
+        ``batch_size / 100`` for the linear scaling rule.
     """
 
-    batch_norm: bool = False
+    batch_norm: Any = False
     activation: str = "relu"
     dropout_ratio: float = 0.0
     dropout_inverted: bool = True
     weight_init: str | float | None = None
     init_stream: int | None = None
+    batch_size: int | None = None
+    learning_rate_scale: float = 1.0
 
 
 # The book's two arms, in the order its keys were always drawn: row 0 batch norm, row 1 plain.
@@ -169,7 +182,8 @@ class GridConfig:
     def network(self, arm: Arm, input_size: int) -> model.MLPConfig:
         return model.MLPConfig(
             input_size=int(input_size), hidden_sizes=tuple(int(h) for h in self.hidden_sizes),
-            output_size=int(self.num_classes), activation=arm.activation, batch_norm=bool(arm.batch_norm),
+            output_size=int(self.num_classes), activation=arm.activation,
+            batch_norm=arm.batch_norm if isinstance(arm.batch_norm, layers.Norm) else bool(arm.batch_norm),
             dropout_ratio=float(arm.dropout_ratio), dropout_inverted=bool(arm.dropout_inverted),
             bn_momentum=float(self.bn_momentum), bn_eps=float(self.bn_eps),
         )
@@ -183,9 +197,18 @@ class GridConfig:
                 raise ValueError(f"arm names must be non-empty strings, got {name!r}")
             if not isinstance(arm, Arm):
                 raise ValueError(f"arm {name!r} must be a bnjax.sweep.Arm, got {type(arm).__name__}")
-            for flag in ("batch_norm", "dropout_inverted"):
-                if not isinstance(getattr(arm, flag), (bool, np.bool_)):
-                    raise ValueError(f"arm {name!r}: {flag} must be True or False, got {getattr(arm, flag)!r}")
+            if not isinstance(arm.batch_norm, (bool, np.bool_, layers.Norm)):
+                raise ValueError(f"arm {name!r}: batch_norm must be True, False or a norm value "
+                                 f"(layers.batch_renorm(), ...), got {arm.batch_norm!r}")
+            if not isinstance(arm.dropout_inverted, (bool, np.bool_)):
+                raise ValueError(f"arm {name!r}: dropout_inverted must be True or False, got {arm.dropout_inverted!r}")
+            if arm.batch_size is not None and (isinstance(arm.batch_size, (bool, np.bool_)) or
+                                               not isinstance(arm.batch_size, (int, np.integer)) or arm.batch_size < 1):
+                raise ValueError(f"arm {name!r}: batch_size must be None or an integer >= 1, got {arm.batch_size!r}")
+            lr_scale = arm.learning_rate_scale
+            if (isinstance(lr_scale, (bool, np.bool_)) or not isinstance(lr_scale, (int, float, np.integer, np.floating))
+                    or not (np.isfinite(lr_scale) and lr_scale > 0)):
+                raise ValueError(f"arm {name!r}: learning_rate_scale must be a finite number > 0, got {lr_scale!r}")
             if arm.init_stream is not None and (isinstance(arm.init_stream, bool) or
                                                 not (isinstance(arm.init_stream, int) and arm.init_stream >= 0)):
                 raise ValueError(f"arm {name!r}: init_stream must be None or an integer >= 0, got {arm.init_stream!r}")
@@ -257,24 +280,30 @@ def _check_values(name: str, vals: np.ndarray) -> None:
         raise ValueError(f"weight_decay values must be >= 0, got {vals.tolist()}")
 
 
-def updates_per_record(config: GridConfig, num_train: int) -> int:
-    """Updates between two records: ``config.updates_per_record`` or the book's ``max(N // B, 1)``."""
+def arm_batch_size(config: GridConfig, arm: Arm) -> int:
+    """The mini-batch size an arm trains with: its own, or the grid's."""
+    return int(config.batch_size if arm.batch_size is None else arm.batch_size)
+
+
+def updates_per_record(config: GridConfig, num_train: int, batch_size: int | None = None) -> int:
+    """Updates between two records: ``config.updates_per_record`` or the book's ``max(N // B, 1)``, with
+    ``B = batch_size`` (an arm's own) or ``config.batch_size``."""
     if config.updates_per_record is not None:
         return int(config.updates_per_record)
-    return max(num_train // config.batch_size, 1)
+    return max(num_train // int(batch_size or config.batch_size), 1)
 
 
-def num_updates(config: GridConfig | "SweepConfig", num_train: int) -> int:
+def num_updates(config: GridConfig | "SweepConfig", num_train: int, batch_size: int | None = None) -> int:
     """Updates per model: one before the first record, then ``updates_per_record`` before each further one
     (191 for the book's 20 records of 10 iterations)."""
     config = _as_grid(config)
-    return 1 + (config.num_records - 1) * updates_per_record(config, num_train)
+    return 1 + (config.num_records - 1) * updates_per_record(config, num_train, batch_size)
 
 
-def record_steps(config: GridConfig | "SweepConfig", num_train: int) -> np.ndarray:
+def record_steps(config: GridConfig | "SweepConfig", num_train: int, batch_size: int | None = None) -> np.ndarray:
     """Number of updates done when each record is taken (1, 11, 21, ..., 191 for the book)."""
     config = _as_grid(config)
-    return 1 + updates_per_record(config, num_train) * np.arange(config.num_records)
+    return 1 + updates_per_record(config, num_train, batch_size) * np.arange(config.num_records)
 
 
 def grid_points(config: GridConfig) -> dict[str, np.ndarray]:
@@ -343,7 +372,8 @@ def bytes_per_model(config: GridConfig, input_size: int) -> int:
     itemsize = np.dtype(jnp.dtype(config.dtype)).itemsize
     width = sum(sizes[1:])
     params = num_params * (4 + slots.get(config.optimizer, 2))  # params, grads, updates, donated copy, slots
-    activations = 6 * config.batch_size * width + 3 * config.eval_batch_size * width
+    batch = max([config.batch_size] + [a.batch_size for a in config.arms.values() if a.batch_size is not None])
+    activations = 6 * batch * width + 3 * config.eval_batch_size * width
     return int(itemsize * (params + activations))
 
 
@@ -465,13 +495,20 @@ def _make_programs(config: GridConfig, num_train: int, input_size: int, eval_siz
     arms = list(config.arms.items())
     nets = {name: config.network(arm, input_size) for name, arm in arms}
     num_scales = len(config.axes.get("weight_scale", (None,)))
-    k = updates_per_record(config, num_train)
-    total_updates = num_updates(config, num_train)
+    # Arms grouped by mini-batch size: each group shares its batches and runs its own number of updates.
+    groups: dict[int, list[str]] = {}
+    for name, arm in arms:
+        groups.setdefault(arm_batch_size(config, arm), []).append(name)
+    per_record = {b: updates_per_record(config, num_train, b) for b in groups}
+    total_updates = {b: num_updates(config, num_train, b) for b in groups}
     # Hyper-parameters without an axis stay Python constants: the book's program is unchanged by the engine.
     traced = {name: name in config.axes for name in ("learning_rate", "weight_decay")}
 
-    def optimizer(lr):
-        return train.make_optimizer(config.optimizer, lr if traced["learning_rate"] else config.learning_rate)
+    def optimizer(lr, arm):
+        lr = lr if traced["learning_rate"] else config.learning_rate
+        if arm.learning_rate_scale != 1:  # e.g. the linear scaling rule for an arm's own batch size
+            lr = lr * arm.learning_rate_scale
+        return train.make_optimizer(config.optimizer, lr)
 
     def init_one(net, arm, key, scale, lr):
         if arm.weight_init is None:
@@ -483,15 +520,23 @@ def _make_programs(config: GridConfig, num_train: int, input_size: int, eval_siz
             params, state = model.init(key, net, arm.weight_init, dtype)
             params = params._replace(affine=tuple(a._replace(W=a.W * jnp.asarray(scale, dtype))
                                                   for a in params.affine))
-        return train.train_state_init(params, state, optimizer(lr))
+        return train.train_state_init(params, state, optimizer(lr, arm))
 
     streams = init_streams(config)
 
     def setup(inputs: ChunkInputs):
         num_streams = max(streams.values()) + 1
         data_keys, init_keys, dropout_keys = jax.vmap(lambda s: _seed_keys(s, num_streams, num_scales))(inputs.seeds)
-        batch_idx = jax.vmap(lambda key: jax.random.randint(key, (total_updates, config.batch_size), 0, num_train))(
-            data_keys)
+
+        def draw(b):
+            # The grid's batch size keeps the data key the book's sweep always used; other sizes fold theirs in.
+            def one(key):
+                if b != config.batch_size:
+                    key = jax.random.fold_in(jax.random.fold_in(key, 2), b)
+                return jax.random.randint(key, (total_updates[b], b), 0, num_train)
+            return jax.vmap(one)(data_keys)
+
+        batch_idx = {b: draw(b) for b in groups}
         models, diverged = {}, {}
         for name, arm in arms:
             keys = init_keys[:, streams[name]][:, inputs.scale_index]  # [sb, gb]
@@ -501,9 +546,9 @@ def _make_programs(config: GridConfig, num_train: int, input_size: int, eval_siz
             diverged[name] = jnp.zeros((inputs.seeds.shape[0], inputs.scale_index.shape[0]), bool)
         return ChunkCarry(models, diverged), batch_idx, dropout_keys
 
-    def step_one(net, ts, xb, tb, key, lr, wd):
+    def step_one(net, arm, ts, xb, tb, key, lr, wd):
         decay = wd if traced["weight_decay"] else config.weight_decay
-        return train.train_step(net, ts, xb, tb, optimizer(lr), key, decay)[0]
+        return train.train_step(net, ts, xb, tb, optimizer(lr, arm), key, decay)[0]
 
     def evaluate(net, ts, eval_set, count):
         """Accuracy and mean loss ``[sb, gb]`` on one padded evaluation set, batch by batch."""
@@ -530,24 +575,27 @@ def _make_programs(config: GridConfig, num_train: int, input_size: int, eval_siz
         return correct.astype(jnp.float32) * np.float32(1.0 / count), nll * np.asarray(1.0 / count, loss_dtype)
 
     def record(carry, record_index, x, t, batch_idx, dropout_keys, inputs: ChunkInputs, eval_sets):
-        # The first record comes after a single update, every later one after k more (the book's loop).
-        n = jnp.where(record_index == 0, 1, k)
-        start = jnp.where(record_index == 0, 0, 1 + (record_index - 1) * k)
+        models = dict(carry.models)
+        for b, members in groups.items():
+            k = per_record[b]
+            # The first record comes after a single update, every later one after k more (the book's loop).
+            n = jnp.where(record_index == 0, 1, k)
+            start = jnp.where(record_index == 0, 0, 1 + (record_index - 1) * k)
 
-        def body(j, models):
-            u = start + j
-            idx = lax.dynamic_index_in_dim(batch_idx, u, axis=1, keepdims=False)  # [sb, B]
-            xb, tb = x[idx], t[idx]
-            keys = jax.vmap(lambda key: jax.random.fold_in(key, u))(dropout_keys)
-            new = {}
-            for name, _ in arms:
-                # Inner vmap over the grid shares the batch (in_axes None): one wide first-layer matmul.
-                grid = jax.vmap(functools.partial(step_one, nets[name]), in_axes=(0, None, None, None, 0, 0))
-                seeds = jax.vmap(grid, in_axes=(0, 0, 0, 0, None, None))
-                new[name] = seeds(models[name], xb, tb, keys, inputs.learning_rate, inputs.weight_decay)
-            return new
+            def body(j, group_models, start=start, b=b, members=members):
+                u = start + j
+                idx = lax.dynamic_index_in_dim(batch_idx[b], u, axis=1, keepdims=False)  # [sb, B]
+                xb, tb = x[idx], t[idx]
+                keys = jax.vmap(lambda key: jax.random.fold_in(key, u))(dropout_keys)
+                new = {}
+                for name in members:
+                    # Inner vmap over the grid shares the batch (in_axes None): one wide first-layer matmul.
+                    grid = jax.vmap(functools.partial(step_one, nets[name], config.arms[name]), in_axes=(0, None, None, None, 0, 0))
+                    seeds = jax.vmap(grid, in_axes=(0, 0, 0, 0, None, None))
+                    new[name] = seeds(group_models[name], xb, tb, keys, inputs.learning_rate, inputs.weight_decay)
+                return new
 
-        models = lax.fori_loop(0, n, body, carry.models)
+            models.update(lax.fori_loop(0, n, body, {name: models[name] for name in members}))
         diverged = {name: carry.diverged[name] | _nonfinite(models[name].params) for name, _ in arms}
         metrics = {}
         for split, eval_set in eval_sets.items():
@@ -594,7 +642,9 @@ class GridResult(NamedTuple):
         held-out set) -> arm name -> ``[seeds, *grid_shape, records]``; evaluation mode (running statistics),
         mean cross-entropy without the weight-decay term; NaN for a diverged model's loss.
       diverged: arm name -> ``[seeds, *grid_shape]``: a parameter became non-finite.
-      record_steps: ``[records]`` updates done at each record.
+      record_steps: ``[records]`` updates done at each record (by arms of the grid's batch size).
+      arm_record_steps: arm name -> ``[records]`` updates that arm had done at each record (differs from
+        ``record_steps`` for arms with a ``batch_size`` of their own).
       timing: ``compile_s`` (first chunk), ``run_s`` (all chunks, excluding the compile).
       layout: the ``Layout`` used, plus ``devices_used`` (devices actually holding models, read from the
         arrays), ``processes`` and ``padded_models``.
@@ -610,6 +660,7 @@ class GridResult(NamedTuple):
     timing: dict
     layout: dict
     final: dict | None
+    arm_record_steps: dict | None = None
 
 
 def run_grid(
@@ -760,6 +811,8 @@ def run_grid(
                     models_per_chunk=layout.models_per_chunk(len(names)), devices_used=devices_used,
                     processes=jax.process_count(), padded_models=padded),
         final=final,
+        arm_record_steps={a: record_steps(config, num_train, arm_batch_size(config, arm))
+                          for a, arm in config.arms.items()},
     )
 
 
@@ -818,7 +871,10 @@ def grid_flops(config: GridConfig, num_train: int, input_size: int, num_heldout:
     """Matmul FLOPs of a sweep: training (forward + backward) and evaluation, over all models."""
     sizes = [input_size, *config.hidden_sizes, config.num_classes]
     models = config.num_models
-    train_flops = models * num_updates(config, num_train) * model.num_flops(sizes, config.batch_size, backward=True)
+    per_arm = models // len(config.arms)
+    train_flops = sum(per_arm * num_updates(config, num_train, arm_batch_size(config, arm))
+                      * model.num_flops(sizes, arm_batch_size(config, arm), backward=True)
+                      for arm in config.arms.values())
     evaluation = models * config.num_records * model.num_flops(sizes, num_train + num_heldout)
     return {"train": train_flops, "eval": evaluation, "total": train_flops + evaluation}
 

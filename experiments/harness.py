@@ -605,6 +605,9 @@ def _jsonable(value: Any) -> Any:
         return int(value)
     if isinstance(value, np.bool_):
         return bool(value)
+    describe = getattr(value, "describe", None)  # a norm value (bnjax.layers.Norm): its kind and fields
+    if callable(describe):
+        return _jsonable(describe())
     return value
 
 
@@ -650,6 +653,8 @@ def results_record(args: argparse.Namespace, result, dataset, timing: dict, *, c
         "seeds": list(range(result.config.seed, result.config.seed + result.config.num_seeds)),
         "record_steps": result.record_steps,
     }
+    if any(arm.batch_size is not None for arm in result.config.arms.values()):
+        record["arm_record_steps"] = result.arm_record_steps
     record.update(result.metrics)
     record["diverged"] = result.diverged
     record.update(extra)

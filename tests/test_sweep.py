@@ -1,7 +1,8 @@
 """The grid engine against models trained one by one, the NumPy reference network and its own invariants.
 
 The keys are re-derived here from the documented scheme (``key(seed)`` split into a data and an init key; init
-keys split ``[arms, weight scales]``; batches ``randint(data_key, [updates, B], 0, N)``), so a test fails when
+keys split ``[arms, weight scales]``; batches ``randint(data_key, [updates, B], 0, N)``, or from
+``fold_in(fold_in(data_key, 2), B)`` for an arm's own batch size B), so a test fails when
 the engine reuses or swaps a key.
 """
 
@@ -638,3 +639,63 @@ def test_fixed_hyper_parameters_and_batch_norm_conventions_reach_every_model(bun
     np.testing.assert_allclose(got.state.batch_norm[0].mean, ts.state.batch_norm[0].mean, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(got.state.batch_norm[0].var, ts.state.batch_norm[0].var, rtol=1e-4, atol=1e-6)
     assert result.metrics["train_loss"]["bn"][0, 0, -1] == pytest.approx(_eval_scores(net, ts, x, t)[1], rel=1e-4)
+
+
+def test_norm_values_and_an_arms_own_batch_size_and_lr_scale_equal_models_trained_alone(bundled):
+    """Arms with a norm value, a batch size and a learning-rate scale of their own, trained by hand: an arm of
+    batch size B != the grid's draws ``randint(fold_in(fold_in(data_key, 2), B), ...)`` and makes N // B updates
+    per record; arms of the grid's size share its batches."""
+    from bnjax import layers
+
+    arms = {"bn": sweep.Arm(batch_norm=True),
+            "renorm10": sweep.Arm(batch_norm=layers.batch_renorm(r_max=2.0, d_max=1.0), batch_size=10,
+                                  learning_rate_scale=0.25),
+            "ghost8": sweep.Arm(batch_norm=layers.ghost_batch_norm(8)),
+            "bn_value": sweep.Arm(batch_norm=layers.batch_norm(), batch_size=40, init_stream=0)}
+    cfg = sweep.GridConfig(arms=arms, axes={"weight_scale": (0.3,)}, num_records=3, batch_size=40, learning_rate=0.2,
+                           hidden_sizes=(20, 15), seed=5, keep_final=True)
+    x, t = bundled.x_train[:120], bundled.t_train[:120]
+    result = sweep.run_grid(cfg, x, t)
+    np.testing.assert_array_equal(result.arm_record_steps["renorm10"], [1, 13, 25])
+    np.testing.assert_array_equal(result.arm_record_steps["bn"], [1, 4, 7])
+    np.testing.assert_array_equal(result.record_steps, [1, 4, 7])
+    data_key, init_key = jax.random.split(jax.random.key(5))
+    init_keys = jax.random.split(init_key, (3, 1))
+    own = np.asarray(jax.random.randint(jax.random.fold_in(jax.random.fold_in(data_key, 2), 10), (25, 10), 0, 120))
+    shared = np.asarray(jax.random.randint(data_key, (7, 40), 0, 120))
+    for a, (name, arm), batches, lr in ((0, ("bn", arms["bn"]), shared, 0.2),
+                                        (1, ("renorm10", arms["renorm10"]), own, 0.05),
+                                        (2, ("ghost8", arms["ghost8"]), shared, 0.2)):
+        net = cfg.network(arm, 784)
+        opt = optax.sgd(lr)
+        params, state = model.init(init_keys[a, 0], net, 0.3)
+        ts = train.train_state_init(params, state, opt)
+        for u in range(len(batches)):
+            ts, _ = train.train_step(net, ts, x[batches[u]], t[batches[u]], opt)
+        np.testing.assert_allclose(result.final[name].params.affine[1].W[0, 0], ts.params.affine[1].W,
+                                   rtol=1e-4, atol=1e-6)
+        for got, want in zip(jax.tree_util.tree_leaves(result.final[name].state),
+                             jax.tree_util.tree_leaves(ts.state)):
+            np.testing.assert_allclose(np.asarray(got)[0, 0], want, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(result.metrics["train_accuracy"][name][0, 0, -1],
+                                   model.accuracy(net, ts.params, ts.state, x, t), atol=1e-6)
+    assert int(result.final["renorm10"].state.batch_norm[0].step[0, 0]) == 25
+    # a norm value equal to the boolean's, with the grid's batch size given explicitly: the same program
+    for m in ("train_accuracy", "train_loss"):
+        np.testing.assert_array_equal(result.metrics[m]["bn_value"], result.metrics[m]["bn"])
+    assert sweep.grid_flops(cfg, 120, 784)["train"] == (
+        3 * 7 * model.num_flops([784, 20, 15, 10], 40, backward=True)
+        + 25 * model.num_flops([784, 20, 15, 10], 10, backward=True))
+
+
+@pytest.mark.parametrize("arm, message", [
+    (sweep.Arm(batch_norm="yes"), "batch_norm must be True, False or a norm value"),
+    (sweep.Arm(batch_size=0), "batch_size"),
+    (sweep.Arm(batch_size=2.5), "batch_size"),
+    (sweep.Arm(batch_size=True), "batch_size"),
+    (sweep.Arm(learning_rate_scale=0.0), "learning_rate_scale"),
+    (sweep.Arm(learning_rate_scale=float("inf")), "learning_rate_scale"),
+])
+def test_bad_arm_fields_rejected(arm, message, bundled):
+    with pytest.raises(ValueError, match=message):
+        sweep.run_grid(sweep.GridConfig(arms={"x": arm}), bundled.x_train[:10], bundled.t_train[:10])
