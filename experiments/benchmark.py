@@ -14,6 +14,21 @@ Reports compile and run time separately, each variant's run-time ratio to (a), a
 Then a scaling table of the grid engine: the book's sweep with more seeds (32, 256, 1024 models; 4096 too on an
 accelerator), each in a fresh process, reporting model-updates per second, GFLOP/s, the per-model cost
 relative to the 32-model run, the chunks used, and peak memory (host RSS; device memory on an accelerator).
+
+Then a layer section: one norm layer alone, the jitted forward + backward of ``sum(norm(x) * w)`` (gradients
+w.r.t. the norm's parameters and x, training mode, so the batch statistics and the running update are computed
+and the new state returned), float32, on NHWC [128, 32, 32, 64], [256, 14, 14, 256] and [1024, 512], for
+bnjax ``batch_norm_apply`` (two-pass variance), bnjax ``batch_renorm()`` and ``ghost_batch_norm(32)``, and Flax
+linen ``nn.BatchNorm`` with its default one-pass ``use_fast_variance=True`` and with the two-pass
+``use_fast_variance=False`` (Flax columns skipped, with a note, if flax is not installed). Each variant is
+compiled by a warm-up call, then timed over N rounds (20; 5 and ~1/16 of the elements with --quick) in which
+every variant runs once in turn, each call blocked on; the median per variant is reported in ms, and as a ratio
+to bnjax ``batch_norm_apply`` (Flax-default / bnjax > 1: bnjax faster). Then, per shape, a float32 accuracy
+check at mean / std = 1e4 (x = 1e4 + N(0, 1)): the max abs error of bnjax's batch variance
+(``layers.batch_norm_stats``), of the one-pass ``E[x^2] - E[x]^2``, and of the variance Flax uses, against a
+float64 NumPy two-pass variance of the same values (and of the normalised outputs): one-pass loses the
+variance entirely there, two-pass does not. ``--layers-only`` runs just this section; ``--skip l`` leaves it
+out. Speeds are reported (as ratios), never asserted: they depend on the machine and on what else runs on it.
 """
 
 from __future__ import annotations
@@ -31,14 +46,25 @@ from pathlib import Path
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments.benchmark", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="2 scales x 2 records: checks that every variant runs")
+    p.add_argument("--quick", action="store_true",
+                   help="2 scales x 2 records, and small layer shapes with 5 rounds: checks that every variant runs")
     p.add_argument("--repeats", type=int, default=3, help="runs of (a) to take the median of (default: 3)")
-    p.add_argument("--skip", default="", help="comma-separated variants to skip, e.g. 'c,d'")
+    p.add_argument("--skip", default="", help="comma-separated variants to skip, e.g. 'c,d'; 'l' skips the layer "
+                                              "section")
+    p.add_argument("--layers-only", action="store_true",
+                   help="run only the layer section (no training variants, no scaling table)")
+    p.add_argument("--layer-shapes", type=_parse_shapes, default=None, metavar="NxHxWxC,...",
+                   help="shapes of the layer section, channels last (default: 128x32x32x64,256x14x14x256,1024x512; "
+                        "32x16x16x64,64x7x7x256,128x512 with --quick)")
+    p.add_argument("--layer-repeats", type=int, default=None, metavar="N",
+                   help="interleaved rounds of the layer section to take medians of (default: 20; 5 with --quick)")
     p.add_argument("--scaling", default=None, metavar="N1,N2,...",
                    help="model counts of the scaling table, multiples of 32 (default: 32,256,1024 on CPU, "
                         "32,256,1024,4096 on an accelerator; 'none' to skip)")
     p.add_argument("--scaling-one", type=int, help=argparse.SUPPRESS)  # internal: one scaling point, JSON out
-    p.add_argument("--out", type=Path, default=Path("runs") / "benchmark.json", help="JSON output path")
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSON output path (default: runs/benchmark.json; runs/benchmark_layers.json with "
+                        "--layers-only)")
     return p
 
 
@@ -237,6 +263,237 @@ def bench_flax(config, x, t) -> dict | None:
     return result
 
 
+# --------------------------------------------------------------------------------------------------
+# Layer speed: one norm layer's jitted forward + backward, bnjax against Flax linen
+# --------------------------------------------------------------------------------------------------
+
+LAYER_SHAPES = ((128, 32, 32, 64), (256, 14, 14, 256), (1024, 512))
+# --quick: about 1/16 of the elements (batch / 4 and H, W / 2 for NHWC, batch / 8 for [N, C]), so that
+# ghost_batch_norm(32) still forms several groups in every shape.
+QUICK_LAYER_SHAPES = ((32, 16, 16, 64), (64, 7, 7, 256), (128, 512))
+LAYER_VARIANTS = (  # key, printed name; the ratios divide by the first
+    ("bnjax", "bnjax batch_norm_apply (two-pass)"),
+    ("bnjax_renorm", "bnjax batch_renorm()"),
+    ("bnjax_ghost32", "bnjax ghost_batch_norm(32)"),
+    ("flax_fast", "Flax nn.BatchNorm, fast variance (default)"),
+    ("flax_two_pass", "Flax nn.BatchNorm, use_fast_variance=False"),
+)
+ACCURACY_MEAN = 1e4  # x = 1e4 + N(0, 1): mean / std = 1e4
+FLAX_MISSING = "Flax columns skipped: flax is not installed (pip install -e '.[bench]')"
+
+
+def _parse_shapes(text: str) -> tuple[tuple[int, ...], ...]:
+    """'128x32x32x64,1024x512' -> ((128, 32, 32, 64), (1024, 512))."""
+    try:
+        shapes = tuple(tuple(int(d) for d in s.lower().split("x")) for s in text.split(",") if s.strip())
+    except ValueError:
+        shapes = ()
+    if not shapes or any(len(s) < 2 or min(s) < 1 for s in shapes):
+        raise argparse.ArgumentTypeError(f"expected shapes like '128x32x32x64,1024x512', got {text!r}")
+    return shapes
+
+
+def _import_flax_linen():
+    try:
+        import flax.linen as nn
+    except ImportError:
+        return None
+    return nn
+
+
+def _layer_steps(shape: tuple[int, ...], key) -> dict:
+    """For every variant, a jitted ``step(params, state, x, w) -> ((loss, new_state), (grad_params, grad_x))``
+    with ``loss = sum(norm(x) * w)`` in training mode, and its arguments. Flax variants only if flax imports."""
+    import jax
+    import jax.numpy as jnp
+
+    from bnjax import layers
+
+    kx, kw, kinit = jax.random.split(key, 3)
+    x = 3.0 + jax.random.normal(kx, shape, jnp.float32)  # a non-zero mean, as after a ReLU
+    w = jax.random.normal(kw, shape, jnp.float32)
+    channels = shape[-1]
+
+    def make(apply, params, state):
+        def loss(p, xx, s, ww):
+            y, new_state = apply(p, s, xx)
+            return jnp.sum(y * ww), new_state
+
+        def step(p, s, xx, ww):
+            (value, new_state), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(p, xx, s, ww)
+            return (value, new_state), grads
+
+        return jax.jit(step), (params, state, x, w)
+
+    steps = {}
+    params, state = layers.batch_norm_init(channels)
+    steps["bnjax"] = make(lambda p, s, xx: layers.batch_norm_apply(p, s, xx, train=True), params, state)
+    for name, norm in (("bnjax_renorm", layers.batch_renorm()), ("bnjax_ghost32", layers.ghost_batch_norm(32))):
+        params, state = norm.init(channels)
+        steps[name] = make(lambda p, s, xx, norm=norm: norm.apply(p, s, xx, train=True), params, state)
+
+    nn = _import_flax_linen()
+    if nn is not None:
+        for name, fast in (("flax_fast", True), ("flax_two_pass", False)):
+            m = nn.BatchNorm(use_running_average=False, use_fast_variance=fast)
+            variables = m.init(kinit, x)
+
+            def apply(p, s, xx, m=m):
+                y, updates = m.apply({"params": p, "batch_stats": s}, xx, mutable=["batch_stats"])
+                return y, updates["batch_stats"]
+
+            steps[name] = make(apply, variables["params"], variables["batch_stats"])
+    return steps
+
+
+def time_interleaved(steps: dict, repeats: int) -> dict:
+    """Median seconds per call of every ``(fn, args)`` in ``steps``: each compiled by a warm-up call first,
+    then ``repeats`` rounds in which every variant is timed once in turn (round robin, the starting variant
+    rotating each round), so a slow spell of a shared machine hits all variants alike."""
+    import jax
+
+    for fn, args in steps.values():
+        jax.block_until_ready(fn(*args))
+    names = list(steps)
+    times = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            fn, args = steps[name]
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def layer_accuracy(shape: tuple[int, ...], key, mean: float = ACCURACY_MEAN) -> dict:
+    """Float32 batch statistics at mean / std = ``mean`` (x = mean + N(0, 1)) against float64 NumPy computed on
+    the same float32 values: the max abs error of each batch variance (the true variances are ~1, so these are
+    relative errors too), and of the normalised output (against NumPy's normalisation with that layer's eps).
+
+    ``bnjax``: ``layers.batch_norm_stats`` (two-pass) and ``batch_norm_apply``; ``one_pass_f32``:
+    ``max(0, E[x^2] - E[x]^2)`` in float32, the formula of Flax's fast variance; ``flax_fast`` /
+    ``flax_two_pass``: the variance Flax's ``nn.BatchNorm`` uses (read back from its running variance with
+    ``momentum=0``) and its output, if flax is installed.
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from bnjax import layers
+
+    x = mean + jax.random.normal(key, shape, jnp.float32)
+    x64 = np.asarray(x, np.float64)
+    red = tuple(range(x64.ndim - 1))
+    mean64 = x64.mean(axis=red)
+    var64 = np.square(x64 - mean64).mean(axis=red)  # two-pass, float64
+
+    def var_err(v) -> float:
+        return float(np.max(np.abs(np.asarray(v, np.float64) - var64)))
+
+    def out_err(y, eps) -> float:
+        ref = (x64 - mean64) / np.sqrt(var64 + eps)
+        return float(np.max(np.abs(np.asarray(y, np.float64) - ref)))
+
+    out = {"mean": mean, "std": 1.0, "true_var_max": float(var64.max())}
+    _, var_b, _ = jax.jit(lambda xx: layers.batch_norm_stats(xx))(x)  # a fresh trace: reads the module now
+    params, state = layers.batch_norm_init(shape[-1])
+    y_b, _ = jax.jit(lambda p, s, xx: layers.batch_norm_apply(p, s, xx, train=True))(params, state, x)
+    out["bnjax"] = {"var_max_abs_err": var_err(var_b), "out_max_abs_err": out_err(y_b, layers.CONVENTIONS["eps"])}
+
+    @jax.jit
+    def one_pass(xx):
+        mu = jnp.mean(xx, axis=red)
+        return jnp.maximum(0.0, jnp.mean(jnp.square(xx), axis=red) - jnp.square(mu))
+
+    out["one_pass_f32"] = {"var_max_abs_err": var_err(one_pass(x))}
+
+    nn = _import_flax_linen()
+    if nn is not None:
+        for name, fast in (("flax_fast", True), ("flax_two_pass", False)):
+            m = nn.BatchNorm(use_running_average=False, use_fast_variance=fast, momentum=0.0)
+            variables = m.init(key, x)
+            y_f, upd = jax.jit(lambda v, xx, m=m: m.apply(v, xx, mutable=["batch_stats"]))(variables, x)
+            # momentum 0: the new running variance is 0 * old + 1 * (the batch variance Flax normalised with).
+            out[name] = {"var_max_abs_err": var_err(upd["batch_stats"]["var"]),
+                         "out_max_abs_err": out_err(y_f, m.epsilon)}
+    for entry in out.values():
+        if isinstance(entry, dict):
+            entry["var_rel_err"] = entry["var_max_abs_err"] / out["true_var_max"]
+    return out
+
+
+def bench_layers(shapes=LAYER_SHAPES, repeats: int = 20, seed: int = 0) -> dict:
+    """The layer section: per shape, median ms per call of every variant (interleaved, see
+    ``time_interleaved``), each variant's time over bnjax ``batch_norm_apply``'s (``>1``: bnjax faster), and
+    the float32 accuracy check of ``layer_accuracy``. Flax variants are left out if flax is not installed."""
+    import jax
+
+    flax_ok = _import_flax_linen() is not None
+    rows = []
+    for i, shape in enumerate(shapes):
+        shape = tuple(int(d) for d in shape)
+        print(f"layers: {'x'.join(map(str, shape))} ...", flush=True)
+        key = jax.random.fold_in(jax.random.key(seed), i)
+        steps = _layer_steps(shape, key)
+        seconds = time_interleaved(steps, repeats)
+        del steps
+        ms = {name: 1e3 * s for name, s in seconds.items()}
+        rows.append({
+            "shape": list(shape),
+            "ms": ms,
+            "ratio_to_bnjax": {name: t / ms["bnjax"] for name, t in ms.items()},
+            "ratio_flax_to_bnjax": ms["flax_fast"] / ms["bnjax"] if "flax_fast" in ms else None,
+            "accuracy": layer_accuracy(shape, jax.random.fold_in(key, 1)),
+        })
+    result = {
+        "what": "jitted forward + backward of sum(norm(x) * w) w.r.t. the norm's params and x, training mode "
+                "(batch statistics and the running update computed, the new state returned), float32, "
+                "x = 3 + N(0, 1); median ms over interleaved calls",
+        "repeats": repeats,
+        "variants": {key: name for key, name in LAYER_VARIANTS if flax_ok or not key.startswith("flax")},
+        "flax": flax_ok,
+        "shapes": rows,
+    }
+    if not flax_ok:
+        result["note"] = FLAX_MISSING
+    return result
+
+
+def print_layers(res: dict) -> None:
+    keys = list(res["variants"])
+    short = {"bnjax": "bnjax", "bnjax_renorm": "renorm", "bnjax_ghost32": "ghost32", "flax_fast": "flax fast",
+             "flax_two_pass": "flax 2-pass"}
+    print(f"\nlayer speed: {res['what']} (N = {res['repeats']})")
+    for key in keys:
+        print(f"  {short[key]:<11} = {res['variants'][key]}")
+    header = f"{'shape':<16}" + "".join(f"{short[k] + ' ms':>15}" for k in keys)
+    if res["flax"]:
+        header += f"{'flax fast / bnjax':>19}{'flax 2-pass / bnjax':>21}"
+    print(header + "\n" + "-" * len(header))
+    for row in res["shapes"]:
+        line = f"{'x'.join(map(str, row['shape'])):<16}" + "".join(f"{row['ms'][k]:>15.2f}" for k in keys)
+        if res["flax"]:
+            line += f"{row['ratio_to_bnjax']['flax_fast']:>19.2f}{row['ratio_to_bnjax']['flax_two_pass']:>21.2f}"
+        print(line)
+    print("ratio = time / time of bnjax batch_norm_apply (> 1: bnjax faster); measured, never asserted.")
+    if not res["flax"]:
+        print(res["note"])
+
+    acc = [k for k in ("bnjax", "one_pass_f32", "flax_fast", "flax_two_pass") if k in res["shapes"][0]["accuracy"]]
+    names = {"bnjax": "bnjax", "one_pass_f32": "E[x2]-E[x]2 f32", "flax_fast": "flax fast",
+             "flax_two_pass": "flax 2-pass"}
+    print(f"\nfloat32 accuracy at mean / std = {ACCURACY_MEAN:g} (x = {ACCURACY_MEAN:g} + N(0, 1), true variance ~1): "
+          "max abs error vs float64 NumPy two-pass")
+    header = f"{'shape':<16}" + "".join(f"{'var: ' + names[k]:>22}" for k in acc) + \
+        "".join(f"{'y: ' + names[k]:>16}" for k in acc if "out_max_abs_err" in res["shapes"][0]["accuracy"][k])
+    print(header + "\n" + "-" * len(header))
+    for row in res["shapes"]:
+        a = row["accuracy"]
+        print(f"{'x'.join(map(str, row['shape'])):<16}" + "".join(f"{a[k]['var_max_abs_err']:>22.3g}" for k in acc)
+              + "".join(f"{a[k]['out_max_abs_err']:>16.3g}" for k in acc if "out_max_abs_err" in a[k]))
+    print("var: error of the batch variance; y: error of the normalised output (gamma = 1, beta = 0).")
+
+
 def scaling_point(num_models: int) -> dict:
     """One row of the scaling table, measured in this process: the book's sweep with ``num_models / 32`` seeds
     (``run_s`` excludes the compile, which the engine times apart)."""
@@ -314,7 +571,20 @@ def _main(args) -> int:
     from bnjax import data, sweep
     from experiments import harness
 
+    if args.out is None:
+        args.out = Path("runs") / ("benchmark_layers.json" if args.layers_only else "benchmark.json")
     harness.check_writable(args.out.parent)
+    layer_shapes = args.layer_shapes or (QUICK_LAYER_SHAPES if args.quick else LAYER_SHAPES)
+    layer_repeats = args.layer_repeats or (5 if args.quick else 20)
+    if args.layers_only:
+        env = harness.environment()
+        print(f"bnjax layer benchmark on {env['backend']} ({env['device_kind']}, {env['cpu_count']} CPUs), "
+              f"jax {env['jax']}", flush=True)
+        layer_res = bench_layers(layer_shapes, layer_repeats)
+        print_layers(layer_res)
+        harness.write_json(args.out, {"environment": env, "layers": layer_res, "quick": args.quick})
+        print(f"wrote {args.out}")
+        return 0
     ds = data.load_bundled(1000, 0)
     config = sweep.SweepConfig()
     if args.quick:
@@ -364,6 +634,11 @@ def _main(args) -> int:
     print(f"\nratio = run time / run time of (a); FLOPs = {flops['train'] / 1e9:.0f} G train + "
           f"{flops['eval'] / 1e9:.0f} G eval; peak = {peak['gflops']:.0f} GFLOP/s measured now.")
 
+    layer_res = None
+    if "l" not in skip:
+        layer_res = bench_layers(layer_shapes, layer_repeats)
+        print_layers(layer_res)
+
     if args.scaling is None:
         counts = [32] if args.quick else ([32, 256, 1024] if jax.default_backend() == "cpu"
                                                else [32, 256, 1024, 4096])
@@ -383,7 +658,8 @@ def _main(args) -> int:
                   f"{row['per_model_cost_vs_first']:>16.2f} {row['peak_rss_gb']:>11.2f}"
                   + (f"  (device peak {row['peak_device_gb']:.2f} GB)" if "peak_device_gb" in row else ""))
     harness.write_json(args.out, {"environment": env, "config": config._asdict(), "flops": flops, "peak": peak,
-                                  "variants": variants, "scaling": scaling, "quick": args.quick})
+                                  "variants": variants, "scaling": scaling, "layers": layer_res,
+                                  "quick": args.quick})
     print(f"wrote {args.out}")
     return 0
 
