@@ -14,7 +14,7 @@ import pytest
 
 from test_experiments import ROOT, _env, _run
 
-EXPERIMENTS = ("sweep", "learning_rate", "init", "overfitting", "activations")
+EXPERIMENTS = ("sweep", "learning_rate", "init", "overfitting", "activations", "small_batch")
 
 # Every experiment takes these (harness.add_common_args).
 COMMON = [
@@ -60,6 +60,15 @@ SPECIFIC = {
                     (["--epochs", "1"], "--epochs"), (["--data", "bundled", "--train-size", "5000"], "--train-size")],
     "activations": [(["--num-inputs", "1"], "--num-inputs"), (["--num-scales", "0"], "--num-scales"),
                     (["--epochs", "0"], "--epochs")],
+    "small_batch": [(["--batch-sizes", "1,4"], "--batch-sizes"), (["--batch-sizes", "4,x"], "--batch-sizes"),
+                    (["--batch-sizes", "4,4"], "--batch-sizes"), (["--batch-sizes", "0"], "--batch-sizes"),
+                    (["--batch-sizes", "2000"], "--batch-sizes"), (["--reference-batch", "1"], "--reference-batch"),
+                    (["--reference-batch", "5000"], "--reference-batch"), (["--r-max", "0.5"], "--r-max"),
+                    (["--r-max", "inf"], "--r-max"), (["--d-max", "-1"], "--d-max"),
+                    (["--renorm-warmup", "1.5"], "--renorm-warmup"), (["--momentum", "2"], "--momentum"),
+                    (["--momentum", "nan"], "--momentum"), (["--renorm-momentum", "-0.1"], "--renorm-momentum"),
+                    (["--lr", "0"], "--lr"), (["--epochs", "1"], "--epochs"),
+                    (["--data", "bundled", "--train-size", "5000"], "--train-size")],
 }
 REPORT = [(["--only", "sweepz"], "--only"), (["--only", ""], "--only"), (["--seed", "-1"], "--seed"),
           (["--out", ""], "--out"), (["--data", "x"], "--data"), (["--data-dir", "/nonexistent-bnjax-test"], "--data-dir"),

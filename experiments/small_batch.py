@@ -1,0 +1,405 @@
+"""Small mini-batches: batch norm, Batch Renorm and Ghost batch norm against the plain net, measured.
+
+Held-out accuracy in evaluation mode (running statistics) of the book's 784-100x5-10 ReLU net (He init) trained
+on 1000 bundled images with SGD, plain, with batch norm, with Batch Renorm (Ioffe 2017) and with Ghost batch norm
+(Hoffer et al. 2017), at mini-batch sizes 2, 4, 8, 16, 32 and 100, the learning rate scaled with the batch size
+(0.1 x B/100: the linear scaling rule), the same number of epochs for every size, 4 seeds, all in one run of the
+grid engine. Batch Renorm runs with the paper's settings (momentum 0.99, r_max 3, d_max 5 after a warm-up). For Ghost BN the size is the *virtual* batch: groups of B rows inside batches of 100, so the
+normalisation sees B rows while the gradient sees 100. Afterwards, for every normalised net: its accuracy in
+training mode (batch statistics) against evaluation mode on the training images (the train/evaluation
+mismatch), and its held-out accuracy after precise statistics (``model.recalibrate`` over the training images in
+batches of its own size) against the running averages.
+
+    python -m experiments.small_batch                         # 96 models: about a minute on 2 CPU cores
+    python -m experiments.small_batch --batch-sizes 2,8,32 --num-seeds 8
+
+What to expect (Ioffe 2017): batch norm's mismatch between training and evaluation grows as batches shrink, and
+Batch Renorm reduces it. What is measured is reported, including where it does not hold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import numpy as np
+
+from bnjax import claims
+from experiments import harness
+
+_START = time.perf_counter()
+
+NORMS = ("plain", "batchnorm", "renorm", "ghost")
+LABELS = {"plain": "plain", "batchnorm": "BN", "renorm": "Batch Renorm", "ghost": "Ghost BN (virtual batch)"}
+NORMALISED = NORMS[1:]
+FIGURES = ("small_batch.png", "small_batch_precise.png")
+# Accuracies are shares of whole images: closer than this is the same count.
+TIE = 1e-6
+
+
+def _batch_sizes(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 or v > 100_000 for v in values):
+        raise argparse.ArgumentTypeError(f"batch sizes must lie in 1..100000, got {text!r}")
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"batch sizes repeat: {text!r}")
+    return tuple(sorted(values))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = harness.new_parser("small_batch", __doc__, (
+            "Paired comparison: within a seed every net starts from the same Affine weights; nets of one batch "
+            "size see the same mini-batches (Ghost BN uses the batches of --reference-batch). Every arm trains "
+            "the same number of epochs of train-size/B updates. Verdict (results.json 'verdict'), per norm and "
+            "batch size: held-out accuracy (mean and 95 % interval over seeds), the train/evaluation mismatch "
+            "(training-mode minus evaluation-mode accuracy on the training images, in batches of the size trained "
+            "with), held-out accuracy after precise statistics; and per batch size how many seeds Batch Renorm "
+            "and Ghost BN beat batch norm in. "
+        ))
+    g = p.add_argument_group("protocol")
+    g.add_argument("--batch-sizes", type=_batch_sizes, default=(2, 4, 8, 16, 32, 100), metavar="B1,B2,...",
+                   help="mini-batch sizes (Ghost BN: virtual batch sizes), each >= 2 for the norms to see a "
+                        "variance (default: 2,4,8,16,32,100)")
+    g.add_argument("--reference-batch", type=harness.int_in(2, 100_000), default=100, metavar="B",
+                   help="the batch size --lr is given for (lr x B/reference), and Ghost BN's real batch "
+                        "(default: 100)")
+    g.add_argument("--lr", type=harness.positive_float, default=0.1,
+                   help="SGD learning rate at --reference-batch (default: 0.1)")
+    g.add_argument("--epochs", type=harness.int_in(2, harness.MAX_RECORDS), default=10,
+                   help="records of accuracy; the first after one update, then one every train-size/B updates "
+                        "(default: 10)")
+    g.add_argument("--momentum", type=_unit, default=0.9,
+                   help="batch norm's and Ghost BN's running-average momentum, new = m * old + (1 - m) * batch "
+                        "(default: 0.9, the book's)")
+    g.add_argument("--renorm-momentum", type=_unit, default=0.99,
+                   help="Batch Renorm's momentum (default: 0.99, the paper's update rate 0.01: r and d compare "
+                        "each batch with the running statistics, which must not follow the last few batches)")
+    g.add_argument("--r-max", type=harness.positive_float, default=3.0,
+                   help="Batch Renorm's clip of r to [1/r_max, r_max], >= 1 (default: 3, the paper's final value)")
+    g.add_argument("--d-max", type=_non_negative, default=5.0,
+                   help="Batch Renorm's clip of d to [-d_max, d_max] (default: 5, the paper's final value)")
+    g.add_argument("--renorm-warmup", type=_unit, default=0.5, metavar="F",
+                   help="share of each Batch Renorm net's updates spent warming up: batch norm (r_max 1, d_max 0) "
+                        "for the first F/4, then the limits rising linearly to --r-max and --d-max at F "
+                        "(the shape of the paper's 5k/25k/40k schedule; 0: fixed limits; default: 0.5)")
+    harness.add_common_args(p, num_seeds=4)
+    return p
+
+
+def _unit(text: str) -> float:
+    value = harness.positive_float(text) if text.strip() not in ("0", "0.0") else 0.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    return 0.0 if text.strip() in ("0", "0.0") else harness.positive_float(text)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.r_max < 1.0:
+        parser.error(f"--r-max must be >= 1 (r_max 1 with d_max 0 is batch norm), got {args.r_max}")
+    if min(args.batch_sizes) < 2:
+        parser.error("--batch-sizes: a batch of 1 has no variance; the smallest size is 2")
+    if max(args.batch_sizes) > args.train_size:
+        parser.error(f"--batch-sizes: {max(args.batch_sizes)} exceeds --train-size {args.train_size}")
+    if args.reference_batch > args.train_size:
+        parser.error(f"--reference-batch {args.reference_batch} exceeds --train-size {args.train_size}")
+    if args.data == "bundled" and args.train_size >= 5000:
+        parser.error(f"--train-size {args.train_size} leaves no held-out images in the 5000 of the bundled subset")
+    return harness.check_common_args(parser, args, "small_batch", 0)
+
+
+def arm_name(norm: str, batch_size: int) -> str:
+    return f"{norm}@{batch_size}"
+
+
+def renorm_value(args: argparse.Namespace, num_updates: int):
+    """The Batch Renorm value of a net that makes ``num_updates`` updates (the warm-up is a share of them)."""
+    from bnjax import layers
+
+    warmup = None
+    if args.renorm_warmup > 0:
+        end = max(int(round(args.renorm_warmup * num_updates)), 1)
+        warmup = (end // 4, end, end)
+    return layers.batch_renorm(args.renorm_momentum, r_max=args.r_max, d_max=args.d_max, warmup=warmup)
+
+
+def grid_config(args: argparse.Namespace, num_train: int):
+    """Every (norm, batch size) an arm of one grid: the batch size and the lr scale are the arm's."""
+    from bnjax import layers, sweep
+
+    arms = {}
+    base = sweep.GridConfig(axes={}, num_records=args.epochs, batch_size=args.reference_batch,
+                            learning_rate=args.lr, weight_scale=1.0, seed=args.seed, num_seeds=args.num_seeds,
+                            max_models_per_chunk=args.max_models_per_chunk)
+    for b in args.batch_sizes:
+        own = dict(batch_size=b, learning_rate_scale=b / args.reference_batch, weight_init="he", init_stream=0)
+        updates = sweep.num_updates(base, num_train, b)
+        arms[arm_name("plain", b)] = sweep.Arm(False, **own)
+        arms[arm_name("batchnorm", b)] = sweep.Arm(layers.batch_norm(args.momentum), **own)
+        arms[arm_name("renorm", b)] = sweep.Arm(renorm_value(args, updates), **own)
+        # Ghost BN: normalisation over b rows, gradient over the reference batch (the grid's batch size).
+        arms[arm_name("ghost", b)] = sweep.Arm(layers.ghost_batch_norm(b, args.momentum), weight_init="he",
+                                               init_stream=0)
+    return base.replace(arms=arms)
+
+
+def after_training(config, result, x_train, t_train, x_heldout, t_heldout) -> dict:
+    """Per normalised arm ``[seeds]`` arrays: training-mode and evaluation-mode accuracy on the training images
+    (in batches of the size the arm trained with, in order) and held-out accuracy after precise statistics."""
+    import jax
+    import jax.numpy as jnp
+
+    from bnjax import model, sweep
+
+    out = {}
+    input_size = x_train.shape[1]
+    for name, arm in config.arms.items():
+        if arm.batch_norm is False:
+            continue
+        net = config.network(arm, input_size)
+        b = sweep.arm_batch_size(config, arm)
+        nb = x_train.shape[0] // b
+        xb = jnp.asarray(x_train[: nb * b].reshape(nb, b, -1))
+        tb = jnp.asarray(t_train[: nb * b].reshape(nb, b))
+
+        def one(params, state, net=net, xb=xb, tb=tb):
+            def train_mode(_, batch):
+                logits, _ = model.apply(net, params, state, batch[0], train=True)
+                return None, jnp.sum(jnp.argmax(logits, -1) == batch[1])
+
+            _, right = jax.lax.scan(train_mode, None, (xb, tb))
+            seen_x, seen_t = xb.reshape(-1, xb.shape[-1]), tb.reshape(-1)
+            precise = model.recalibrate(net, params, state, xb)
+            return (jnp.sum(right) / seen_t.shape[0], model.accuracy(net, params, state, seen_x, seen_t),
+                    model.accuracy(net, params, precise, jnp.asarray(x_heldout), jnp.asarray(t_heldout)))
+
+        final = result.final[name]
+        train_acc, eval_acc, precise_acc = jax.jit(jax.vmap(one))(final.params, final.state)
+        out[name] = {"train_mode": np.asarray(train_acc, float), "eval_mode": np.asarray(eval_acc, float),
+                     "heldout_precise": np.asarray(precise_acc, float)}
+    return out
+
+
+def _interval(values) -> dict:
+    mean, lo, hi = claims.mean_interval(np.asarray(values, float)[:, None])
+    return {"mean": float(mean[0]), "low": float(max(lo[0], 0.0)), "high": float(min(hi[0], 1.0))}
+
+
+def verdict(batch_sizes, heldout: dict, post: dict) -> dict:
+    """The numbers of the comparison.
+
+    Args:
+      batch_sizes: ``[K]``.
+      heldout: arm name -> final held-out accuracy ``[seeds]`` (running statistics).
+      post: ``after_training``'s output (normalised arms only).
+
+    Returns:
+      ``per_batch`` (one dict per batch size: per norm the held-out mean and interval; per normalised norm the
+      mismatch and the precise-statistics held-out mean; the seeds in which renorm / ghost beat BN),
+      ``renorm_vs_bn`` and ``ghost_vs_bn`` sign tests over all (batch size, seed) pairs, ``bn_drop``: BN's
+      held-out accuracy at the smallest batch minus at the largest, ``renorm_reduces_mismatch``: the batch sizes
+      where renorm's mean mismatch is smaller than BN's.
+    """
+    per_batch = []
+    totals = {other: [0, 0, 0] for other in ("renorm", "ghost")}
+    for b in batch_sizes:
+        row = {"batch_size": int(b)}
+        for norm in NORMS:
+            row[norm] = _interval(heldout[arm_name(norm, b)])
+        for norm in NORMALISED:
+            p = post[arm_name(norm, b)]
+            row[norm]["mismatch"] = float(np.mean(p["train_mode"] - p["eval_mode"]))
+            row[norm]["precise"] = float(np.mean(p["heldout_precise"]))
+        bn = np.asarray(heldout[arm_name("batchnorm", b)], float)
+        for other in ("renorm", "ghost"):
+            w, l, t = claims.paired_counts(np.asarray(heldout[arm_name(other, b)], float)[:, None], bn[:, None], TIE)
+            row[f"{other}_beats_bn"] = {"wins": int(w[0]), "losses": int(l[0]), "ties": int(t[0])}
+            for i, n in enumerate((w[0], l[0], t[0])):
+                totals[other][i] += int(n)
+        per_batch.append(row)
+    small, large = per_batch[0], per_batch[-1]
+    return {
+        "num_seeds": int(np.asarray(heldout[arm_name("plain", batch_sizes[0])]).shape[0]),
+        "per_batch": per_batch,
+        **{f"{other}_vs_bn": {"wins": w, "losses": l, "ties": t, "p_value": claims.sign_test(w, l)}
+           for other, (w, l, t) in totals.items()},
+        "bn_drop": small["batchnorm"]["mean"] - large["batchnorm"]["mean"],
+        "renorm_reduces_mismatch": [row["batch_size"] for row in per_batch
+                                    if abs(row["renorm"]["mismatch"]) < abs(row["batchnorm"]["mismatch"])],
+        "precise_helps": {norm: [row["batch_size"] for row in per_batch
+                                 if row[norm]["precise"] > row[norm]["mean"] + TIE] for norm in NORMALISED},
+    }
+
+
+def verdict_lines(v: dict) -> list[str]:
+    head = f"{'B':>5}  " + "  ".join(f"{LABELS[n].split(' (')[0]:>18}" for n in NORMS)
+    lines = ["held-out accuracy, mean [95 % interval] over seeds (running statistics):", head]
+    for row in v["per_batch"]:
+        cells = [f"{row[n]['mean']:.3f} [{row[n]['low']:.2f},{row[n]['high']:.2f}]" for n in NORMS]
+        lines.append(f"{row['batch_size']:>5}  " + "  ".join(f"{c:>18}" for c in cells))
+    lines.append("train/evaluation mismatch (training-mode minus evaluation-mode accuracy on the training images) "
+                 "and held-out accuracy after precise statistics:")
+    lines.append(f"{'B':>5}  " + "  ".join(f"{LABELS[n].split(' (')[0] + ' gap/precise':>26}" for n in NORMALISED))
+    for row in v["per_batch"]:
+        cells = [f"{row[n]['mismatch']:+.3f} / {row[n]['precise']:.3f}" for n in NORMALISED]
+        lines.append(f"{row['batch_size']:>5}  " + "  ".join(f"{c:>26}" for c in cells))
+    for other in ("renorm", "ghost"):
+        s = v[f"{other}_vs_bn"]
+        lines.append(f"{LABELS[other]} above BN in {s['wins']} of {s['wins'] + s['losses'] + s['ties']} (batch size, "
+                     f"seed) pairs, below in {s['losses']}, tied in {s['ties']}; sign test p = {s['p_value']:.2g}")
+    small, large = v["per_batch"][0]["batch_size"], v["per_batch"][-1]["batch_size"]
+    lines.append(f"BN's held-out accuracy at B={small} minus at B={large}: {v['bn_drop']:+.3f}")
+    fewer = v["renorm_reduces_mismatch"]
+    lines.append("Batch Renorm's mismatch is smaller than BN's at B = " + ", ".join(map(str, fewer)) if fewer else
+                 "Batch Renorm's mismatch is nowhere smaller than BN's")
+    for norm in NORMALISED:
+        helped = v["precise_helps"][norm]
+        lines.append(f"precise statistics raise {LABELS[norm].split(' (')[0]}'s held-out accuracy at B = "
+                     + (", ".join(map(str, helped)) if helped else "none of the sizes"))
+    return lines
+
+
+def report(results: dict) -> str:
+    """Markdown for the combined report, from a results.json dict."""
+    v = results["verdict"]
+    rows = ["| B | " + " | ".join(LABELS[n] for n in NORMS) + " | BN / renorm mismatch | BN precise |",
+            "|---|" + "---|" * (len(NORMS) + 2)]
+    for row in v["per_batch"]:
+        cells = [f"{row[n]['mean']:.3f} [{row[n]['low']:.3f}, {row[n]['high']:.3f}]" for n in NORMS]
+        rows.append(f"| {row['batch_size']} | " + " | ".join(cells)
+                    + f" | {row['batchnorm']['mismatch']:+.3f} / {row['renorm']['mismatch']:+.3f}"
+                    + f" | {row['batchnorm']['precise']:.3f} |")
+    lines = verdict_lines(v)
+    summary = lines[4 + 2 * len(v["per_batch"]):]
+    return "\n".join([f"Held-out accuracy after {results['config']['epochs']} records, {v['num_seeds']} seeds.", "",
+                      *rows, "", *[f"- {line}" for line in summary]])
+
+
+def _band(ax, x, runs, style, label, color=None):
+    runs = np.asarray(runs, float)
+    (line,) = ax.plot(x, runs.mean(0), style, marker="o", markersize=3, label=label, color=color)
+    if runs.shape[0] > 1:
+        ax.fill_between(x, runs.min(0), runs.max(0), color=line.get_color(), alpha=0.2, linewidth=0)
+
+
+def figure(batch_sizes, heldout: dict, post: dict, num_seeds: int):
+    from experiments import plot
+
+    plt = plot.pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10.0, 3.8))
+    # One colour and line style per norm in both panels.
+    for i, (norm, style) in enumerate(zip(NORMS, plot.STYLES)):
+        _band(left, batch_sizes, np.stack([heldout[arm_name(norm, b)] for b in batch_sizes], -1), style, LABELS[norm],
+              f"C{i}")
+        if norm not in NORMALISED:  # the plain net has no statistics to mismatch
+            continue
+        gap = np.stack([post[arm_name(norm, b)]["train_mode"] - post[arm_name(norm, b)]["eval_mode"]
+                        for b in batch_sizes], -1)
+        _band(right, batch_sizes, gap, style, LABELS[norm], f"C{i}")
+    for ax in (left, right):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(batch_sizes, [str(b) for b in batch_sizes])
+        ax.set_xlabel("(virtual) batch size B, lr scaled with B")
+    left.set_ylim(0, 1.0)
+    left.set_ylabel("held-out accuracy (running statistics)")
+    right.axhline(0.0, color="grey", lw=0.5)
+    right.set_ylabel("training-mode minus evaluation-mode\naccuracy on the training images")
+    left.legend(loc="lower right", fontsize=8)
+    fig.suptitle(f"mean and min..max over {num_seeds} seed(s)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def precise_figure(batch_sizes, heldout: dict, post: dict, num_seeds: int):
+    from experiments import plot
+
+    plt = plot.pyplot()
+    fig, axes = plt.subplots(1, len(NORMALISED), figsize=(3.6 * len(NORMALISED), 3.4), sharey=True)
+    for ax, norm in zip(axes, NORMALISED):
+        _band(ax, batch_sizes, np.stack([heldout[arm_name(norm, b)] for b in batch_sizes], -1), "-",
+              "running averages")
+        _band(ax, batch_sizes, np.stack([post[arm_name(norm, b)]["heldout_precise"] for b in batch_sizes], -1), "--",
+              "precise statistics")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(batch_sizes, [str(b) for b in batch_sizes])
+        ax.set_title(LABELS[norm], fontsize=10)
+        ax.set_xlabel("(virtual) batch size B")
+        ax.set_ylim(0, 1.0)
+    axes[0].set_ylabel("held-out accuracy")
+    axes[0].legend(loc="lower right", fontsize=8)
+    fig.suptitle(f"running averages vs precise statistics (batches of B); mean and min..max over {num_seeds} "
+                 "seed(s)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    started = harness.start(args)
+
+    t0 = time.perf_counter()
+    ds = harness.load_data(args, None)  # held out: every image not trained on (bundled) or the test set
+    if ds is None:
+        return 1
+    if ds.x_heldout.shape[0] == 0:
+        print(f"error: --train-size {args.train_size} leaves no held-out images in {ds.source['name']} MNIST",
+              file=sys.stderr)
+        return 2
+    data_s = time.perf_counter() - t0
+
+    num_train = ds.x_train.shape[0]
+    config = grid_config(args, num_train).replace(keep_final=True)
+    result, timing = harness.run_engine(
+        args, started, config, ds, name="small_batch", heldout=True, unit="record",
+        what=f"{len(NORMS)} norms x {len(args.batch_sizes)} batch sizes x {args.num_seeds} seed(s)")
+    timing["data_s"] = data_s
+    t0 = time.perf_counter()
+    post = after_training(config, result, ds.x_train, ds.t_train, ds.x_heldout, ds.t_heldout)
+    timing["after_training_s"] = time.perf_counter() - t0
+    if not started["is_main"]:  # process 0 alone writes
+        return 0
+
+    heldout = {name: np.asarray(acc, float)[..., -1] for name, acc in result.metrics["heldout_accuracy"].items()}
+    v = verdict(args.batch_sizes, heldout, post)
+    record = harness.results_record(
+        args, result, ds, timing, cache_dir=started["cache_dir"], batch_sizes=list(args.batch_sizes),
+        after_training=post, verdict=v,
+        notes=[
+            "Held-out accuracy in evaluation mode (running statistics); a diverged model is scored as NaN scores "
+            "are (argmax -> class 0).",
+            f"Learning rate {args.lr:g} x B/{args.reference_batch} for every arm of batch size B; every arm trains "
+            f"{args.epochs - 1} epochs of train-size/B updates after its first update.",
+            f"Ghost BN arms train on batches of {args.reference_batch} normalised in groups of B rows (the running "
+            "statistics pool the groups); their lr is the reference one.",
+            f"Batch Renorm: momentum {args.renorm_momentum:g}, r_max {args.r_max:g}, d_max {args.d_max:g}, "
+            + (f"reached linearly at {args.renorm_warmup:g} of each net's updates after batch norm for the first "
+               f"{args.renorm_warmup / 4:g}" if args.renorm_warmup > 0 else "from the first update")
+            + f"; batch norm and Ghost BN: momentum {args.momentum:g}.",
+            "Within a seed every net starts from the same Affine weights (He init); nets of one batch size share "
+            "their mini-batches.",
+            "Mismatch: accuracy on the training images in training mode (each batch normalised by its own "
+            "statistics, batches of the size the net trained with, in order) minus evaluation mode (running "
+            "statistics), on the same images.",
+            "Precise statistics: model.recalibrate over the training images in those batches (the equal-weight "
+            "average of the batch statistics), then held-out accuracy.",
+        ],
+    )
+    figures = {
+        "small_batch.png": lambda: figure(args.batch_sizes, heldout, post, args.num_seeds),
+        "small_batch_precise.png": lambda: precise_figure(args.batch_sizes, heldout, post, args.num_seeds),
+    }
+    harness.finish(args, record, figures, verdict_lines(v), _START)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(harness.main_wrapper(main))
