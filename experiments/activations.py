@@ -655,11 +655,7 @@ def main(argv=None) -> int:
     if not args.skip_trained:
         from bnjax import sweep
 
-        t0 = time.perf_counter()
-        ds = harness.load_data(args, 0)
-        if ds is None:
-            return 1
-        data_s = time.perf_counter() - t0
+        ds, data_s = harness.load_timed(args, 0)
         weight_scales = sweep.book_weight_scales(args.num_scales)
         config = sweep.GridConfig(axes={"weight_scale": weight_scales}, num_records=args.epochs, seed=args.seed,
                                   num_seeds=args.num_seeds, keep_final=True,

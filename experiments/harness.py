@@ -409,6 +409,20 @@ def load_data(args: argparse.Namespace, num_heldout: int):
         return None
 
 
+def load_timed(args: argparse.Namespace, num_heldout: int | None, *, need_heldout: bool = False):
+    """``(dataset, seconds)`` for the options; exits 1 when the data cannot be had (``load_data`` said why), and 2
+    when ``need_heldout`` and no held-out image is left (``num_heldout=None``: all the images not trained on)."""
+    t0 = time.perf_counter()
+    ds = load_data(args, num_heldout)
+    if ds is None:
+        raise SystemExit(1)
+    if need_heldout and ds.x_heldout.shape[0] == 0:
+        print(f"error: --train-size {args.train_size} leaves no held-out images in {ds.source['name']} MNIST",
+              file=sys.stderr)
+        raise SystemExit(2)
+    return ds, time.perf_counter() - t0
+
+
 def usage_error(message: str) -> None:
     """Exit 2 with ``message`` (which names the option), as argparse does for the checks it can make itself."""
     print(f"error: {message}", file=sys.stderr)

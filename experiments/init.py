@@ -163,14 +163,9 @@ def accuracy_figure(weight_scales, accuracy: dict, num_updates: int):
 def main(argv=None) -> int:
     args = parse_args(argv)
     started = harness.start(args)
-    from bnjax import sweep
     from experiments import plot
 
-    t0 = time.perf_counter()
-    ds = harness.load_data(args, 0)
-    if ds is None:
-        return 1
-    data_s = time.perf_counter() - t0
+    ds, data_s = harness.load_timed(args, 0)
 
     config = grid_config(args)
     weight_scales = config.axes["weight_scale"]

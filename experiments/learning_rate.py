@@ -302,13 +302,8 @@ def run_probe(config, ds, step_sizes, probe_lr: float) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     started = harness.start(args)
-    from bnjax import sweep
 
-    t0 = time.perf_counter()
-    ds = harness.load_data(args, 0)
-    if ds is None:
-        return 1
-    data_s = time.perf_counter() - t0
+    ds, data_s = harness.load_timed(args, 0)
 
     config = grid_config(args)
     learning_rates = config.axes["learning_rate"]

@@ -346,15 +346,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     started = harness.start(args)
 
-    t0 = time.perf_counter()
-    ds = harness.load_data(args, None)  # held out: every image not trained on (bundled) or the test set
-    if ds is None:
-        return 1
-    if ds.x_heldout.shape[0] == 0:
-        print(f"error: --train-size {args.train_size} leaves no held-out images in {ds.source['name']} MNIST",
-              file=sys.stderr)
-        return 2
-    data_s = time.perf_counter() - t0
+    # held out: every image not trained on (bundled) or the test set
+    ds, data_s = harness.load_timed(args, None, need_heldout=True)
 
     num_train = ds.x_train.shape[0]
     config = grid_config(args, num_train).replace(keep_final=True)

@@ -98,11 +98,7 @@ def main(argv=None) -> int:
     from bnjax import sweep
     from experiments import plot
 
-    t0 = time.perf_counter()
-    ds = harness.load_data(args, args.heldout_size if args.heldout else 0)
-    if ds is None:
-        return 1
-    data_s = time.perf_counter() - t0
+    ds, data_s = harness.load_timed(args, args.heldout_size if args.heldout else 0)
 
     weight_scales = args.scales or sweep.book_weight_scales(args.num_scales)
     config = sweep.SweepConfig(
