@@ -28,3 +28,13 @@ def test_readme_names_the_commands_ci_uses():
         after = README.split(f"<!-- {marker} -->", 1)[1]
         command = re.search(r"```bash\n(.*?)\n```", after, flags=re.S).group(1)
         assert needle in command and 'pip install -e "' in command
+
+
+def test_readme_norms_example_runs(capsys):
+    blocks = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+    norms = [b for b in blocks if "batch_renorm" in b]
+    assert norms, "no norms-as-values example in README.md"
+    exec(compile(norms[0], "README.md", "exec"), {"__name__": "readme_example"})
+    out = capsys.readouterr().out
+    relative = float(out.rsplit(":", 1)[1])
+    assert out.startswith("largest difference") and relative < 1e-5, out
