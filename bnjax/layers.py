@@ -5,6 +5,11 @@ The names follow ch. 6.3 of Saito's *Deep Learning from Scratch* (``Affine``, ``
 parameters (and, for batch norm, state) as pytrees of arrays, and an ``*_apply`` that is a pure function.
 Stateful layers return ``(out, new_state)`` as in Equinox and Haiku.
 
+Norms are also values (``batch_norm(...)``, ``batch_renorm(...)``, ``ghost_batch_norm(k)``): frozen, hashable
+objects with ``init(num_features) -> (params, state)`` and ``apply(params, state, x, train, **kw) -> (y,
+new_state)``, which ``model.MLPConfig`` and ``sweep.Arm`` accept in place of ``batch_norm=True``; around them,
+``recalibrate`` (precise statistics) and ``fold_batch_norm`` / ``fold_conv_batch_norm`` (inference folding).
+
 Batch-norm conventions (see ``CONVENTIONS`` and the README for the side-by-side table):
 
 * ``momentum`` multiplies the *old* running value: ``new = momentum * old + (1 - momentum) * batch``,
