@@ -328,7 +328,20 @@ def batch_norm_init(
 
 
 def _feature_axes(ndim: int, feature_axes: int | Sequence[int]) -> tuple[int, ...]:
-    axes = (feature_axes,) if isinstance(feature_axes, int) else tuple(feature_axes)
+    def is_axis(a):
+        return isinstance(a, (int, np.integer)) and not _is_bool(a)
+
+    if is_axis(feature_axes):
+        axes = (int(feature_axes),)
+    else:
+        try:
+            axes = tuple(feature_axes)
+        except TypeError:
+            axes = None
+        if not axes or not all(is_axis(a) for a in axes):
+            raise TypeError(f"batch_norm: feature_axes must be an int or a non-empty tuple of ints, got "
+                            f"{feature_axes!r}")
+        axes = tuple(int(a) for a in axes)
     out = []
     for a in axes:
         if not -ndim <= a < ndim:
@@ -455,10 +468,20 @@ def _normalize(x, mean, var, gamma, beta, eps, faxes, r=None, d=None):
     # x * scale + (offset - mean * scale): one multiply-add per element, and a backward pass without the
     # broadcast mean (~20% faster fwd + bwd than (x - mean) * scale + offset on a CPU). The rounding is that of
     # x itself: at |mean| / std = 1e4 in float32 both forms are off by ~1e-3, the spacing of float32 there.
+    # One case differs: a feature that is constant in the batch (variance << eps) gives beta exactly with
+    # (x - mean) * scale when the mean rounds to x, and beta to within the float32 spacing of |mean| * scale
+    # here (~0.1 at |x| = 1e4, eps = 1e-6; 0 for x = 0).
     shift = -mean * scale if offset is None else offset - mean * scale
     y = x.astype(stat_dtype) * expand(scale) + expand(shift)
     return y.astype(x.dtype)
 
+
+
+def _check_state(state: Any, who: str) -> None:
+    """Batch norm and Ghost BN keep (mean, var); a Batch Renorm state would lose its update count here."""
+    if isinstance(state, BatchRenormState):
+        raise TypeError(f"{who}: got a BatchRenormState (from batch_renorm(...).init); this norm keeps a "
+                        "BatchNormState (mean, var): build the state with this norm's init")
 
 
 def _prepare(params: Any, state: Any, x: Any, feature_axes: Any, mask: Any, who: str):
@@ -538,6 +561,7 @@ def batch_norm_apply(
         numeric mask with values other than 0 and 1.
     """
     who = "batch_norm_apply"
+    _check_state(state, who)
     train = _check_flag(train, "train", who)
     use_batch_stats = _check_flag(use_batch_stats, "use_batch_stats", who, allow_none=True)
     update_stats = _check_flag(update_stats, "update_stats", who, allow_none=True)
@@ -594,10 +618,11 @@ class Norm:
     """
 
     def init(self, num_features: int | Sequence[int], dtype: Any = jnp.float32) -> tuple[Any, Any]:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define init(num_features, dtype) -> (params, state)")
 
     def apply(self, params: Any, state: Any, x: Array, train: bool = True, **call_kwargs: Any) -> tuple[Array, Any]:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must define apply(params, state, x, train, **kwargs) -> "
+                                  "(y, new_state)")
 
     def describe(self) -> dict:
         """The norm as a JSON-friendly dict: its kind and every field."""
@@ -640,6 +665,11 @@ class BatchNorm(Norm):
     def apply(self, params, state, x, train=True, **call_kwargs):
         """``batch_norm_apply`` with this value's settings; ``call_kwargs`` are its other keyword arguments
         (``momentum`` overrides the value's, e.g. a traced schedule; ``mask``, ``axis_name``, ...)."""
+        fixed = sorted(set(call_kwargs) & {"eps", "unbiased_running_var"})
+        if fixed:
+            raise TypeError(f"batch_norm.apply: {', '.join(fixed)} {'belongs' if len(fixed) == 1 else 'belong'} to "
+                            "the norm value; build another with "
+                            f"layers.batch_norm({fixed[0]}=...)")
         call_kwargs.setdefault("momentum", self.momentum)
         return batch_norm_apply(params, state, x, train, eps=self.eps,
                                 unbiased_running_var=self.unbiased_running_var, **call_kwargs)
@@ -687,14 +717,36 @@ def renorm_schedule(
     linearly to ``r_max`` at ``r_steps`` and ``d_max`` at ``d_steps``, constant afterwards (the paper's
     numbers by default: 5k, 40k and 25k updates). ``step`` may be traced; jit- and vmap-friendly.
     """
-    # The default float dtype (float64 under x64): exact step counts up to 2**53 there, 2**24 otherwise.
-    step = jnp.asarray(step, jnp.result_type(float))
+    who = "renorm_schedule"
+    steps = (hold_steps, r_steps, d_steps)
+    if not all(isinstance(v, (int, np.integer)) and not _is_bool(v) and v >= 0 for v in steps) \
+            or not hold_steps <= min(r_steps, d_steps):
+        raise ValueError(f"{who}: hold_steps, r_steps, d_steps must be integers >= 0 with hold_steps <= the others "
+                         f"(they shape the program), got {steps}")
+    _check_limits(r_max, d_max, who)
+    dtype = jnp.result_type(float)  # the default float dtype: float64 under x64, exact counts up to 2**53
+    step = jnp.asarray(step, dtype)
 
     def ramp(end):
         span = max(float(end) - float(hold_steps), 1.0)
         return jnp.clip((step - float(hold_steps)) / span, 0.0, 1.0)
 
-    return 1.0 + (float(r_max) - 1.0) * ramp(r_steps), float(d_max) * ramp(d_steps)
+    r_max, d_max = jnp.asarray(r_max, dtype), jnp.asarray(d_max, dtype)  # may be traced
+    return 1.0 + (r_max - 1.0) * ramp(r_steps), d_max * ramp(d_steps)
+
+
+def _check_limits(r_max: Any, d_max: Any, who: str) -> None:
+    """Batch Renorm's clipping limits where concrete: real, finite, ``r_max >= 1``, ``d_max >= 0``, a scalar or
+    one value per feature (traced values pass unchecked, as momentum does)."""
+    for name, value, low in (("r_max", r_max, 1.0), ("d_max", d_max, 0.0)):
+        v = _real_values(value, name, who)
+        if v is None:
+            continue
+        if v.ndim > 1:
+            raise ValueError(f"{who}: {name} must be a scalar or one value per feature, got shape {v.shape}")
+        if not np.all(np.isfinite(v) & (v >= low)):  # NaN fails too
+            raise ValueError(f"{who}: {name} must be finite and >= {low:g} (r_max=1, d_max=0 is batch norm), "
+                             f"got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -798,6 +850,7 @@ class BatchRenorm(Norm):
         if not train:
             y = _normalize(x, state.mean, state.var, params.gamma, params.beta, self.eps, faxes)
             return y, new_state
+        _check_limits(r_max if r_max is not None else 1.0, d_max if d_max is not None else 0.0, who)
         lim_r, lim_d = self.limits(state.step)
         lim_r = lim_r if r_max is None else r_max
         lim_d = lim_d if d_max is None else d_max
@@ -880,6 +933,7 @@ class GhostBatchNorm(Norm):
         Args: as ``BatchRenorm.apply`` without ``r_max``/``d_max``; feature axes must not include axis 0.
         """
         who = "ghost_batch_norm.apply"
+        _check_state(state, who)
         train = _check_flag(train, "train", who)
         update_stats = train if _check_flag(update_stats, "update_stats", who, allow_none=True) is None \
             else update_stats
@@ -972,12 +1026,16 @@ def recalibrate(norm: Norm, params: Any, state: Any, batches: Any, **call_kwargs
       mode computes (for Ghost BN its pooled group statistics; the biased variance unless the norm stores
       another).
     """
-    if "momentum" in call_kwargs:
-        raise TypeError("recalibrate: momentum is not an option here: the running statistics are replaced by the "
-                        "average of the batch statistics, whatever the norm's momentum")
+    refused = sorted(set(call_kwargs) & {"momentum", "train", "update_stats", "use_batch_stats"})
+    if refused:
+        raise TypeError(f"recalibrate: {', '.join(refused)} cannot be set here: every batch runs in training mode "
+                        "and the running statistics are replaced by the average of the batch statistics")
+    if not (hasattr(state, "mean") and hasattr(state, "var")):
+        raise TypeError(f"recalibrate: the norm's state must hold running statistics `mean` and `var`, got "
+                        f"{type(state).__name__}")
     batches = _as_input(batches, "recalibrate")
-    if batches.ndim < 3 or batches.shape[0] < 1:
-        raise ValueError(f"recalibrate: batches must be [num_batches >= 1, N, ...], got shape {batches.shape}")
+    if batches.ndim < 3 or batches.shape[0] < 1 or batches.shape[1] < 1:
+        raise ValueError(f"recalibrate: batches must be [num_batches >= 1, N >= 1, ...], got shape {batches.shape}")
 
     def body(sums, xb):
         _, s = norm.apply(params, state, xb, True, momentum=0.0, **call_kwargs)
@@ -1005,7 +1063,7 @@ def fold_batch_norm(
       eps: the norm's eps.
     """
     W, b = affine_params
-    scale, shift = _fold_scale_shift(bn_params, bn_state, eps, W.shape[-1], "fold_batch_norm")
+    scale, shift = _fold_scale_shift(bn_params, bn_state, eps, W.shape[-1], "fold_batch_norm", W, b)
     dt = scale.dtype
     return AffineParams(W=(W.astype(dt) * scale).astype(W.dtype), b=(b.astype(dt) * scale + shift).astype(b.dtype))
 
@@ -1019,15 +1077,28 @@ def fold_conv_batch_norm(
     kernel = jnp.asarray(kernel)
     if kernel.ndim != 4:
         raise ValueError(f"fold_conv_batch_norm: kernel must be HWIO [H, W, I, O], got shape {kernel.shape}")
-    scale, shift = _fold_scale_shift(bn_params, bn_state, eps, kernel.shape[-1], "fold_conv_batch_norm")
+    scale, shift = _fold_scale_shift(bn_params, bn_state, eps, kernel.shape[-1], "fold_conv_batch_norm", kernel,
+                                     bias)
     dt = scale.dtype
     bias = jnp.zeros(kernel.shape[-1], kernel.dtype) if bias is None else jnp.asarray(bias)
+    if bias.shape != (kernel.shape[-1],):
+        raise ValueError(f"fold_conv_batch_norm: bias has shape {bias.shape}, expected ({kernel.shape[-1]},) (one per "
+                         "output channel, the kernel's last axis)")
     return (kernel.astype(dt) * scale).astype(kernel.dtype), (bias.astype(dt) * scale + shift).astype(bias.dtype)
 
 
-def _fold_scale_shift(bn_params, bn_state, eps, num_out, who):
+def _fold_scale_shift(bn_params, bn_state, eps, num_out, who, *weights):
     _check_hyper(0.0, eps, who)
+    if not (hasattr(bn_state, "mean") and hasattr(bn_state, "var")):
+        raise TypeError(f"{who}: the norm's state must hold running statistics `mean` and `var`, got "
+                        f"{type(bn_state).__name__}")
+    for w in weights:
+        if w is not None and not jnp.issubdtype(jnp.asarray(w).dtype, jnp.floating):
+            raise TypeError(f"{who}: weights must be floating point (the folded ones are scaled), got dtype "
+                            f"{jnp.asarray(w).dtype}")
     mean, var = bn_state.mean, bn_state.var
+    if _is_concrete(var) and not np.all(np.asarray(var) >= 0):
+        raise ValueError(f"{who}: the running variance must be >= 0, got {np.asarray(var)[np.asarray(var) < 0][:3]}")
     for name, v in (("gamma", bn_params.gamma), ("beta", bn_params.beta), ("running mean", mean),
                     ("running var", var)):
         if v is not None and tuple(v.shape) != (num_out,):

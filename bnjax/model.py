@@ -269,6 +269,9 @@ def recalibrate(
         raise ValueError("recalibrate: the network has dropout; pass a jax.random key")
     if config.norm is None:
         return state
+    _forward(config, params, state, batches[0], False, None)  # structure and shapes, before compiling
+    # jit keys on the config: make every field hashable (a list of hidden sizes works everywhere else too).
+    config = config._replace(hidden_sizes=tuple(int(h) for h in config.hidden_sizes))
     return _recalibrate(config, params, state, batches, key)
 
 
@@ -299,9 +302,10 @@ def fold(config: MLPConfig, params: MLPParams, state: MLPState) -> tuple[MLPConf
     config.check()
     norm = config.norm
     plain = config._replace(batch_norm=False)
+    # Structure and shapes: a config that disagrees with params and state fails here, not after folding.
+    _forward(config, params, state, jnp.zeros((1, config.input_size), params.affine[0].W.dtype), False, None)
     if norm is None:
         return plain, params, MLPState(())
-    _forward(config, params, state, jnp.zeros((1, config.input_size), params.affine[0].W.dtype), False, None)
     affine = tuple(layers.fold_batch_norm(a, p, s, norm.eps)
                    for a, p, s in zip(params.affine[:-1], params.batch_norm, state.batch_norm))
     return plain, MLPParams(affine + (params.affine[-1],), ()), MLPState(())

@@ -183,7 +183,7 @@ class GridConfig:
         return model.MLPConfig(
             input_size=int(input_size), hidden_sizes=tuple(int(h) for h in self.hidden_sizes),
             output_size=int(self.num_classes), activation=arm.activation,
-            batch_norm=arm.batch_norm if isinstance(arm.batch_norm, layers.Norm) else bool(arm.batch_norm),
+            batch_norm=arm.batch_norm if isinstance(arm.batch_norm, layers.Norm) else bool(arm.batch_norm or False),
             dropout_ratio=float(arm.dropout_ratio), dropout_inverted=bool(arm.dropout_inverted),
             bn_momentum=float(self.bn_momentum), bn_eps=float(self.bn_eps),
         )
@@ -197,8 +197,9 @@ class GridConfig:
                 raise ValueError(f"arm names must be non-empty strings, got {name!r}")
             if not isinstance(arm, Arm):
                 raise ValueError(f"arm {name!r} must be a bnjax.sweep.Arm, got {type(arm).__name__}")
-            if not isinstance(arm.batch_norm, (bool, np.bool_, layers.Norm)):
-                raise ValueError(f"arm {name!r}: batch_norm must be True, False or a norm value "
+            if not (arm.batch_norm is None or isinstance(arm.batch_norm, (bool, np.bool_, layers.Norm))) \
+                    or type(arm.batch_norm) is layers.Norm:
+                raise ValueError(f"arm {name!r}: batch_norm must be True, False/None or a norm value "
                                  f"(layers.batch_renorm(), ...), got {arm.batch_norm!r}")
             if not isinstance(arm.dropout_inverted, (bool, np.bool_)):
                 raise ValueError(f"arm {name!r}: dropout_inverted must be True or False, got {arm.dropout_inverted!r}")
@@ -206,9 +207,11 @@ class GridConfig:
                                                not isinstance(arm.batch_size, (int, np.integer)) or arm.batch_size < 1):
                 raise ValueError(f"arm {name!r}: batch_size must be None or an integer >= 1, got {arm.batch_size!r}")
             lr_scale = arm.learning_rate_scale
-            if (isinstance(lr_scale, (bool, np.bool_)) or not isinstance(lr_scale, (int, float, np.integer, np.floating))
+            if (isinstance(lr_scale, (bool, np.bool_))
+                    or not isinstance(lr_scale, (int, float, np.integer, np.floating))
                     or not (np.isfinite(lr_scale) and lr_scale > 0)):
-                raise ValueError(f"arm {name!r}: learning_rate_scale must be a finite number > 0, got {lr_scale!r}")
+                raise ValueError(f"arm {name!r}: learning_rate_scale must be a finite Python or NumPy number > 0, got "
+                                 f"{lr_scale!r}")
             if arm.init_stream is not None and (isinstance(arm.init_stream, bool) or
                                                 not (isinstance(arm.init_stream, int) and arm.init_stream >= 0)):
                 raise ValueError(f"arm {name!r}: init_stream must be None or an integer >= 0, got {arm.init_stream!r}")
@@ -251,13 +254,18 @@ class GridConfig:
         # model's dtype, learning rates and weight decays in at least float32.
         model_dtype = jnp.dtype(self.dtype)
         # The optimizer scales the updates in the parameters' dtype: the learning rate must survive it too.
+        # An arm's learning_rate_scale multiplies the learning rate: the products must survive too.
+        scales = sorted({float(arm.learning_rate_scale) for arm in self.arms.values()})
         for name, finfo in (("weight_scale", jnp.finfo(model_dtype)),
                             ("learning_rate", jnp.finfo(model_dtype)),
                             ("weight_decay", jnp.finfo(jnp.promote_types(model_dtype, jnp.float32)))):
             vals = np.abs(np.asarray(self.axes.get(name, [getattr(self, name)]), dtype=float))
+            if name == "learning_rate":
+                vals = np.concatenate([vals * s for s in scales])
             vals = vals[vals != 0]
             if np.any((vals < float(finfo.tiny)) | (vals > float(finfo.max))):
-                raise ValueError(f"{name} values must lie in {self.dtype}'s range {float(finfo.tiny):.3g}.."
+                what = " (times the arms' learning_rate_scale)" if name == "learning_rate" and scales != [1.0] else ""
+                raise ValueError(f"{name} values{what} must lie in {self.dtype}'s range {float(finfo.tiny):.3g}.."
                                  f"{float(finfo.max):.3g}, got {vals.tolist()}")
         train.make_optimizer(self.optimizer, self.learning_rate)
         return self
@@ -590,7 +598,8 @@ def _make_programs(config: GridConfig, num_train: int, input_size: int, eval_siz
                 new = {}
                 for name in members:
                     # Inner vmap over the grid shares the batch (in_axes None): one wide first-layer matmul.
-                    grid = jax.vmap(functools.partial(step_one, nets[name], config.arms[name]), in_axes=(0, None, None, None, 0, 0))
+                    grid = jax.vmap(functools.partial(step_one, nets[name], config.arms[name]),
+                                    in_axes=(0, None, None, None, 0, 0))
                     seeds = jax.vmap(grid, in_axes=(0, 0, 0, 0, None, None))
                     new[name] = seeds(group_models[name], xb, tb, keys, inputs.learning_rate, inputs.weight_decay)
                 return new

@@ -20,6 +20,7 @@ Batch Renorm reduces it. What is measured is reported, including where it does n
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 
@@ -85,20 +86,36 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--renorm-warmup", type=_unit, default=0.5, metavar="F",
                    help="share of each Batch Renorm net's updates spent warming up: batch norm (r_max 1, d_max 0) "
                         "for the first F/4, then the limits rising linearly to --r-max and --d-max at F "
-                        "(the shape of the paper's 5k/25k/40k schedule; 0: fixed limits; default: 0.5)")
+                        "(the shape of the paper's schedule: 5k hold, r_max full at 40k, d_max at 25k; 0: fixed "
+                        "limits; default: 0.5)")
     harness.add_common_args(p, num_seeds=4)
     return p
 
 
-def _unit(text: str) -> float:
-    value = harness.positive_float(text) if text.strip() not in ("0", "0.0") else 0.0
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+def _real(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be finite, got {text}")
     return value
 
 
+def _unit(text: str) -> float:
+    value = _real(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return abs(value)  # -0.0 -> 0.0
+
+
 def _non_negative(text: str) -> float:
-    return 0.0 if text.strip() in ("0", "0.0") else harness.positive_float(text)
+    value = _real(text)
+    if value < 0.0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    if 0.0 < value < 1.1754944e-38 or value > 3.4028235e38:
+        raise argparse.ArgumentTypeError(f"must be 0 or within float32's range, got {text}")
+    return abs(value)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -110,6 +127,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--batch-sizes: a batch of 1 has no variance; the smallest size is 2")
     if max(args.batch_sizes) > args.train_size:
         parser.error(f"--batch-sizes: {max(args.batch_sizes)} exceeds --train-size {args.train_size}")
+    if max(args.batch_sizes) > args.reference_batch:
+        parser.error(f"--batch-sizes: {max(args.batch_sizes)} exceeds --reference-batch {args.reference_batch}, the "
+                     "real batch Ghost BN's virtual batches are cut from")
     if args.reference_batch > args.train_size:
         parser.error(f"--reference-batch {args.reference_batch} exceeds --train-size {args.train_size}")
     if args.data == "bundled" and args.train_size >= 5000:

@@ -68,7 +68,9 @@ SPECIFIC = {
                     (["--renorm-warmup", "1.5"], "--renorm-warmup"), (["--momentum", "2"], "--momentum"),
                     (["--momentum", "nan"], "--momentum"), (["--renorm-momentum", "-0.1"], "--renorm-momentum"),
                     (["--lr", "0"], "--lr"), (["--epochs", "1"], "--epochs"),
-                    (["--data", "bundled", "--train-size", "5000"], "--train-size")],
+                    (["--data", "bundled", "--train-size", "5000"], "--train-size"),
+                    (["--batch-sizes", "2,20", "--reference-batch", "10"], "--batch-sizes"),
+                    (["--d-max", "nan"], "--d-max"), (["--renorm-warmup", "-0.5"], "--renorm-warmup")],
 }
 REPORT = [(["--only", "sweepz"], "--only"), (["--only", ""], "--only"), (["--seed", "-1"], "--seed"),
           (["--out", ""], "--out"), (["--data", "x"], "--data"), (["--data-dir", "/nonexistent-bnjax-test"], "--data-dir"),

@@ -1439,8 +1439,65 @@ def test_norm_misuse_gets_a_message_that_says_what_to_do():
     x = jnp.ones((4, 3))
     with pytest.raises(TypeError, match="BatchRenormState"):
         renorm.apply(bn_params, bn_state, x, True)
-    with pytest.raises(TypeError, match="momentum is not an option"):
+    with pytest.raises(TypeError, match="momentum cannot be set here"):
         layers.recalibrate(layers.batch_norm(), bn_params, bn_state, jnp.ones((2, 4, 3)), momentum=0.5)
     with x64():  # the schedule in the default float dtype: float64 limits under x64
         r, d = layers.renorm_schedule(1, 3.0, 5.0, hold_steps=0, r_steps=3, d_steps=3)
         assert float(r) == pytest.approx(5.0 / 3.0, rel=1e-15) and float(d) == pytest.approx(5.0 / 3.0, rel=1e-15)
+
+
+@pytest.mark.parametrize("kwargs, error", [
+    (dict(r_max=-2.0), ValueError), (dict(r_max=0.5), ValueError), (dict(r_max=0.0), ValueError),
+    (dict(d_max=-1.0), ValueError), (dict(r_max=float("nan")), ValueError), (dict(d_max=float("inf")), ValueError),
+    (dict(r_max=True), TypeError), (dict(r_max="3"), TypeError), (dict(r_max=np.ones((2, 3))), ValueError),
+])
+def test_renorm_limits_given_per_call_are_checked_when_concrete(kwargs, error):
+    renorm = layers.batch_renorm()
+    params, state = renorm.init(3)
+    x = jnp.asarray(np.random.default_rng(120).normal(size=(8, 3)), jnp.float32)
+    with pytest.raises(error, match="r_max|d_max"):
+        renorm.apply(params, state, x, True, **kwargs)
+    # traced limits pass unchecked (a schedule), per-feature limits are fine
+    jax.jit(lambda r: renorm.apply(params, state, x, True, r_max=r)[0])(2.0)
+    renorm.apply(params, state, x, True, r_max=np.array([1.0, 2.0, 3.0]))
+    with pytest.raises(ValueError, match="r_max"):
+        layers.renorm_schedule(10, r_max=0.5)
+    with pytest.raises(ValueError, match="hold_steps"):
+        layers.renorm_schedule(10, hold_steps=-5)
+    r, d = jax.jit(lambda r: layers.renorm_schedule(30000, r_max=r, d_max=4.0))(2.0)
+    assert float(r) == pytest.approx(1 + 1.0 * 25 / 35) and float(d) == 4.0
+
+
+def test_wrong_state_kind_keyword_and_feature_axes_get_clear_errors():
+    x = jnp.ones((4, 3))
+    renorm_params, renorm_state = layers.batch_renorm().init(3)
+    for apply in (layers.batch_norm().apply, layers.ghost_batch_norm(2).apply, layers.batch_norm_apply):
+        with pytest.raises(TypeError, match="BatchRenormState"):
+            apply(renorm_params, renorm_state, x, True)
+    params, state = layers.batch_norm().init(3)
+    with pytest.raises(TypeError, match="eps belongs to the norm value"):
+        layers.batch_norm().apply(params, state, x, True, eps=1e-3)
+    for bad in ("train", "update_stats"):
+        with pytest.raises(TypeError, match=f"{bad} cannot be set"):
+            layers.recalibrate(layers.batch_norm(), params, state, jnp.ones((2, 4, 3)), **{bad: False})
+    with pytest.raises(ValueError, match="N >= 1"):
+        layers.recalibrate(layers.batch_norm(), params, state, jnp.ones((2, 0, 3)))
+    for bad in (1.0, True, (), "1"):
+        with pytest.raises(TypeError, match="feature_axes"):
+            layers.batch_norm_apply(params, state, x, True, feature_axes=bad)
+    y, _ = layers.batch_norm_apply(params, state, x, True, feature_axes=np.int64(1))  # NumPy ints are axes
+    assert y.shape == x.shape
+    with pytest.raises(NotImplementedError, match="must define init"):
+        layers.Norm().init(3)
+
+
+def test_fold_refuses_integer_weights_negative_variance_and_a_bias_of_the_wrong_size():
+    params, state = layers.batch_norm().init(3)
+    aff = layers.AffineParams(jnp.ones((2, 3), jnp.int32), jnp.zeros(3, jnp.int32))
+    with pytest.raises(TypeError, match="floating"):
+        layers.fold_batch_norm(aff, params, state)
+    with pytest.raises(ValueError, match="variance must be >= 0"):
+        layers.fold_batch_norm(layers.AffineParams(jnp.ones((2, 3)), jnp.zeros(3)), params,
+                               state._replace(var=jnp.array([1.0, -1.0, 1.0])))
+    with pytest.raises(ValueError, match="bias has shape"):
+        layers.fold_conv_batch_norm(jnp.ones((3, 3, 2, 3)), jnp.ones(4), params, state)

@@ -410,3 +410,14 @@ def test_fold_of_a_network_without_norm_is_the_network():
     params, state = model.init(jax.random.key(0), cfg, 0.5)
     folded_cfg, folded, folded_state = model.fold(cfg, params, state)
     assert folded_cfg == cfg and folded is params and folded_state == state
+
+
+def test_recalibrate_takes_a_list_of_hidden_sizes_and_fold_checks_the_config_first():
+    cfg = model.MLPConfig(input_size=5, hidden_sizes=[4, 4], output_size=3, batch_norm=True)
+    params, state = model.init(jax.random.key(0), cfg, 0.5)
+    batches = jnp.asarray(np.random.default_rng(10).normal(size=(2, 6, 5)), jnp.float32)
+    new = model.recalibrate(cfg, params, state, batches)
+    np.testing.assert_allclose(new.batch_norm[0].mean, np.mean([_numpy_forward(params, b)[1][0][0] for b in
+                                                                 np.asarray(batches)], 0), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="disagree"):
+        model.fold(model.MLPConfig(5, (4, 4), 3), params, state)  # a plain config with batch-norm parameters

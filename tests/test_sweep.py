@@ -689,12 +689,14 @@ def test_norm_values_and_an_arms_own_batch_size_and_lr_scale_equal_models_traine
 
 
 @pytest.mark.parametrize("arm, message", [
-    (sweep.Arm(batch_norm="yes"), "batch_norm must be True, False or a norm value"),
+    (sweep.Arm(batch_norm="yes"), "batch_norm must be True, False/None or a norm value"),
     (sweep.Arm(batch_size=0), "batch_size"),
     (sweep.Arm(batch_size=2.5), "batch_size"),
     (sweep.Arm(batch_size=True), "batch_size"),
     (sweep.Arm(learning_rate_scale=0.0), "learning_rate_scale"),
     (sweep.Arm(learning_rate_scale=float("inf")), "learning_rate_scale"),
+    (sweep.Arm(learning_rate_scale=1e-300), "times the arms' learning_rate_scale"),  # lr * scale underflows to 0
+    (sweep.Arm(batch_norm=__import__("bnjax").layers.Norm()), "norm value"),  # the base class has no init/apply
 ])
 def test_bad_arm_fields_rejected(arm, message, bundled):
     with pytest.raises(ValueError, match=message):
