@@ -293,19 +293,9 @@ def batch_norm_init(
     use_scale = _check_flag(use_scale, "use_scale", who)
     use_offset = _check_flag(use_offset, "use_offset", who)
 
-    def is_int(v):
-        return isinstance(v, (int, np.integer)) and not _is_bool(v)
-
-    if is_int(num_features):
-        shape = (int(num_features),)
-    else:
-        try:
-            shape = tuple(num_features)
-        except TypeError:
-            shape = None
-        if shape is None or not all(is_int(s) for s in shape):
-            raise TypeError(f"{who}: num_features must be an int or a tuple of ints, got {num_features!r}")
-        shape = tuple(int(s) for s in shape)
+    shape = _int_tuple(num_features)
+    if shape is None:
+        raise TypeError(f"{who}: num_features must be an int or a tuple of ints, got {num_features!r}")
     if not shape or any(s < 1 for s in shape):
         raise ValueError(f"batch_norm_init: num_features must be positive, got {num_features!r}")
     try:
@@ -327,21 +317,25 @@ def batch_norm_init(
     return params, state
 
 
-def _feature_axes(ndim: int, feature_axes: int | Sequence[int]) -> tuple[int, ...]:
-    def is_axis(a):
-        return isinstance(a, (int, np.integer)) and not _is_bool(a)
+def _int_tuple(value: Any) -> tuple[int, ...] | None:
+    """An int (Python or NumPy, not a bool) or an iterable of them as a tuple of ints; ``None`` if neither."""
+    def is_int(v):
+        return isinstance(v, (int, np.integer)) and not _is_bool(v)
 
-    if is_axis(feature_axes):
-        axes = (int(feature_axes),)
-    else:
-        try:
-            axes = tuple(feature_axes)
-        except TypeError:
-            axes = None
-        if not axes or not all(is_axis(a) for a in axes):
-            raise TypeError(f"batch_norm: feature_axes must be an int or a non-empty tuple of ints, got "
-                            f"{feature_axes!r}")
-        axes = tuple(int(a) for a in axes)
+    if is_int(value):
+        return (int(value),)
+    try:
+        items = tuple(value)
+    except TypeError:
+        return None
+    return tuple(int(v) for v in items) if all(is_int(v) for v in items) else None
+
+
+def _feature_axes(ndim: int, feature_axes: int | Sequence[int]) -> tuple[int, ...]:
+    axes = _int_tuple(feature_axes)
+    if not axes:
+        raise TypeError(f"batch_norm: feature_axes must be an int or a non-empty tuple of ints, got "
+                        f"{feature_axes!r}")
     out = []
     for a in axes:
         if not -ndim <= a < ndim:
