@@ -437,6 +437,33 @@ def _batch_stats(x: Array, faxes: tuple[int, ...], axis_name: Any, mask: Array |
     return jnp.squeeze(mean, red_axes), jnp.squeeze(var, red_axes), count
 
 
+def _running_update(state: Any, mean: Array, var: Array, count: Array, momentum: Any) -> tuple[Array, Array, Array]:
+    """``momentum * old + (1 - momentum) * batch`` for the running mean and variance, in the state's dtype; the
+    old values where the batch had no valid row (an all-masked batch carries no information).
+
+    Returns ``(new_mean, new_var, has_rows)``.
+    """
+    m = jnp.asarray(momentum, state.mean.dtype)
+    has_rows = count > 0
+    new_mean = m * state.mean + (1 - m) * mean.astype(state.mean.dtype)
+    new_var = m * state.var + (1 - m) * var.astype(state.var.dtype)
+    return jnp.where(has_rows, new_mean, state.mean), jnp.where(has_rows, new_var, state.var), has_rows
+
+
+def _start_apply(norm: Any, params: Any, state: Any, x: Any, train: Any, update_stats: Any, momentum: Any,
+                 feature_axes: Any, mask: Any, who: str):
+    """The checks a norm value's ``apply`` begins with: the flags (``update_stats`` defaults to ``train``), the
+    momentum (the value's unless given), the input and mask. Returns ``(train, update_stats, momentum, x,
+    feature axes, mask)``."""
+    train = _check_flag(train, "train", who)
+    update_stats = _check_flag(update_stats, "update_stats", who, allow_none=True)
+    update_stats = train if update_stats is None else update_stats
+    momentum = norm.momentum if momentum is None else momentum
+    _check_hyper(momentum, norm.eps, who)
+    x, faxes, mask = _prepare(params, state, x, feature_axes, mask, who)
+    return train, update_stats, momentum, x, faxes, mask
+
+
 def _normalize(x, mean, var, gamma, beta, eps, faxes, r=None, d=None):
     """The one normalisation every norm uses in training and evaluation, so equal statistics give bit-equal
     outputs: ``gamma * ((x - mean) / sqrt(var + eps) * r + d) + beta``, ``r`` and ``d`` (Batch Renorm's
@@ -572,14 +599,8 @@ def batch_norm_apply(
             run_var = var
             if unbiased_running_var:
                 run_var = var * (count / jnp.maximum(count - 1.0, 1.0))
-            m = jnp.asarray(momentum, state.mean.dtype)
-            new_mean = m * state.mean + (1 - m) * mean.astype(state.mean.dtype)
-            new_var = m * state.var + (1 - m) * run_var.astype(state.var.dtype)
-            # An all-masked batch carries no information: keep the old statistics.
-            has_rows = count > 0
-            new_state = BatchNormState(
-                mean=jnp.where(has_rows, new_mean, state.mean), var=jnp.where(has_rows, new_var, state.var)
-            )
+            new_mean, new_var, _ = _running_update(state, mean, run_var, count, momentum)
+            new_state = BatchNormState(mean=new_mean, var=new_var)
     if not use_batch_stats:
         mean, var = state.mean, state.var
     y = _normalize(x, mean, var, params.gamma, params.beta, eps, faxes)
@@ -815,12 +836,8 @@ class BatchRenorm(Norm):
         if not isinstance(state, BatchRenormState):
             raise TypeError(f"{who}: state must be a BatchRenormState (from batch_renorm(...).init), got "
                             f"{type(state).__name__}; Batch Renorm counts its updates for the warm-up")
-        train = _check_flag(train, "train", who)
-        update_stats = train if _check_flag(update_stats, "update_stats", who, allow_none=True) is None \
-            else update_stats
-        momentum = self.momentum if momentum is None else momentum
-        _check_hyper(momentum, self.eps, who)
-        x, faxes, mask = _prepare(params, state, x, feature_axes, mask, who)
+        train, update_stats, momentum, x, faxes, mask = _start_apply(
+            self, params, state, x, train, update_stats, momentum, feature_axes, mask, who)
         if not train and not update_stats:
             return _normalize(x, state.mean, state.var, params.gamma, params.beta, self.eps, faxes), state
         mean_b, var_b, count = _batch_stats(x, faxes, axis_name, mask)
@@ -830,16 +847,13 @@ class BatchRenorm(Norm):
         sigma = jnp.sqrt(state.var.astype(stat_dtype) + eps)
         new_state = state
         if update_stats:
-            m = jnp.asarray(momentum, state.mean.dtype)
-            new_mean = m * state.mean + (1 - m) * mean_b.astype(state.mean.dtype)
-            if self.running_average == "var":
-                new_var = m * state.var + (1 - m) * var_b.astype(state.var.dtype)
-            else:  # the paper's: sigma := sigma + alpha (sigma_B - sigma), stored as var = sigma^2 - eps
+            new_mean, new_var, has_rows = _running_update(state, mean_b, var_b, count, momentum)
+            if self.running_average == "std":  # the paper's: sigma := sigma + alpha (sigma_B - sigma), stored as
+                m = jnp.asarray(momentum, state.var.dtype)  # var = sigma^2 - eps
                 new_sigma = m * sigma.astype(state.var.dtype) + (1 - m) * sigma_b.astype(state.var.dtype)
-                new_var = jnp.maximum(jnp.square(new_sigma) - eps.astype(state.var.dtype), 0.0)
-            has_rows = count > 0  # an all-masked batch carries no information
-            new_state = BatchRenormState(mean=jnp.where(has_rows, new_mean, state.mean),
-                                         var=jnp.where(has_rows, new_var, state.var),
+                new_var = jnp.where(has_rows, jnp.maximum(jnp.square(new_sigma) - eps.astype(state.var.dtype), 0.0),
+                                    state.var)
+            new_state = BatchRenormState(mean=new_mean, var=new_var,
                                          step=state.step + has_rows.astype(state.step.dtype))
         if not train:
             y = _normalize(x, state.mean, state.var, params.gamma, params.beta, self.eps, faxes)
@@ -928,12 +942,8 @@ class GhostBatchNorm(Norm):
         """
         who = "ghost_batch_norm.apply"
         _check_state(state, who)
-        train = _check_flag(train, "train", who)
-        update_stats = train if _check_flag(update_stats, "update_stats", who, allow_none=True) is None \
-            else update_stats
-        momentum = self.momentum if momentum is None else momentum
-        _check_hyper(momentum, self.eps, who)
-        x, faxes, mask = _prepare(params, state, x, feature_axes, mask, who)
+        train, update_stats, momentum, x, faxes, mask = _start_apply(
+            self, params, state, x, train, update_stats, momentum, feature_axes, mask, who)
         if 0 in faxes:
             raise ValueError(f"{who}: axis 0 holds the rows the virtual batches are made of; it cannot be a "
                              f"feature axis (feature_axes={feature_axes!r})")
@@ -949,13 +959,8 @@ class GhostBatchNorm(Norm):
             y, pooled = self._groups(params, x, faxes, mask, axis_name)
         new_state = state
         if update_stats:
-            mean, var, count = pooled
-            m = jnp.asarray(momentum, state.mean.dtype)
-            new_mean = m * state.mean + (1 - m) * mean.astype(state.mean.dtype)
-            new_var = m * state.var + (1 - m) * var.astype(state.var.dtype)
-            has_rows = count > 0
-            new_state = BatchNormState(mean=jnp.where(has_rows, new_mean, state.mean),
-                                       var=jnp.where(has_rows, new_var, state.var))
+            new_mean, new_var, _ = _running_update(state, *pooled, momentum)
+            new_state = BatchNormState(mean=new_mean, var=new_var)
         if not train:
             y = _normalize(x, state.mean, state.var, params.gamma, params.beta, self.eps, faxes)
         return y, new_state
