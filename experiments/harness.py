@@ -72,6 +72,32 @@ def positive_float(text: str) -> float:
     return value
 
 
+def float_in(low: float, high: float | None = None, *, open_low: bool = False, open_high: bool = False,
+             float32: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number in ``[low, high]`` (ends open on request, ``high=None``: no upper end);
+    with ``float32``, a non-zero value must also lie in float32's normal range (see ``positive_float``)."""
+    if high is None:
+        interval = f"> {low:g}" if open_low else f">= {low:g}"
+    else:
+        interval = f"in {'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number {interval}, got {text!r}") from None
+        inside = (value > low if open_low else value >= low) and (
+            high is None or (value < high if open_high else value <= high))
+        if not math.isfinite(value) or not inside:  # NaN fails the comparisons too
+            raise argparse.ArgumentTypeError(f"must be a finite number {interval}, got {text}")
+        if float32 and value != 0 and not FLOAT32_TINY <= abs(value) <= FLOAT32_MAX:
+            raise argparse.ArgumentTypeError(f"must be 0 or within float32's range {FLOAT32_TINY:.3g}.."
+                                             f"{FLOAT32_MAX:.3g}, got {text}")
+        return abs(value) if value == 0 else value  # -0 -> 0
+
+    return parse
+
+
 def out_dir(text: str) -> Path:
     """An argparse type: a non-empty output directory (an empty string would mean the current directory)."""
     if not text.strip():

@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight-decay", type=harness.positive_float, default=0.1, metavar="LAMBDA",
                    help="lambda of the book's L2 term lambda/2 * sum(W^2) over every Affine weight, for the weight "
                         "decay arms (default: 0.1)")
-    g.add_argument("--dropout-ratio", type=_ratio, default=0.2, metavar="P",
+    g.add_argument("--dropout-ratio", type=harness.float_in(0.0, 1.0, open_low=True, open_high=True), default=0.2,
+                   metavar="P",
                    help="share of hidden units dropped after each hidden activation, in the dropout arms "
                         "(default: 0.2)")
     g.add_argument("--inverted-dropout", action="store_true",
@@ -75,16 +76,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "(no scaling in training, times 1-P at evaluation)")
     harness.add_common_args(p, train_size=300, num_seeds=5)
     return p
-
-
-def _ratio(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
-    if not 0.0 < value < 1.0:  # also rejects NaN
-        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
-    return value
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -20,7 +20,6 @@ Batch Renorm reduces it. What is measured is reported, including where it does n
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 
@@ -34,6 +33,7 @@ _START = time.perf_counter()
 NORMS = ("plain", "batchnorm", "renorm", "ghost")
 LABELS = {"plain": "plain", "batchnorm": "BN", "renorm": "Batch Renorm", "ghost": "Ghost BN (virtual batch)"}
 NORMALISED = NORMS[1:]
+_UNIT = harness.float_in(0.0, 1.0)  # momenta and the warm-up share
 FIGURES = ("small_batch.png", "small_batch_precise.png")
 # Accuracies are shares of whole images: closer than this is the same count.
 TIE = 1e-6
@@ -73,49 +73,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=harness.int_in(2, harness.MAX_RECORDS), default=10,
                    help="records of accuracy; the first after one update, then one every train-size/B updates "
                         "(default: 10)")
-    g.add_argument("--momentum", type=_unit, default=0.9,
+    g.add_argument("--momentum", type=_UNIT, default=0.9,
                    help="batch norm's and Ghost BN's running-average momentum, new = m * old + (1 - m) * batch "
                         "(default: 0.9, the book's)")
-    g.add_argument("--renorm-momentum", type=_unit, default=0.99,
+    g.add_argument("--renorm-momentum", type=_UNIT, default=0.99,
                    help="Batch Renorm's momentum (default: 0.99, the paper's update rate 0.01: r and d compare "
                         "each batch with the running statistics, which must not follow the last few batches)")
     g.add_argument("--r-max", type=harness.positive_float, default=3.0,
                    help="Batch Renorm's clip of r to [1/r_max, r_max], >= 1 (default: 3, the paper's final value)")
-    g.add_argument("--d-max", type=_non_negative, default=5.0,
+    g.add_argument("--d-max", type=harness.float_in(0.0, float32=True), default=5.0,
                    help="Batch Renorm's clip of d to [-d_max, d_max] (default: 5, the paper's final value)")
-    g.add_argument("--renorm-warmup", type=_unit, default=0.5, metavar="F",
+    g.add_argument("--renorm-warmup", type=_UNIT, default=0.5, metavar="F",
                    help="share of each Batch Renorm net's updates spent warming up: batch norm (r_max 1, d_max 0) "
                         "for the first F/4, then the limits rising linearly to --r-max and --d-max at F "
                         "(the shape of the paper's schedule: 5k hold, r_max full at 40k, d_max at 25k; 0: fixed "
                         "limits; default: 0.5)")
     harness.add_common_args(p, num_seeds=4)
     return p
-
-
-def _real(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be finite, got {text}")
-    return value
-
-
-def _unit(text: str) -> float:
-    value = _real(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-    return abs(value)  # -0.0 -> 0.0
-
-
-def _non_negative(text: str) -> float:
-    value = _real(text)
-    if value < 0.0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    if 0.0 < value < 1.1754944e-38 or value > 3.4028235e38:
-        raise argparse.ArgumentTypeError(f"must be 0 or within float32's range, got {text}")
-    return abs(value)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -353,3 +353,20 @@ def test_results_file_table_and_figure_hold_each_arms_own_numbers(tmp_path, monk
         np.testing.assert_allclose(drawn[0][1][arm], metrics["train_accuracy"][arm], atol=1e-7)
         np.testing.assert_array_equal(drawn[0][2]["diverged"][arm], direct.diverged[arm])
     assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_float_in_keeps_to_its_interval_and_float32():
+    import argparse
+
+    from experiments import harness
+
+    ratio = harness.float_in(0.0, 1.0, open_low=True, open_high=True)
+    assert ratio("0.2") == 0.2 and ratio("1e-40") == 1e-40
+    non_negative = harness.float_in(0.0, float32=True)
+    assert non_negative("5") == 5.0 and str(non_negative("-0")) == "0.0" and non_negative("0e0") == 0.0
+    unit = harness.float_in(0.0, 1.0)
+    assert unit("0") == 0.0 and unit("1") == 1.0
+    for parse, bad in ((ratio, "0"), (ratio, "1"), (ratio, "nan"), (ratio, "x"), (unit, "1.5"), (unit, "-0.1"),
+                       (non_negative, "-1"), (non_negative, "inf"), (non_negative, "1e-40"), (non_negative, "1e39")):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse(bad)
