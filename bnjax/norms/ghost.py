@@ -1,0 +1,158 @@
+"""Ghost (virtual) batch norm (Hoffer et al. 2017) as a value: ``GhostBatchNorm``, ``ghost_batch_norm()``."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bnjax.norms._checks import _is_bool
+from bnjax.norms.base import Norm, _common_fields, _start_apply
+from bnjax.norms.core import (CONVENTIONS, BatchNormState, _batch_stats, _check_state, _normalize, _psum,
+                              _running_update, batch_norm_init)
+
+
+@dataclasses.dataclass(frozen=True)
+class GhostBatchNorm(Norm):
+    """Ghost (virtual) batch norm (Hoffer et al. 2017); build it with ``ghost_batch_norm(...)``."""
+
+    has_running_stats: ClassVar[bool] = True
+
+    virtual_batch_size: int = 32
+    momentum: float = CONVENTIONS["momentum"]
+    eps: float = CONVENTIONS["eps"]
+    init_mean: float = CONVENTIONS["init_mean"]
+    init_var: float = CONVENTIONS["init_var"]
+    use_scale: bool = True
+    use_offset: bool = True
+
+    def __post_init__(self):
+        who = "ghost_batch_norm"
+        k = self.virtual_batch_size
+        if _is_bool(k) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"{who}: virtual_batch_size must be an integer >= 1, got {k!r}")
+        object.__setattr__(self, "virtual_batch_size", int(k))
+        _common_fields(self, who)
+
+    def init(self, num_features, dtype=jnp.float32):
+        """``batch_norm_init`` with this value's settings.
+
+        Args:
+          num_features: feature size ``C`` or a shape tuple.
+          dtype: parameter dtype.
+
+        Returns:
+          ``(BatchNormParams, BatchNormState)``.
+
+        Raises:
+          TypeError, ValueError: as ``batch_norm_init``.
+        """
+        return batch_norm_init(num_features, use_scale=self.use_scale, use_offset=self.use_offset,
+                               init_mean=self.init_mean, init_var=self.init_var, dtype=dtype)
+
+    def apply(self, params, state, x, *, train, momentum=None, mask=None, axis_name=None, update_stats=None,
+              feature_axes=-1):
+        """Training: each group of ``virtual_batch_size`` consecutive rows (axis 0) is normalised with its own
+        statistics; evaluation: the running statistics only (never virtual batches).
+
+        If ``virtual_batch_size`` does not divide the batch, the last group is smaller (a batch of 10 with
+        groups of 4: 4, 4, 2). The running statistics take one update per call, from the pooled group
+        statistics: the mean of the rows and the count-weighted mean of the group variances (the mean of the
+        group statistics, as TensorFlow's ``virtual_batch_size``, when the groups are equal). Groups are formed
+        on each device from its own rows; with ``axis_name`` the pooled statistics of the running update are
+        summed over devices. A mask removes rows from their group (a group with no valid row is skipped).
+
+        Args:
+          params, state: from ``init``.
+          x, train, momentum, mask, axis_name, update_stats, feature_axes: as ``BatchRenorm.apply`` (without
+            ``r_max``/``d_max``); feature axes must not include axis 0.
+
+        Returns:
+          ``(y, new_state)``.
+
+        Raises:
+          TypeError: a ``BatchRenormState``, or as ``batch_norm_apply``.
+          ValueError: axis 0 among the feature axes, or as ``batch_norm_apply``.
+        """
+        who = "ghost_batch_norm.apply"
+        _check_state(state, who)
+        train, update_stats, momentum, x, faxes, mask = _start_apply(
+            self, params, state, x, train, update_stats, momentum, feature_axes, mask, who)
+        if 0 in faxes:
+            raise ValueError(f"{who}: axis 0 holds the rows the virtual batches are made of; it cannot be a "
+                             f"feature axis (feature_axes={feature_axes!r})")
+        if not train and not update_stats:
+            return _normalize(x, state.mean, state.var, params.gamma, params.beta, self.eps, faxes), state
+        n, k = x.shape[0], self.virtual_batch_size
+        if axis_name is None and n <= k:
+            # One group: batch norm itself, bit for bit.
+            mean, var, count = _batch_stats(x, faxes, None, mask)
+            y = _normalize(x, mean, var, params.gamma, params.beta, self.eps, faxes)
+            pooled = (mean, var, count)
+        else:
+            y, pooled = self._groups(params, x, faxes, mask, axis_name)
+        new_state = state
+        if update_stats:
+            new_mean, new_var, _ = _running_update(state, *pooled, momentum)
+            new_state = BatchNormState(mean=new_mean, var=new_var)
+        if not train:
+            y = _normalize(x, state.mean, state.var, params.gamma, params.beta, self.eps, faxes)
+        return y, new_state
+
+    def _groups(self, params, x, faxes, mask, axis_name):
+        """Per-group normalisation and the pooled statistics ``(mean, var, count)`` of all groups."""
+        n, k = x.shape[0], min(self.virtual_batch_size, x.shape[0])
+        num_groups = -(-n // k)
+        pad = num_groups * k - n
+        if pad:
+            if mask is None:
+                mask = jnp.ones((n,), bool)
+            x = jnp.concatenate([x, jnp.zeros((pad, *x.shape[1:]), x.dtype)])
+            mask = jnp.concatenate([mask, jnp.zeros((pad, *mask.shape[1:]), mask.dtype)])
+        xg = x.reshape(num_groups, k, *x.shape[1:])
+        mg = None if mask is None else mask.reshape(num_groups, k, *mask.shape[1:])
+
+        def one(xi, mi):
+            mean, var, count = _batch_stats(xi, faxes, None, mi)
+            return _normalize(xi, mean, var, params.gamma, params.beta, self.eps, faxes), (mean, var, count)
+
+        yg, (means, variances, counts) = jax.vmap(one)(xg, mg) if mg is not None else \
+            jax.vmap(lambda xi: one(xi, None))(xg)
+        y = yg.reshape(num_groups * k, *x.shape[1:])[:n]
+        w = counts.reshape((num_groups,) + (1,) * (means.ndim - 1))
+        sums = (jnp.sum(w * means, axis=0), jnp.sum(w * variances, axis=0), jnp.sum(counts))
+        if axis_name is not None:
+            sums = _psum(sums, axis_name)
+        total = jnp.maximum(sums[2], 1.0)
+        return y, (sums[0] / total, sums[1] / total, sums[2])
+
+
+def ghost_batch_norm(
+    virtual_batch_size: int,
+    momentum: float = CONVENTIONS["momentum"],
+    eps: float = CONVENTIONS["eps"],
+    *,
+    init_mean: float = CONVENTIONS["init_mean"],
+    init_var: float = CONVENTIONS["init_var"],
+    use_scale: bool = True,
+    use_offset: bool = True,
+) -> GhostBatchNorm:
+    """Ghost batch norm (Hoffer et al. 2017) as a value: training statistics over groups of
+    ``virtual_batch_size`` rows, evaluation with the running statistics (see ``GhostBatchNorm.apply``).
+    ``virtual_batch_size >= batch`` is batch norm exactly.
+
+    Args:
+      virtual_batch_size: rows per group, an integer >= 1.
+      momentum, eps, init_mean, init_var, use_scale, use_offset: as ``batch_norm``.
+
+    Returns:
+      a ``GhostBatchNorm``.
+
+    Raises:
+      ValueError: a ``virtual_batch_size`` that is not an integer >= 1, or as ``batch_norm``.
+      TypeError: as ``batch_norm``.
+    """
+    return GhostBatchNorm(virtual_batch_size, momentum, eps, init_mean, init_var, use_scale, use_offset)
