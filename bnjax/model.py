@@ -1,11 +1,11 @@
 """The book's ``MultiLayerNetExtend`` as pure functions.
 
-``Affine -> [BatchNorm] -> activation -> [Dropout]`` for each hidden layer, then ``Affine`` to the scores.
-The network's *structure* (sizes, activation, which norm is used if any, the dropout ratio, batch-norm
-hyper-parameters) is an ``MLPConfig``: static, hashable, passed first to every function, as a Flax module is.
-The trained parameters (``MLPParams``) and the running statistics (``MLPState``) are plain pytrees of arrays,
-so ``weight_init_std`` may be an array: ``jax.vmap(lambda s, k: init(k, config, s))`` builds a stack of
-models, one per scale.
+``Affine -> [norm] -> activation -> [Dropout]`` for each hidden layer, then ``Affine`` to the scores.
+The network's *structure* (sizes, activation, which norm is used if any, the dropout ratio) is an
+``MLPConfig``: static, hashable, passed first to every function, as a Flax module is. The trained parameters
+(``MLPParams``) and the running statistics (``MLPState``) are plain pytrees of arrays, so ``weight_scale``
+may be an array: ``jax.vmap(lambda s: init(config, key, weight_init=None, weight_scale=s))`` builds a stack
+of models, one per scale.
 """
 
 from __future__ import annotations
@@ -16,9 +16,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
-from bnjax import layers
+from bnjax import layers, norms
 
 Array = jax.Array
 
@@ -28,63 +27,90 @@ __all__ = ["MLPConfig", "MLPParams", "MLPState", "ACTIVATIONS", "init", "apply",
 ACTIVATIONS = {"relu": layers.relu, "sigmoid": layers.sigmoid}
 
 
-class MLPConfig(NamedTuple):
-    """Static structure of the network (defaults: the book's 784-100x5-10 ReLU net without batch norm).
-
-    Attributes:
-      input_size, hidden_sizes, output_size: layer widths.
-      activation: ``'relu'`` or ``'sigmoid'``.
-      batch_norm: the norm between each hidden Affine and its activation: a norm value
-        (``layers.batch_norm(...)``, ``layers.batch_renorm(...)``, ``layers.ghost_batch_norm(...)`` or any
-        ``layers.Norm``), or ``None``/``False`` for none; ``True`` is shorthand for
-        ``layers.batch_norm(bn_momentum, bn_eps, init_var=bn_init_var)`` (the book's BatchNorm).
-      dropout_ratio: dropout after each hidden activation (0.0: none).
-      dropout_inverted: ``True`` scales kept units by ``1/(1-ratio)`` in training (modern); ``False`` is the
-        book's (no scaling in training, times ``1-ratio`` at evaluation).
-      bn_momentum, bn_eps, bn_init_var: batch-norm conventions of ``batch_norm=True`` (defaults:
-        ``layers.CONVENTIONS``); a norm value carries its own.
-    """
-
+class _MLPFields(NamedTuple):
     input_size: int = 784
     hidden_sizes: tuple[int, ...] = (100, 100, 100, 100, 100)
     output_size: int = 10
     activation: str = "relu"
-    batch_norm: Any = False
+    norm: Any = None
     dropout_ratio: float = 0.0
     dropout_inverted: bool = True
-    bn_momentum: float = layers.CONVENTIONS["momentum"]
-    bn_eps: float = layers.CONVENTIONS["eps"]
-    bn_init_var: float = layers.CONVENTIONS["init_var"]
+
+
+def _resolve_norm(norm: Any) -> Any:
+    """``True`` -> the book's BatchNorm, ``False`` -> ``None``; anything else as given (``check`` judges it)."""
+    if isinstance(norm, (bool, np.bool_)):
+        return layers.book_batch_norm() if bool(norm) else None
+    return norm
+
+
+class MLPConfig(_MLPFields):
+    """Static structure of the network (defaults: the book's 784-100x5-10 ReLU net without a norm).
+
+    A NamedTuple (hashable, a static argument of ``jax.jit``); ``norm=True`` is resolved once, when the config
+    is built (also by ``_replace``/``replace``), so ``config.norm`` is a norm value or ``None``.
+
+    Attributes:
+      input_size, hidden_sizes, output_size: layer widths (``hidden_sizes`` is stored as a tuple).
+      activation: ``'relu'`` or ``'sigmoid'``.
+      norm: the norm between each hidden Affine and its activation: a norm value (``layers.batch_norm(...)``,
+        ``layers.batch_renorm(...)``, ``layers.ghost_batch_norm(...)`` or any ``layers.Norm``) or ``None``;
+        ``True`` is shorthand for ``layers.book_batch_norm()`` (the book's BatchNorm) and ``False`` for ``None``.
+      dropout_ratio: dropout after each hidden activation (0.0: none).
+      dropout_inverted: ``True`` scales kept units by ``1/(1-ratio)`` in training (modern); ``False`` is the
+        book's (no scaling in training, times ``1-ratio`` at evaluation).
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "MLPConfig":
+        self = super().__new__(cls, *args, **kwargs)
+        hidden_sizes = self.hidden_sizes
+        if not isinstance(hidden_sizes, tuple):
+            try:  # a list works too, but jit keys on the config: keep it hashable
+                hidden_sizes = tuple(hidden_sizes)
+            except TypeError:
+                pass  # check() names the field
+        return tuple.__new__(cls, (self.input_size, hidden_sizes, self.output_size, self.activation,
+                                   _resolve_norm(self.norm), self.dropout_ratio, self.dropout_inverted))
+
+    @classmethod
+    def _make(cls, iterable: Any) -> "MLPConfig":
+        # NamedTuple's _make (and so _replace) bypasses __new__: route it through the resolution above.
+        return cls(*iterable)
+
+    def replace(self, **changes: Any) -> "MLPConfig":
+        """A copy with ``changes`` (``norm=True`` is resolved as at construction)."""
+        return self._replace(**changes)
 
     @property
     def sizes(self) -> list[int]:
+        """Every layer width, input first: ``[input_size, *hidden_sizes, output_size]``."""
         return [int(self.input_size), *[int(h) for h in self.hidden_sizes], int(self.output_size)]
 
-    @property
-    def norm(self) -> layers.Norm | None:
-        """The norm value of the hidden layers, or ``None``."""
-        if isinstance(self.batch_norm, layers.Norm):
-            return self.batch_norm
-        if self.batch_norm is True or (isinstance(self.batch_norm, np.bool_) and bool(self.batch_norm)):
-            return layers.batch_norm(self.bn_momentum, self.bn_eps, init_var=self.bn_init_var)
-        return None
-
     def check(self) -> "MLPConfig":
-        """Raise ``ValueError`` naming the field if the configuration cannot build a network."""
-        if not (self.batch_norm is None or isinstance(self.batch_norm, (bool, np.bool_, layers.Norm))):
-            raise ValueError(f"batch_norm must be a norm value (layers.batch_norm(), layers.batch_renorm(), "
-                             f"layers.ghost_batch_norm(...)), True, False or None, got {self.batch_norm!r}")
+        """Check that the configuration can build a network.
+
+        Returns:
+          the config itself.
+
+        Raises:
+          ValueError: naming the field that cannot be used.
+        """
+        if not (self.norm is None or isinstance(self.norm, layers.Norm)):
+            raise ValueError(f"norm must be a norm value (layers.batch_norm(), layers.batch_renorm(), "
+                             f"layers.ghost_batch_norm(...)), True, False or None, got {self.norm!r}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation={self.activation!r}: expected one of {sorted(ACTIVATIONS)}")
-        if any(s < 1 for s in self.sizes):
-            raise ValueError(f"layer sizes must be positive, got {self.sizes}")
+        try:
+            sizes = self.sizes
+        except (TypeError, ValueError):
+            raise ValueError(f"layer sizes must be positive integers, got {self.input_size!r}, "
+                             f"{self.hidden_sizes!r}, {self.output_size!r}") from None
+        if any(s < 1 for s in sizes):
+            raise ValueError(f"layer sizes must be positive, got {sizes}")
         if not 0.0 <= self.dropout_ratio < 1.0:
             raise ValueError(f"dropout_ratio must be in [0, 1), got {self.dropout_ratio}")
-        if not 0.0 <= self.bn_momentum <= 1.0:
-            raise ValueError(f"bn_momentum must be in [0, 1], got {self.bn_momentum}")
-        # Batch-norm statistics are float32: eps must survive the cast (1e-320 would become 0, 1e300 inf).
-        if not 1.1754944e-38 <= self.bn_eps <= 3.4028235e38:
-            raise ValueError(f"bn_eps must be > 0 and within float32's range, got {self.bn_eps}")
         return self
 
 
@@ -93,7 +119,8 @@ class MLPParams(NamedTuple):
 
     Attributes:
       affine: one ``AffineParams`` per layer, hidden layers first, the output layer last.
-      batch_norm: one ``BatchNormParams`` per hidden layer (the norm's parameters), or ``()`` without a norm.
+      batch_norm: one parameter pytree of the norm (``BatchNormParams``, ...) per hidden layer, or ``()``
+        without a norm.
     """
 
     affine: tuple
@@ -107,45 +134,84 @@ class MLPState(NamedTuple):
 
 
 def init(
-    key: Array, config: MLPConfig, weight_init_std: Any = "relu", dtype: Any = jnp.float32
+    config: MLPConfig,
+    key: Array,
+    *,
+    weight_init: Any = "he",
+    weight_scale: float | Array = 1.0,
+    dtype: Any = jnp.float32,
 ) -> tuple[MLPParams, MLPState]:
-    """Initialise the network: ``W = std * normal``, ``b = 0``, gamma = 1, beta = 0, running stats 0.
+    """Initialise the network: ``W = std * normal``, ``b = 0``, the norm's own initial parameters and state.
+
+    Each layer's std is ``policy(weight_init, fan_in) * weight_scale``:
+
+    - ``weight_init=None``: ``weight_scale`` itself for every layer (the book's weight-scale experiment);
+    - a number or scalar array: ``weight_scale * weight_init`` for every layer;
+    - ``'he'``/``'relu'`` (``sqrt(2 / fan_in)``) or ``'xavier'``/``'sigmoid'`` (``sqrt(1 / fan_in)``), the
+      weights then multiplied by ``weight_scale``.
 
     Args:
-      key: ``jax.random`` key.
       config: the network's structure.
-      weight_init_std: a number or scalar array used for every layer (the book's experiment), or
-        ``'he'``/``'relu'``, ``'xavier'``/``'sigmoid'`` for a per-layer ``sqrt(2 / fan_in)``/``sqrt(1 / fan_in)``.
+      key: ``jax.random`` key.
+      weight_init: the per-layer policy (above).
+      weight_scale: a factor on it; may be a traced scalar (vmap over scales).
       dtype: parameter dtype.
 
     Returns:
       ``(params, state)``.
+
+    Raises:
+      TypeError: if ``config`` is not an ``MLPConfig`` (the key comes second).
+      ValueError: if ``config`` cannot build a network, ``weight_init`` is an unknown name, or the std or
+        ``weight_scale`` is not a scalar.
     """
+    if not isinstance(config, MLPConfig):
+        raise TypeError(f"model.init(config, key, ...): config comes first and must be an MLPConfig, got "
+                        f"{type(config).__name__}")
     config.check()
     sizes = config.sizes
-    # One normal draw for all weights, sliced afterwards: under vmap one draw per layer compiles ~20x slower.
+    scale = jnp.asarray(weight_scale, dtype)
+    if scale.ndim != 0:
+        raise ValueError(f"weight_scale must be a scalar per model (vmap for several), got shape {scale.shape}")
+    # One normal draw for all weights, sliced afterwards: under vmap one draw per layer compiles ~20x slower
+    # (and would change every number), which is why this does not call layers.affine_init per layer; the
+    # per-layer policy is layers.resolve_init_std's, shared with it. The float operations of each case are
+    # those the grid engine has always used (the experiments' numbers depend on them, bit for bit).
     shapes = list(zip(sizes[:-1], sizes[1:]))
     noise = jax.random.normal(key, (sum(i * o for i, o in shapes),), dtype)
     affine, offset = [], 0
     for num_in, num_out in shapes:
-        std = jnp.asarray(layers.resolve_init_std(weight_init_std, num_in), dtype)
+        if weight_init is None:
+            std = scale
+        elif isinstance(weight_init, str):
+            std = jnp.asarray(layers.resolve_init_std(weight_init, num_in), dtype)
+        else:
+            std = scale * jnp.asarray(layers.resolve_init_std(weight_init, num_in), dtype)
         if std.ndim != 0:
-            raise ValueError(f"weight_init_std must be a scalar per model (vmap for several), got {std.shape}")
+            raise ValueError(f"weight_init must be a scalar per model (vmap for several), got shape {std.shape}")
         W = std * noise[offset : offset + num_in * num_out].reshape(num_in, num_out)
+        if isinstance(weight_init, str):  # the named policy's weights, times the scale
+            W = W * scale
         affine.append(layers.AffineParams(W=W, b=jnp.zeros((num_out,), dtype)))
         offset += num_in * num_out
-    bn_params, bn_state = [], []
-    norm = config.norm
-    if norm is not None:
+    norm_params, norm_state = [], []
+    if config.norm is not None:
         for size in sizes[1:-1]:
-            p, s = norm.init(size, dtype=dtype)
-            bn_params.append(p)
-            bn_state.append(s)
-    return MLPParams(tuple(affine), tuple(bn_params)), MLPState(tuple(bn_state))
+            p, s = config.norm.init(size, dtype=dtype)
+            norm_params.append(p)
+            norm_state.append(s)
+    return MLPParams(tuple(affine), tuple(norm_params)), MLPState(tuple(norm_state))
 
 
 def apply(
-    config: MLPConfig, params: MLPParams, state: MLPState, x: Array, train: bool = False, key: Array | None = None
+    config: MLPConfig,
+    params: MLPParams,
+    state: MLPState,
+    x: Array,
+    *,
+    train: bool,
+    key: Array | None = None,
+    norm_kwargs: dict | None = None,
 ) -> tuple[Array, MLPState]:
     """Scores of the network.
 
@@ -156,26 +222,37 @@ def apply(
       train: the book's ``train_flg``: batch statistics + running update + dropout (True), or running
         statistics, no update, no dropout (False).
       key: ``jax.random`` key, needed only for dropout at training time.
+      norm_kwargs: extra keyword arguments of every norm's ``apply`` (e.g. ``{"momentum": m}`` with a traced
+        ``m``: the grid engine's batch-norm momentum axis); ``None`` for none.
 
     Returns:
       ``(logits [N, output_size], new_state)``.
+
+    Raises:
+      ValueError: if ``x`` is not ``[N, features]`` or ``config``, ``params`` and ``state`` disagree on the norm;
+        dropout at training time without a key.
     """
-    logits, new_state, _ = _forward(config, params, state, x, train, key)
+    logits, new_state, _ = _forward(config, params, state, x, train, key, norm_kwargs)
     return logits, new_state
 
 
 def hidden(
-    config: MLPConfig, params: MLPParams, state: MLPState, x: Array, train: bool = False, key: Array | None = None
+    config: MLPConfig, params: MLPParams, state: MLPState, x: Array, *, train: bool, key: Array | None = None
 ) -> list[tuple[Array, Array]]:
-    """Each hidden layer's pre-activation (after batch norm, when used) and activation, for looking inside.
+    """Each hidden layer's pre-activation (after the norm, when used) and activation, for looking inside.
 
-    Args: as ``apply``. With ``train=True`` batch norm uses the statistics of ``x`` itself (the book's
-    ch. 6.2 histograms of a freshly initialised network need exactly that); the running statistics are not
-    returned.
+    With ``train=True`` the norm uses the statistics of ``x`` itself (the book's ch. 6.2 histograms of a
+    freshly initialised network need exactly that); the running statistics are not returned.
+
+    Args:
+      config, params, state, x, train, key: as ``apply``.
 
     Returns:
       one ``(pre_activation [N, H], activation [N, H])`` pair per hidden layer, first layer first; the
       activation is taken before dropout.
+
+    Raises:
+      ValueError: as ``apply``.
     """
     return _forward(config, params, state, x, train, key)[2]
 
@@ -198,13 +275,13 @@ def _forward(config, params, state, x, train, key, norm_kwargs=None):
     for i, aff in enumerate(hidden_layers):
         h = layers.affine_apply(aff, h)
         if norm is not None:
-            h, s = norm.apply(params.batch_norm[i], state.batch_norm[i], h, train, **(norm_kwargs or {}))
+            h, s = norm.apply(params.batch_norm[i], state.batch_norm[i], h, train=train, **(norm_kwargs or {}))
             new_bn.append(s)
         pre = h
         h = act(h)
         inside.append((pre, h))
         if dropout:
-            h = layers.dropout_apply(h, keys[i], config.dropout_ratio, train, inverted=config.dropout_inverted)
+            h = layers.dropout_apply(h, keys[i], config.dropout_ratio, train=train, inverted=config.dropout_inverted)
     logits = layers.affine_apply(params.affine[-1], h)
     return logits, MLPState(batch_norm=tuple(new_bn)), inside
 
@@ -214,43 +291,77 @@ def loss(
     params: MLPParams,
     state: MLPState,
     x: Array,
-    t: Array,
-    train: bool = True,
+    labels: Array,
+    *,
+    train: bool,
     key: Array | None = None,
-    weight_decay_lambda: float | Array = 0.0,
+    weight_decay: float | Array = 0.0,
+    norm_kwargs: dict | None = None,
 ) -> tuple[Array, MLPState]:
-    """Softmax cross-entropy plus ``lambda / 2 * sum(W ** 2)`` over every Affine weight (the book's).
+    """Softmax cross-entropy plus ``weight_decay / 2 * sum(W ** 2)`` over every Affine weight (the book's).
 
-    Returns ``(loss, new_state)``: use ``jax.value_and_grad(loss, argnums=1, has_aux=True)``.
+    Use ``jax.value_and_grad(loss, argnums=1, has_aux=True)``.
+
+    Args:
+      config, params, state, x, train, key, norm_kwargs: as ``apply``.
+      labels: ``[N]`` integer classes.
+      weight_decay: the L2 coefficient (the book's ``weight_decay_lambda``); may be traced.
+
+    Returns:
+      ``(loss, new_state)``: the scalar loss and the state ``apply`` returns.
+
+    Raises:
+      ValueError: as ``apply``.
     """
-    logits, new_state = apply(config, params, state, x, train, key)
-    value = layers.softmax_cross_entropy(logits, t)
+    logits, new_state = apply(config, params, state, x, train=train, key=key, norm_kwargs=norm_kwargs)
+    value = layers.softmax_cross_entropy(logits, labels)
     decay = sum(jnp.sum(jnp.square(a.W)) for a in params.affine)
-    return value + 0.5 * weight_decay_lambda * decay, new_state
+    return value + 0.5 * weight_decay * decay, new_state
 
 
 def predict(config: MLPConfig, params: MLPParams, state: MLPState, x: Array) -> Array:
-    """Predicted classes ``[N]`` in evaluation mode; a row with a NaN score counts as the first NaN's class
-    (class 0 for an all-NaN row), as NumPy's argmax does in the book."""
+    """Predicted classes in evaluation mode (running statistics, no update, no dropout).
+
+    Args:
+      config, params, state, x: as ``apply``.
+
+    Returns:
+      ``[N]`` classes; a row with a NaN score counts as the first NaN's class (class 0 for an all-NaN row), as
+      NumPy's argmax does in the book.
+
+    Raises:
+      ValueError: as ``apply``.
+    """
     logits, _ = apply(config, params, state, x, train=False)
     return jnp.argmax(logits, axis=-1)
 
 
-def accuracy(config: MLPConfig, params: MLPParams, state: MLPState, x: Array, t: Array) -> Array:
-    """Share of ``x`` classified as ``t``, in evaluation mode (running statistics, no update)."""
-    return jnp.mean((predict(config, params, state, x) == t).astype(jnp.float32))
+def accuracy(config: MLPConfig, params: MLPParams, state: MLPState, x: Array, labels: Array) -> Array:
+    """Share of ``x`` classified as ``labels``, in evaluation mode (running statistics, no update).
+
+    Args:
+      config, params, state, x: as ``apply``.
+      labels: ``[N]`` integer classes.
+
+    Returns:
+      a float32 scalar in [0, 1].
+
+    Raises:
+      ValueError: as ``apply``.
+    """
+    return jnp.mean((predict(config, params, state, x) == labels).astype(jnp.float32))
 
 
 def recalibrate(
-    config: MLPConfig, params: MLPParams, state: MLPState, batches: Array, key: Array | None = None
+    config: MLPConfig, params: MLPParams, state: MLPState, batches: Array, *, key: Array | None = None
 ) -> MLPState:
     """Precise statistics: every norm layer's running mean and variance set to the equal-weight average of its
-    batch statistics over ``batches`` (fvcore's precise BN; PyTorch's ``update_bn`` cumulative average).
+    batch statistics over ``batches`` (``norms.recalibrate`` on this network).
 
     The network runs in training mode (each layer normalised as in training, so layer ``l`` sees the inputs
-    training gives it) without taking gradients; the parameters are unchanged. One jitted pass, ``lax.scan``
-    over the batches, so memory does not grow with their number. Use it after weight averaging (SWA/EMA),
-    pruning or other surgery, or to replace running averages that lag behind training.
+    training gives it) without taking gradients; the parameters are unchanged. One jitted pass over the
+    batches, so memory does not grow with their number. Use it after weight averaging (SWA/EMA), pruning or
+    other surgery, or to replace running averages that lag behind training.
 
     Args:
       config, params, state: the network.
@@ -258,7 +369,12 @@ def recalibrate(
       key: a ``jax.random`` key when the network has dropout (the training-mode forward drops units).
 
     Returns:
-      the new ``MLPState`` (other state fields, e.g. Batch Renorm's update count, are kept).
+      the new ``MLPState`` (other state fields, e.g. Batch Renorm's update count, are kept); ``state`` itself
+      for a network without a norm.
+
+    Raises:
+      ValueError: if ``batches`` is not ``[num_batches >= 1, N, input_size]``, the network has dropout and no
+        key is given, or ``config``, ``params`` and ``state`` disagree.
     """
     config.check()
     batches = jnp.asarray(batches)
@@ -270,43 +386,33 @@ def recalibrate(
     if config.norm is None:
         return state
     _forward(config, params, state, batches[0], False, None)  # structure and shapes, before compiling
-    # jit keys on the config: make every field hashable (a list of hidden sizes works everywhere else too).
-    config = config._replace(hidden_sizes=tuple(int(h) for h in config.hidden_sizes))
-    return _recalibrate(config, params, state, batches, key)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _recalibrate(config, params, state, batches, key):
-    def body(sums, xs):
-        i, xb = xs
-        k = None if key is None else jax.random.fold_in(key, i)
-        # momentum 0: each layer's new state is its batch statistics.
-        _, s, _ = _forward(config, params, state, xb, True, k, {"momentum": 0.0})
-        return jax.tree_util.tree_map(lambda acc, new: acc + new, sums,
-                                      [(b.mean, b.var) for b in s.batch_norm]), None
-
-    zero = [(jnp.zeros_like(b.mean), jnp.zeros_like(b.var)) for b in state.batch_norm]
-    sums, _ = lax.scan(body, zero, (jnp.arange(batches.shape[0]), batches))
-    num = batches.shape[0]
-    return MLPState(tuple(b._replace(mean=m / num, var=v / num) for b, (m, v) in zip(state.batch_norm, sums)))
+    # norms.recalibrate jits on the partial's function and (hashable) config: one compilation per network.
+    return norms.recalibrate(functools.partial(apply, config), params, state, batches, key=key)
 
 
 def fold(config: MLPConfig, params: MLPParams, state: MLPState) -> tuple[MLPConfig, MLPParams, MLPState]:
     """The same network in evaluation mode without norm layers: each norm folded into the Affine before it.
 
+    Training the folded network is training a network without a norm.
+
+    Args:
+      config, params, state: the network.
+
     Returns:
       ``(config without a norm, params, empty state)`` whose ``apply(..., train=False)`` gives the evaluation
-      outputs of the original (to float rounding; see ``layers.fold_batch_norm``). Training the folded network
-      is training a network without batch norm.
+      outputs of the original (to float rounding; see ``layers.fold_batch_norm``).
+
+    Raises:
+      ValueError: if ``config``, ``params`` and ``state`` disagree (checked before folding).
     """
     config.check()
     norm = config.norm
-    plain = config._replace(batch_norm=False)
+    plain = config._replace(norm=None)
     # Structure and shapes: a config that disagrees with params and state fails here, not after folding.
     _forward(config, params, state, jnp.zeros((1, config.input_size), params.affine[0].W.dtype), False, None)
     if norm is None:
         return plain, params, MLPState(())
-    affine = tuple(layers.fold_batch_norm(a, p, s, norm.eps)
+    affine = tuple(layers.fold_batch_norm(a, norm, p, s)
                    for a, p, s in zip(params.affine[:-1], params.batch_norm, state.batch_norm))
     return plain, MLPParams(affine + (params.affine[-1],), ()), MLPState(())
 
@@ -314,8 +420,14 @@ def fold(config: MLPConfig, params: MLPParams, state: MLPState) -> tuple[MLPConf
 def num_flops(sizes: Any, batch_size: int, *, backward: bool = False) -> int:
     """Multiply-add FLOPs (2 per MAC) of the Affine layers for one batch, ignoring elementwise work.
 
-    With ``backward`` the weight gradients of every layer and the input gradients of all but the first
-    layer are added (the input itself needs no gradient).
+    Args:
+      sizes: every layer width, input first (``MLPConfig.sizes``).
+      batch_size: rows per batch.
+      backward: add the weight gradients of every layer and the input gradients of all but the first layer
+        (the input itself needs no gradient).
+
+    Returns:
+      the FLOP count.
     """
     macs = [a * b for a, b in zip(sizes[:-1], sizes[1:])]
     fwd = 2 * batch_size * sum(macs)

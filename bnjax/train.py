@@ -1,7 +1,6 @@
 """Training: optax optimizers by name and one pure train step.
 
-The grid engine that trains many models at once lives in ``bnjax.sweep``; the names it used to have here
-(``SweepConfig``, ``run_sweep``, ...) are still importable from this module.
+The grid engine that trains many models at once (arms x vmapped axes x seeds) is ``bnjax.grid``.
 """
 
 from __future__ import annotations
@@ -9,6 +8,7 @@ from __future__ import annotations
 from typing import Any, Callable, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from bnjax import model
@@ -19,7 +19,7 @@ __all__ = ["OPTIMIZERS", "make_optimizer", "TrainState", "train_state_init", "tr
 
 # The optimizers a user would expect by name, with optax's defaults (the book's Momentum and Nesterov use
 # momentum 0.9; its RMSprop decays by 0.99 where optax's default is 0.9). ``bnjax.options.OPTIMIZERS`` spells
-# the same names without importing JAX (a test keeps the two equal).
+# the same names without importing JAX (a test keeps the two equal); nowhere else names optimizers.
 OPTIMIZERS: dict[str, Callable[[Any], optax.GradientTransformation]] = {
     "sgd": lambda lr: optax.sgd(lr),
     "momentum": lambda lr: optax.sgd(lr, momentum=0.9),
@@ -33,16 +33,33 @@ OPTIMIZERS: dict[str, Callable[[Any], optax.GradientTransformation]] = {
 
 
 def make_optimizer(name: str, learning_rate: float | Array) -> optax.GradientTransformation:
-    """An optax optimizer by name (see ``OPTIMIZERS``); ``learning_rate`` may be a traced array."""
+    """An optax optimizer by name.
+
+    Args:
+      name: one of ``OPTIMIZERS``.
+      learning_rate: the step size; may be a traced array.
+
+    Returns:
+      the optax ``GradientTransformation``.
+
+    Raises:
+      ValueError: for an unknown name (never a silent default).
+    """
     try:
         factory = OPTIMIZERS[name]
-    except KeyError:
+    except (KeyError, TypeError):
         raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}") from None
     return factory(learning_rate)
 
 
 class TrainState(NamedTuple):
-    """Everything one model carries between steps."""
+    """Everything one model carries between steps.
+
+    Attributes:
+      params: the trained ``MLPParams``.
+      state: the running statistics (``MLPState``).
+      opt_state: the optimizer's state.
+    """
 
     params: model.MLPParams
     state: model.MLPState
@@ -52,57 +69,88 @@ class TrainState(NamedTuple):
 def train_state_init(
     params: model.MLPParams, state: model.MLPState, optimizer: optax.GradientTransformation
 ) -> TrainState:
+    """The train state of a freshly initialised model.
+
+    Args:
+      params, state: from ``model.init``.
+      optimizer: the optax optimizer the steps will use.
+
+    Returns:
+      ``TrainState(params, state, optimizer.init(params))``.
+    """
     return TrainState(params, state, optimizer.init(params))
 
 
 def train_step(
-    net: model.MLPConfig,
-    ts: TrainState,
+    config: model.MLPConfig,
+    train_state: TrainState,
     x: Array,
-    t: Array,
+    labels: Array,
     optimizer: optax.GradientTransformation,
+    *,
     key: Array | None = None,
-    weight_decay_lambda: float | Array = 0.0,
-) -> tuple[TrainState, Array]:
-    """One optax update of one model on the batch ``x [B, D]``, ``t [B]``; returns ``(new_ts, loss)``.
+    weight_decay: float | Array = 0.0,
+    norm_kwargs: dict | None = None,
+) -> tuple[Array, TrainState]:
+    """One optax update of one model on a batch, with the training-mode loss (batch statistics, dropout).
 
-    Pure: jit it with ``net`` and ``optimizer`` closed over (``functools.partial``) or vmap it over stacked
-    states. ``key`` feeds dropout; ``weight_decay_lambda`` (may be traced) adds the book's L2 term to the loss.
+    Pure: jit it with ``config`` and ``optimizer`` closed over (``functools.partial``) or vmap it over stacked
+    states.
+
+    Args:
+      config: the network's structure.
+      train_state: from ``train_state_init`` or a previous step.
+      x: ``[B, input_size]``.
+      labels: ``[B]`` integer classes.
+      optimizer: the optax optimizer ``train_state.opt_state`` belongs to.
+      key: ``jax.random`` key for dropout.
+      weight_decay: the book's L2 coefficient added to the loss; may be traced.
+      norm_kwargs: passed to every norm's ``apply`` (see ``model.apply``), e.g. ``{"momentum": m}``.
+
+    Returns:
+      ``(loss, new_train_state)``: the loss before the step and the state after it.
+
+    Raises:
+      ValueError: as ``model.apply``.
     """
     (value, new_state), grads = jax.value_and_grad(model.loss, argnums=1, has_aux=True)(
-        net, ts.params, ts.state, x, t, True, key, weight_decay_lambda
-    )
-    updates, opt_state = optimizer.update(grads, ts.opt_state, ts.params)
-    return TrainState(optax.apply_updates(ts.params, updates), new_state, opt_state), value
+        config, train_state.params, train_state.state, x, labels, train=True, key=key, weight_decay=weight_decay,
+        norm_kwargs=norm_kwargs)
+    updates, opt_state = optimizer.update(grads, train_state.opt_state, train_state.params)
+    return value, TrainState(optax.apply_updates(train_state.params, updates), new_state, opt_state)
 
 
 def step_size_probe(
-    net: model.MLPConfig,
+    config: model.MLPConfig,
     params: model.MLPParams,
     state: model.MLPState,
     x: Array,
-    t: Array,
+    labels: Array,
     step_sizes: Array,
 ) -> Array:
     """Loss ratios ``L(theta - eta * g) / L(theta)`` along the gradient ``g``, one per step size ``eta``.
 
     Bjorck et al. (2018) use this to show why batch norm allows large learning rates: a ratio below 1 means a
-    plain gradient step of that size lowers the loss. The loss is the training-mode cross-entropy on
-    ``x [N, D]``, ``t [N]`` (batch statistics of ``x``, no dropout, no weight decay) and ``g`` its gradient;
-    the running statistics play no part.
+    plain gradient step of that size lowers the loss. The loss is the training-mode cross-entropy on ``x``
+    (batch statistics of ``x``, no dropout, no weight decay) and ``g`` its gradient; the running statistics
+    play no part.
 
     Args:
-      net, params, state: one model.
-      x, t: the probe batch.
+      config, params, state: one model.
+      x: ``[N, input_size]``, the probe batch.
+      labels: ``[N]`` integer classes.
       step_sizes: ``[E]`` step sizes.
 
     Returns:
       ``[E]`` ratios (infinite or NaN where the step overflows).
+
+    Raises:
+      ValueError: as ``model.apply``.
     """
-    net = net._replace(dropout_ratio=0.0)
+    config = config._replace(dropout_ratio=0.0)
 
     def value(p):
-        return model.loss(net, p, state, x, t, True)[0]
+        return model.loss(config, p, state, x, labels, train=True)[0]
 
     base, grads = jax.value_and_grad(value)(params)
 
@@ -110,16 +158,4 @@ def step_size_probe(
         stepped = jax.tree_util.tree_map(lambda p, g: p - eta.astype(p.dtype) * g, params, grads)
         return value(stepped) / base
 
-    return jax.vmap(at)(jax.numpy.asarray(step_sizes))
-
-
-_MOVED_TO_SWEEP = ("SweepConfig", "SweepResult", "book_weight_scales", "num_updates", "record_steps", "run_sweep",
-                   "sweep_flops")
-
-
-def __getattr__(name: str):  # the book sweep's old home: keep research code that imported it working
-    if name in _MOVED_TO_SWEEP:
-        from bnjax import sweep
-
-        return getattr(sweep, name)
-    raise AttributeError(f"module 'bnjax.train' has no attribute {name!r}")
+    return jax.vmap(at)(jnp.asarray(step_sizes))

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from bnjax import data, model, options, train
+from bnjax import data, layers, model, options, train
 from conftest import x64
 from numpy_book import Net
 
@@ -21,28 +21,29 @@ def bundled():
 @pytest.mark.parametrize("name", sorted(train.OPTIMIZERS))
 def test_every_optimizer_lowers_the_loss(name, bundled):
     opt = train.make_optimizer(name, 0.01)
-    net = model.MLPConfig(784, (32,), 10, batch_norm=True)
-    params, state = model.init(jax.random.key(0), net, "he")
+    net = model.MLPConfig(784, (32,), 10, norm=True)
+    params, state = model.init(net, jax.random.key(0), weight_init="he")
     ts = train.train_state_init(params, state, opt)
     x, t = jnp.asarray(bundled.x_train[:200]), jnp.asarray(bundled.t_train[:200])
     step = jax.jit(functools.partial(train.train_step, net, optimizer=opt))
     first = None
     for _ in range(20):
-        ts, value = step(ts, x, t)
+        value, ts = step(ts, x, t)
         first = float(value) if first is None else first
     assert float(value) < first
 
 
+@pytest.mark.slow
 def test_sgd_step_with_weight_decay_matches_numpy_reference(float64):
     # The book's SGD with weight decay: W -= lr * (dW + lambda * W); autodiff adds the decay to the gradient.
     rng = np.random.default_rng(1)
-    net = model.MLPConfig(6, (5, 4), 3, batch_norm=True)
-    params, state = model.init(jax.random.key(2), net, 0.7, dtype=jnp.float64)
+    net = model.MLPConfig(6, (5, 4), 3, norm=True)
+    params, state = model.init(net, jax.random.key(2), weight_init=0.7, dtype=jnp.float64)
     ref = Net([np.asarray(a.W) for a in params.affine], True, weight_decay_lambda=0.3)
     ts = train.train_state_init(params, state, optax.sgd(0.1))
     for _ in range(3):
         x, t = rng.normal(size=(8, 6)), rng.integers(0, 3, 8)
-        ts, _ = train.train_step(net, ts, jnp.asarray(x), jnp.asarray(t), optax.sgd(0.1), None, 0.3)
+        _, ts = train.train_step(net, ts, jnp.asarray(x), jnp.asarray(t), optax.sgd(0.1), weight_decay=0.3)
         ref.sgd_step(x, t, 0.1)
     for a, a_ref in zip(ts.params.affine, ref.affines):
         np.testing.assert_allclose(np.asarray(a.W), a_ref.W, rtol=1e-10, atol=1e-12)
@@ -83,31 +84,30 @@ def test_option_lists_match_the_library():
     assert tuple(options.ACTIVATIONS) == tuple(model.ACTIVATIONS)
 
 
-def test_old_sweep_names_still_importable_from_train():
-    from bnjax import sweep
+def test_train_no_longer_forwards_the_engines_names():
+    # The lazy shim to the engine's module is gone (it made an import cycle): plain attribute errors.
+    for name in ("SweepConfig", "run_sweep", "no_such_name"):
+        with pytest.raises(AttributeError):
+            getattr(train, name)
+    assert not hasattr(train, "_MOVED_TO_SWEEP")
 
-    assert train.run_sweep is sweep.run_sweep and train.SweepConfig is sweep.SweepConfig
-    with pytest.raises(AttributeError):
-        train.no_such_name
-
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("use_bn", [False, True])
 def test_step_size_probe_follows_the_first_order_taylor_expansion(use_bn):
     with x64():
         rng = np.random.default_rng(0)
         # Sigmoid: a smooth loss. (With ReLU a sample whose first layer is all zeros puts exact zeros into the
         # next layer, where the one-sided slopes of a step differ from the gradient.)
-        config = model.MLPConfig(input_size=6, hidden_sizes=(5, 4), output_size=3, batch_norm=use_bn,
+        config = model.MLPConfig(input_size=6, hidden_sizes=(5, 4), output_size=3, norm=use_bn,
                                  activation="sigmoid")
-        params, state = model.init(jax.random.key(2), config, 0.5, jnp.float64)
+        params, state = model.init(config, jax.random.key(2), weight_init=0.5, dtype=jnp.float64)
         x = jnp.asarray(rng.normal(size=(30, 6)))
         t = jnp.asarray(rng.integers(0, 3, 30))
         etas = jnp.asarray([0.0, 1e-6, 1e-5, 30.0])
         ratios = np.asarray(train.step_size_probe(config, params, state, x, t, etas))
 
         def value(p):
-            return model.loss(config, p, state, x, t, True)[0]
+            return model.loss(config, p, state, x, t, train=True)[0]
 
         L, g = jax.value_and_grad(value)(params)
         g2 = sum(float(jnp.sum(leaf ** 2)) for leaf in jax.tree_util.tree_leaves(g))
@@ -120,18 +120,19 @@ def test_step_size_probe_follows_the_first_order_taylor_expansion(use_bn):
         assert abs(ratios[3] - 1) > 1e-3  # the large step really moves the loss
 
 
+@pytest.mark.slow
 def test_train_step_is_one_sgd_step_on_the_dropout_loss_with_its_key():
     # Oracle: jax.grad of model.loss with the same key and weight decay, applied by hand (W -= lr * g).
-    net = model.MLPConfig(6, (8, 8), 3, batch_norm=True, dropout_ratio=0.3)
-    params, state = model.init(jax.random.key(1), net, 0.6)
+    net = model.MLPConfig(6, (8, 8), 3, norm=True, dropout_ratio=0.3)
+    params, state = model.init(net, jax.random.key(1), weight_init=0.6)
     rng = np.random.default_rng(2)
     x, t = jnp.asarray(rng.normal(size=(10, 6)), jnp.float32), jnp.asarray(rng.integers(0, 3, 10))
     key = jax.random.key(5)
     opt = train.make_optimizer("sgd", 0.3)
     ts = train.train_state_init(params, state, opt)
-    new, value = train.train_step(net, ts, x, t, opt, key, 0.2)
+    value, new = train.train_step(net, ts, x, t, opt, key=key, weight_decay=0.2)
     (want_value, want_state), grads = jax.value_and_grad(model.loss, argnums=1, has_aux=True)(
-        net, params, state, x, t, True, key, 0.2)
+        net, params, state, x, t, train=True, key=key, weight_decay=0.2)
     assert float(value) == pytest.approx(float(want_value), rel=1e-6)
     for got, p, g in zip(jax.tree_util.tree_leaves(new.params), jax.tree_util.tree_leaves(params),
                          jax.tree_util.tree_leaves(grads)):
@@ -139,7 +140,7 @@ def test_train_step_is_one_sgd_step_on_the_dropout_loss_with_its_key():
     for got, want in zip(jax.tree_util.tree_leaves(new.state), jax.tree_util.tree_leaves(want_state)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
     # another key drops other units: another step
-    other, _ = train.train_step(net, ts, x, t, opt, jax.random.key(6), 0.2)
+    _, other = train.train_step(net, ts, x, t, opt, key=jax.random.key(6), weight_decay=0.2)
     assert not np.allclose(np.asarray(other.params.affine[0].W), np.asarray(new.params.affine[0].W))
 
 
@@ -169,3 +170,48 @@ def test_adaptive_optimizers_follow_their_update_rules(name, rule):
         else:
             ref = ref - lr * g / np.sqrt(v + 1e-7)
         np.testing.assert_allclose(np.asarray(p), ref, rtol=1e-5)
+
+
+def test_train_step_returns_the_loss_before_the_step_then_the_new_state():
+    # Oracle: model.loss on the state before the step (value first, as every function that threads state).
+    rng = np.random.default_rng(3)
+    net = model.MLPConfig(5, (6,), 3, norm=True)
+    params, state = model.init(net, jax.random.key(0), weight_init=0.5)
+    opt = train.make_optimizer("momentum", 0.1)
+    ts = train.train_state_init(params, state, opt)
+    assert isinstance(ts, train.TrainState) and ts.params is params and ts.state is state
+    x, labels = jnp.asarray(rng.normal(size=(8, 5)), jnp.float32), jnp.asarray(rng.integers(0, 3, 8))
+    out = train.train_step(net, ts, x, labels, opt)
+    assert isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], train.TrainState)
+    value, new_ts = out
+    want, want_state = model.loss(net, params, state, x, labels, train=True)
+    assert value.shape == () and float(value) == pytest.approx(float(want), rel=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(new_ts.state), jax.tree_util.tree_leaves(want_state)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
+    # the next step's loss is the loss of the stepped parameters (lower, on the same batch)
+    value2, _ = train.train_step(net, new_ts, x, labels, opt)
+    assert float(value2) == pytest.approx(float(model.loss(net, new_ts.params, new_ts.state, x, labels,
+                                                           train=True)[0]), rel=1e-6)
+    assert float(value2) < float(value)
+    with pytest.raises(TypeError):
+        train.train_step(net, ts, x, labels, opt, jax.random.key(0))  # key is keyword-only
+
+
+@pytest.mark.slow
+def test_train_step_norm_kwargs_momentum_is_a_network_built_with_that_momentum():
+    # Oracle: a step of the network built with layers.batch_norm(momentum=m, init_var=0.0).
+    rng = np.random.default_rng(4)
+    m = 0.5
+    net = model.MLPConfig(5, (6, 4), 3, norm=True)
+    oracle = net._replace(norm=layers.batch_norm(momentum=m, init_var=0.0))
+    params, state = model.init(net, jax.random.key(0), weight_init=0.5)
+    opt = train.make_optimizer("sgd", 0.1)
+    ts = train.train_state_init(params, state, opt)
+    x, labels = jnp.asarray(rng.normal(size=(8, 5)), jnp.float32), jnp.asarray(rng.integers(0, 3, 8))
+    got_value, got = train.train_step(net, ts, x, labels, opt, norm_kwargs={"momentum": m})
+    want_value, want = train.train_step(oracle, ts, x, labels, opt)
+    assert float(got_value) == float(want_value)
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    _, book = train.train_step(net, ts, x, labels, opt)
+    assert not np.allclose(np.asarray(book.state.batch_norm[0].mean), np.asarray(got.state.batch_norm[0].mean))
