@@ -96,7 +96,7 @@ def part1_network(activation: str, batch_norm: bool):
     from bnjax import model
 
     return model.MLPConfig(input_size=WIDTH, hidden_sizes=(WIDTH,) * DEPTH, output_size=10, activation=activation,
-                           batch_norm=batch_norm)
+                           norm=batch_norm)
 
 
 def part1_keys(seed):
@@ -118,7 +118,7 @@ def part1_params(seed, activation: str, batch_norm: bool, std):
     """``(params, state)`` of one configuration: every configuration of a seed scales the same normal draw."""
     from bnjax import model
 
-    return model.init(part1_keys(seed)[1], part1_network(activation, batch_norm), std)
+    return model.init(part1_network(activation, batch_norm), part1_keys(seed)[1], weight_init=None, weight_scale=std)
 
 
 @functools.lru_cache(maxsize=None)
@@ -312,7 +312,7 @@ def trained_stats(config, models: dict, x, diverged: dict | None = None) -> dict
     Args:
       config: the ``GridConfig`` (one ``weight_scale`` axis).
       models: arm -> ``TrainState`` with leaves ``[seeds, scales, ...]`` (``run_grid``'s ``final`` or
-        ``sweep.init_models``).
+        ``grid.init_models``).
       x: ``[N, D]`` images.
       diverged: arm -> ``[seeds, scales]``; those models' stats are NaN (their parameters are not finite).
 
@@ -653,11 +653,11 @@ def main(argv=None) -> int:
     part2 = None
     seeds = list(range(args.seed, args.seed + args.num_seeds))
     if not args.skip_trained:
-        from bnjax import sweep
+        from bnjax import grid
 
         ds, data_s = harness.load_timed(args, 0)
-        weight_scales = sweep.book_weight_scales(args.num_scales)
-        config = sweep.GridConfig(axes={"weight_scale": weight_scales}, num_records=args.epochs, seed=args.seed,
+        weight_scales = grid.book_weight_scales(args.num_scales)
+        config = grid.GridConfig(axes={"weight_scale": weight_scales}, num_records=args.epochs, seed=args.seed,
                                   num_seeds=args.num_seeds, keep_final=True,
                                   max_models_per_chunk=args.max_models_per_chunk)
         result, timing = harness.run_engine(
@@ -679,18 +679,18 @@ def main(argv=None) -> int:
         "histograms_relu.png": lambda: histogram_figure(histograms, "relu"),
     }
     if result is not None:
-        from bnjax import sweep
+        from bnjax import grid
 
         t0 = time.perf_counter()
         harness.say(args, "part 2: every layer of the sweep's networks, before and after training...")
         x = np.asarray(ds.x_train, np.float32)
-        before = trained_stats(config, sweep.init_models(config, x.shape[1]), x)
+        before = trained_stats(config, grid.init_models(config, x.shape[1]), x)
         after = trained_stats(config, result.final, x, result.diverged)
         part2 = {arm: {"before": before[arm], "after": after[arm]} for arm in config.arms}
         timing["part2_stats_s"] = time.perf_counter() - t0
         verdict["part2"] = {
             "arms": list(config.arms), "weight_scales": list(weight_scales), "layers": list(range(1, DEPTH + 1)),
-            "num_images": int(x.shape[0]), "num_updates": sweep.num_updates(config, x.shape[0]),
+            "num_images": int(x.shape[0]), "num_updates": grid.num_updates(config, x.shape[0]),
             "stats": part2, "summary": part2_summary(weight_scales, part2, result.diverged),
         }
         figures["trained.png"] = lambda: trained_figure(weight_scales, part2)
@@ -702,7 +702,7 @@ def main(argv=None) -> int:
         "activations, std_pre of the pre-activations (after batch norm when used), and the shares of "
         "bnjax.claims.activation_stats (sigmoid: saturated < 0.05 or > 0.95, near_half within 0.05 of 0.5; "
         "ReLU: zero, exactly 0), over every unit and input of the layer; means over seeds.",
-        "verdict.part2: the networks of the book's sweep before training (sweep.init_models, the grid's exact "
+        "verdict.part2: the networks of the book's sweep before training (grid.init_models, the grid's exact "
         "starting models) and after it, run on the training images with batch norm in training mode (the "
         "statistics of all the training images), so before and after are measured alike. stats[arm][before|"
         "after][statistic] is [seeds, scales, layers]; a diverged model's stats are null. The accuracies above "

@@ -3,13 +3,13 @@
 Variants, all on the same data and protocol (the bundled MNIST subset, 1000 training images, 191 updates and
 20 records per model, 16 scales x BN/plain by default):
 
-  (a) bnjax's sweep: every model in one jitted, vmapped program (bnjax.sweep.run_sweep)
+  (a) bnjax's sweep: every model in one jitted, vmapped program (bnjax.grid.run_grid)
   (b) the same jitted train step, looping over the models (and steps) in Python
   (c) the book's network in NumPy, float64, as the book runs it (all BLAS threads, and one BLAS thread)
   (d) Flax linen + optax, one model at a time, with one compile per structure (if flax is installed)
 
 Reports compile and run time separately, each variant's run-time ratio to (a), and achieved GFLOP/s
-(matmul FLOPs counted by bnjax.sweep.sweep_flops) against a float32 matmul peak measured in the same run.
+(matmul FLOPs counted by bnjax.grid.grid_flops) against a float32 matmul peak measured in the same run.
 
 Then a scaling table of the grid engine: the book's sweep with more seeds (32, 256, 1024 models; 4096 too on an
 accelerator), each in a fresh process, reporting model-updates per second, GFLOP/s, the per-model cost
@@ -34,6 +34,7 @@ out. Speeds are reported (as ratios), never asserted: they depend on the machine
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -86,15 +87,22 @@ def measure_peak_gflops(n: int | None = None, repeats: int = 5) -> dict:
     return {"n": n, "gflops": 2 * n**3 / statistics.median(times) / 1e9}
 
 
-def bench_sweep(config, x, t, repeats: int) -> dict:
-    from bnjax import sweep
+def _config_record(config) -> dict:
+    """Every field of a ``GridConfig`` for the results file, each arm by its field names."""
+    record = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    record["arms"] = {name: arm._asdict() for name, arm in config.arms.items()}
+    return record
 
-    runs = [sweep.run_sweep(config, x, t, keep_final=False) for _ in range(repeats)]
+
+def bench_sweep(config, x, t, repeats: int) -> dict:
+    from bnjax import grid
+
+    runs = [grid.run_grid(config, x, t) for _ in range(repeats)]
     return {
         "compile_s": runs[0].timing["compile_s"],  # the first is the cold compile
         "run_s": statistics.median(r.timing["run_s"] for r in runs),
-        "final_batchnorm": runs[0].train_accuracy["batchnorm"][0, :, -1].tolist(),
-        "final_plain": runs[0].train_accuracy["plain"][0, :, -1].tolist(),
+        "final_batchnorm": runs[0].metrics["train_accuracy"]["batchnorm"][0, :, -1].tolist(),
+        "final_plain": runs[0].metrics["train_accuracy"]["plain"][0, :, -1].tolist(),
     }
 
 
@@ -107,11 +115,11 @@ def _one_model_at_a_time(config, x, t, make) -> dict:
     """
     import jax.numpy as jnp
 
-    from bnjax import sweep
+    from bnjax import grid
 
     num_train = x.shape[0]
     init_keys, batch_idx = book_keys_and_batches(config, num_train)
-    steps_at = set(sweep.record_steps(config, num_train).tolist())
+    steps_at = set(grid.record_steps(config, num_train).tolist())
     xd, td = jnp.asarray(x), jnp.asarray(t)
     batches = [(xd[i], td[i]) for i in batch_idx]  # gathered up front: the loop times the steps alone
 
@@ -123,7 +131,7 @@ def _one_model_at_a_time(config, x, t, make) -> dict:
     finals = {True: [], False: []}
     for v, use_bn in enumerate((True, False)):
         init_c, step_c, acc_c = compiled[use_bn]
-        for i, scale in enumerate(config.weight_scales):
+        for i, scale in enumerate(config.axes["weight_scale"]):
             state = init_c(init_keys[v, i], jnp.float32(scale))
             last = None
             for u, (xb, tb) in enumerate(batches):
@@ -137,14 +145,14 @@ def _one_model_at_a_time(config, x, t, make) -> dict:
 
 def book_keys_and_batches(config, num_train: int):
     """Seed ``config.seed``'s init keys ``[arms, scales]`` and batch indices ``[updates, B]``, drawn as the
-    engine draws them (``bnjax.sweep._seed_keys``), so every variant trains the same models."""
+    engine draws them (``bnjax.grid.seed_keys``), so every variant trains the same models."""
     import jax
     import numpy as np
 
-    from bnjax import sweep
+    from bnjax import grid
 
-    data_key, init_keys, _ = sweep._seed_keys(config.seed, 2, len(config.weight_scales))
-    shape = (sweep.num_updates(config, num_train), config.batch_size)
+    data_key, init_keys, _ = grid.seed_keys(config.seed, 2, len(config.axes["weight_scale"]))
+    shape = (grid.num_updates(config, num_train), config.batch_size)
     return init_keys, np.asarray(jax.random.randint(data_key, shape, 0, num_train))
 
 
@@ -158,14 +166,14 @@ def bench_python_loop(config, x, t) -> dict:
     opt = train.make_optimizer(config.optimizer, config.learning_rate)
 
     def make(use_bn, xd, td, batch):
-        net = model.MLPConfig(xd.shape[1], tuple(config.hidden_sizes), config.num_classes, batch_norm=use_bn)
+        net = model.MLPConfig(xd.shape[1], tuple(config.hidden_sizes), config.num_classes, norm=use_bn)
 
         def init(key, scale):
-            params, state = model.init(key, net, scale)
+            params, state = model.init(net, key, weight_init=None, weight_scale=scale)
             return train.train_state_init(params, state, opt)
 
         def step(ts, xb, tb):
-            return train.train_step(net, ts, xb, tb, opt)[0]
+            return train.train_step(net, ts, xb, tb, opt)[1]
 
         def acc(ts):
             return model.accuracy(net, ts.params, ts.state, xd, td)
@@ -185,7 +193,8 @@ def bench_numpy(config, num_train: int, threads: int | None) -> dict:
         for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             env[var] = str(threads)
     root = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, str(root / "tests" / "numpy_book.py"), "--num-scales", str(len(config.weight_scales)),
+    cmd = [sys.executable, str(root / "tests" / "numpy_book.py"),
+           "--num-scales", str(len(config.axes["weight_scale"])),
            "--epochs", str(config.num_records), "--train-size", str(num_train)]
     proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, check=True)
     out = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -501,24 +510,24 @@ def scaling_point(num_models: int) -> dict:
 
     import jax
 
-    from bnjax import data, sweep
+    from bnjax import data, grid
 
     if num_models % 32:
         raise ValueError(f"scaling points must be multiples of 32 (16 scales x 2 arms), got {num_models}")
     ds = data.load_bundled(1000, 0)
-    config = sweep.SweepConfig(num_seeds=num_models // 32)
-    timed = sweep.run_sweep(config, ds.x_train, ds.t_train, keep_final=False)
-    updates = num_models * sweep.num_updates(config, 1000)
-    flops = sweep.sweep_flops(config, 1000, 784)["total"]
+    config = grid.GridConfig(num_seeds=num_models // 32)
+    timed = grid.run_grid(config, ds.x_train, ds.t_train)
+    updates = num_models * grid.num_updates(config, 1000)
+    flops = grid.grid_flops(config, 1000, 784)["total"]
     row = {
         "models": num_models,
         "compile_s": timed.timing["compile_s"],
         "run_s": timed.timing["run_s"],
         "model_updates_per_s": updates / timed.timing["run_s"],
         "gflops_per_s": flops / timed.timing["run_s"] / 1e9,
-        "chunks": timed.grid.layout["num_chunks"],
-        "models_per_chunk": timed.grid.layout["models_per_chunk"],
-        "devices_used": timed.grid.layout["devices_used"],
+        "chunks": timed.layout["num_chunks"],
+        "models_per_chunk": timed.layout["models_per_chunk"],
+        "devices_used": timed.layout["devices_used"],
         # ru_maxrss is in KiB on Linux.
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
     }
@@ -568,7 +577,7 @@ def _main(args) -> int:
 
     import jax
 
-    from bnjax import data, sweep
+    from bnjax import data, grid
     from experiments import harness
 
     if args.out is None:
@@ -586,16 +595,16 @@ def _main(args) -> int:
         print(f"wrote {args.out}")
         return 0
     ds = data.load_bundled(1000, 0)
-    config = sweep.SweepConfig()
+    config = grid.GridConfig()
     if args.quick:
-        config = config._replace(weight_scales=(0.1, 0.01), num_records=2)
+        config = config.replace(axes={"weight_scale": (0.1, 0.01)}, num_records=2)
         args.repeats = 1
     num_train, input_size = ds.x_train.shape
-    flops = sweep.sweep_flops(config, num_train, input_size)
+    flops = grid.grid_flops(config, num_train, input_size)
     env = harness.environment()
     print(f"bnjax benchmark on {env['backend']} ({env['device_kind']}, {env['device_count']} device(s), "
-          f"{env['cpu_count']} CPUs), jax {env['jax']}; {2 * len(config.weight_scales)} models, "
-          f"{sweep.num_updates(config, num_train)} updates, {flops['total'] / 1e9:.0f} GFLOP of matmuls",
+          f"{env['cpu_count']} CPUs), jax {env['jax']}; {2 * len(config.axes['weight_scale'])} models, "
+          f"{grid.num_updates(config, num_train)} updates, {flops['total'] / 1e9:.0f} GFLOP of matmuls",
           flush=True)
     peak = measure_peak_gflops()
     print(f"float32 matmul peak: {peak['gflops']:.0f} GFLOP/s ({peak['n']}^3)", flush=True)
@@ -657,7 +666,7 @@ def _main(args) -> int:
                   f"{row['gflops_per_s']:>8.1f} {row['percent_of_peak']:>6.0f}% "
                   f"{row['per_model_cost_vs_first']:>16.2f} {row['peak_rss_gb']:>11.2f}"
                   + (f"  (device peak {row['peak_device_gb']:.2f} GB)" if "peak_device_gb" in row else ""))
-    harness.write_json(args.out, {"environment": env, "config": config._asdict(), "flops": flops, "peak": peak,
+    harness.write_json(args.out, {"environment": env, "config": _config_record(config), "flops": flops, "peak": peak,
                                   "variants": variants, "scaling": scaling, "layers": layer_res,
                                   "quick": args.quick})
     print(f"wrote {args.out}")

@@ -499,7 +499,7 @@ def run_engine(args: argparse.Namespace, started: dict, config, dataset, *, name
     compiled), matplotlib imported in the background meanwhile. Returns ``(GridResult, timing)``."""
     import jax
 
-    from bnjax import sweep
+    from bnjax import grid
 
     quiet = args.quiet or not started["is_main"]
     num_train, input_size = dataset.x_train.shape
@@ -514,11 +514,11 @@ def run_engine(args: argparse.Namespace, started: dict, config, dataset, *, name
         raise SystemExit(1)
     if not quiet:
         held = f" + {dataset.x_heldout.shape[0]} held-out" if heldout else ""
-        print(f"bnjax {name}: {config.num_models} models ({what}), {sweep.num_updates(config, num_train)} updates "
+        print(f"bnjax {name}: {config.num_models} models ({what}), {grid.num_updates(config, num_train)} updates "
               f"each, on {dataset.source['name']} MNIST ({num_train} training images{held}), "
               f"{jax.default_backend()} x{jax.device_count()}"
               + (f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""), flush=True)
-        layout = sweep.plan_layout(config, jax.device_count(), input_size)
+        layout = grid.plan_layout(config, jax.device_count(), input_size)
         if layout.num_chunks > 1:
             print(f"{layout.num_chunks} chunks of {layout.models_per_chunk(len(config.arms))} models, to bound memory",
                   flush=True)
@@ -531,7 +531,7 @@ def run_engine(args: argparse.Namespace, started: dict, config, dataset, *, name
     # Without a bar or a prefetch, no callback: the records then need no host sync one by one.
     callback = progress if (progress.enabled or progress.prefetch) else None
     try:
-        result = sweep.run_grid(config, dataset.x_train, dataset.t_train, *held_data, progress=callback)
+        result = grid.run_grid(config, dataset.x_train, dataset.t_train, *held_data, progress=callback)
     except Exception as err:  # XLA's out-of-memory errors have no class of their own
         if "RESOURCE_EXHAUSTED" not in str(err) and "out of memory" not in str(err).lower():
             raise
@@ -548,9 +548,9 @@ def available_memory() -> tuple[int, str]:
     """``(bytes, where)``: the first device's memory limit on an accelerator, else the host's available memory."""
     import jax
 
-    from bnjax import sweep
+    from bnjax import grid
 
-    limit = sweep.device_memory_limit()
+    limit = grid.device_memory_limit()
     if limit:
         return limit, f"{jax.devices()[0].device_kind} memory"
     return available_host_memory(), "available host memory"
@@ -563,13 +563,13 @@ def memory_problem(config, input_size: int, num_train: int, num_heldout: int) ->
     import jax
     import numpy as np
 
-    from bnjax import sweep
+    from bnjax import grid
 
-    layout = sweep.plan_layout(config, jax.device_count(), input_size)
+    layout = grid.plan_layout(config, jax.device_count(), input_size)
     per_device = -(-layout.models_per_chunk(len(config.arms)) // (layout.mesh_shape[0] * layout.mesh_shape[1]))
     itemsize = np.dtype(jax.numpy.dtype(config.dtype)).itemsize
     data_bytes = (num_train + num_heldout) * (input_size * itemsize + 8)
-    chunk = per_device * sweep.bytes_per_model(config, input_size) + data_bytes
+    chunk = per_device * grid.bytes_per_model(config, input_size) + data_bytes
     metrics = 4 if num_heldout else 2
     host = config.num_models * config.num_records * metrics * 8
     limit, where = available_memory()

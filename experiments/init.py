@@ -58,10 +58,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def grid_config(args: argparse.Namespace):
     """The engine configuration the options describe: the book's two arms over the weight scales."""
-    from bnjax import sweep
+    from bnjax import grid
 
-    weight_scales = tuple(args.scales or sweep.book_weight_scales(args.num_scales))
-    return sweep.GridConfig(axes={"weight_scale": weight_scales}, num_records=args.epochs,
+    weight_scales = tuple(args.scales or grid.book_weight_scales(args.num_scales))
+    return grid.GridConfig(axes={"weight_scale": weight_scales}, num_records=args.epochs,
                             batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed,
                             num_seeds=args.num_seeds, max_models_per_chunk=args.max_models_per_chunk)
 

@@ -79,15 +79,15 @@ def arm_name(arm: str, init: str) -> str:
 def grid_config(args: argparse.Namespace):
     """The engine configuration the options describe: BN and plain at each initialisation (the two arms of an
     initialisation share their initial weights) over the learning rates."""
-    from bnjax import sweep
+    from bnjax import grid
 
     arms = {}
     for stream, (init, weight_init) in enumerate(init_names(args.init_scale).items()):
         for arm in ARMS:
-            arms[arm_name(arm, init)] = sweep.Arm(batch_norm=arm == "batchnorm", weight_init=weight_init,
+            arms[arm_name(arm, init)] = grid.Arm(norm=arm == "batchnorm", weight_init=weight_init,
                                                   init_stream=stream)
     learning_rates = tuple(args.lrs or np.logspace(-3, 1, args.num_lrs).tolist())
-    return sweep.GridConfig(arms=arms, axes={"learning_rate": learning_rates}, weight_scale=1.0,
+    return grid.GridConfig(arms=arms, axes={"learning_rate": learning_rates}, weight_scale=1.0,
                             num_records=args.epochs, batch_size=args.batch_size, seed=args.seed,
                             num_seeds=args.num_seeds, max_models_per_chunk=args.max_models_per_chunk)
 
@@ -278,14 +278,14 @@ def run_probe(config, ds, step_sizes, probe_lr: float) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from bnjax import sweep, train
+    from bnjax import grid, train
 
     single = config.replace(axes={}, learning_rate=probe_lr, keep_final=True)
     x = jnp.asarray(ds.x_train)
     t = jnp.asarray(ds.t_train, jnp.int32)
     eta = jnp.asarray(step_sizes, jnp.float32)
-    states = {"init": sweep.init_models(single, ds.x_train.shape[1])}
-    after = sweep.run_grid(single.replace(num_records=2, updates_per_record=PROBE_UPDATES - 1), ds.x_train,
+    states = {"init": grid.init_models(single, ds.x_train.shape[1])}
+    after = grid.run_grid(single.replace(num_records=2, updates_per_record=PROBE_UPDATES - 1), ds.x_train,
                            ds.t_train)
     states["trained"] = after.final
     out = {}

@@ -114,16 +114,16 @@ def grid_config(args: argparse.Namespace, num_train: int):
     start from the same Affine weights. A record every ``record_every`` epochs of ``max(N // B, 1)`` updates
     (the book's ``iter_per_epoch``; it divides with ``/``, the same for its 300 / 100).
     """
-    from bnjax import sweep
+    from bnjax import grid
 
     arms = {}
     for name in arm_names():
         drop = name.endswith("+dropout")
-        arms[name] = sweep.Arm(batch_norm=name.startswith("batchnorm"), activation="relu",
+        arms[name] = grid.Arm(norm=name.startswith("batchnorm"), activation="relu",
                                dropout_ratio=args.dropout_ratio if drop else 0.0,
                                dropout_inverted=bool(args.inverted_dropout), weight_init="he", init_stream=0)
     iter_per_epoch = max(num_train // args.batch_size, 1)
-    return sweep.GridConfig(
+    return grid.GridConfig(
         arms=arms, axes={"weight_decay": (0.0, float(args.weight_decay))}, weight_scale=1.0,
         learning_rate=args.lr, optimizer="sgd", num_records=num_records(args.epochs, args.record_every),
         updates_per_record=iter_per_epoch * args.record_every, batch_size=args.batch_size,

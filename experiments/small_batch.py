@@ -128,21 +128,21 @@ def renorm_value(args: argparse.Namespace, num_updates: int):
 
 def grid_config(args: argparse.Namespace, num_train: int):
     """Every (norm, batch size) an arm of one grid: the batch size and the lr scale are the arm's."""
-    from bnjax import layers, sweep
+    from bnjax import grid, layers
 
     arms = {}
-    base = sweep.GridConfig(axes={}, num_records=args.epochs, batch_size=args.reference_batch,
+    base = grid.GridConfig(axes={}, num_records=args.epochs, batch_size=args.reference_batch,
                             learning_rate=args.lr, weight_scale=1.0, seed=args.seed, num_seeds=args.num_seeds,
                             max_models_per_chunk=args.max_models_per_chunk)
     for b in args.batch_sizes:
         own = dict(batch_size=b, learning_rate_scale=b / args.reference_batch, weight_init="he", init_stream=0)
-        updates = sweep.num_updates(base, num_train, b)
-        arms[arm_name("plain", b)] = sweep.Arm(False, **own)
-        arms[arm_name("batchnorm", b)] = sweep.Arm(layers.batch_norm(args.momentum), **own)
-        arms[arm_name("renorm", b)] = sweep.Arm(renorm_value(args, updates), **own)
+        updates = grid.num_updates(base, num_train, b)
+        arms[arm_name("plain", b)] = grid.Arm(False, **own)
+        arms[arm_name("batchnorm", b)] = grid.Arm(layers.batch_norm(args.momentum, init_var=0.0), **own)
+        arms[arm_name("renorm", b)] = grid.Arm(renorm_value(args, updates), **own)
         # Ghost BN: normalisation over b rows, gradient over the reference batch (the grid's batch size).
-        arms[arm_name("ghost", b)] = sweep.Arm(layers.ghost_batch_norm(b, args.momentum), weight_init="he",
-                                               init_stream=0)
+        arms[arm_name("ghost", b)] = grid.Arm(layers.ghost_batch_norm(b, args.momentum, init_var=0.0),
+                                              weight_init="he", init_stream=0)
     return base.replace(arms=arms)
 
 
@@ -152,15 +152,15 @@ def after_training(config, result, x_train, t_train, x_heldout, t_heldout) -> di
     import jax
     import jax.numpy as jnp
 
-    from bnjax import model, sweep
+    from bnjax import grid, model
 
     out = {}
     input_size = x_train.shape[1]
     for name, arm in config.arms.items():
-        if arm.batch_norm is False:
+        if arm.norm is False:
             continue
         net = config.network(arm, input_size)
-        b = sweep.arm_batch_size(config, arm)
+        b = grid.arm_batch_size(config, arm)
         nb = x_train.shape[0] // b
         xb = jnp.asarray(x_train[: nb * b].reshape(nb, b, -1))
         tb = jnp.asarray(t_train[: nb * b].reshape(nb, b))

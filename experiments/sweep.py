@@ -95,17 +95,18 @@ def summary_table(weight_scales, final_accuracy: dict, diverged: dict) -> tuple[
 def main(argv=None) -> int:
     args = parse_args(argv)
     started = harness.start(args, x64=args.dtype == "float64")
-    from bnjax import sweep
+    from bnjax import grid
     from experiments import plot
 
     ds, data_s = harness.load_timed(args, args.heldout_size if args.heldout else 0)
 
-    weight_scales = args.scales or sweep.book_weight_scales(args.num_scales)
-    config = sweep.SweepConfig(
-        weight_scales=tuple(weight_scales), num_records=args.epochs, batch_size=args.batch_size,
+    weight_scales = args.scales or grid.book_weight_scales(args.num_scales)
+    # The book's arms and protocol are GridConfig's defaults; the options change what they name.
+    config = grid.GridConfig(
+        axes={"weight_scale": tuple(weight_scales)}, num_records=args.epochs, batch_size=args.batch_size,
         learning_rate=args.lr, optimizer=args.optimizer, seed=args.seed, num_seeds=args.num_seeds,
-        dtype=args.dtype,
-    ).to_grid(max_models_per_chunk=args.max_models_per_chunk)
+        dtype=args.dtype, max_models_per_chunk=args.max_models_per_chunk,
+    )
     result, timing = harness.run_engine(
         args, started, config, ds, name="sweep", heldout=args.heldout, unit="epoch",
         what=f"{len(weight_scales)} scales x BN/plain x {args.num_seeds} seed(s)")

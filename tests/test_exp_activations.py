@@ -261,12 +261,12 @@ def test_part1_seeds_are_independent_runs_averaged():
 
 
 def test_trained_stats_of_a_stack_of_models_match_numpy():
-    from bnjax import sweep
+    from bnjax import grid
 
-    config = sweep.GridConfig(axes={"weight_scale": (0.5, 0.05, 0.005)}, hidden_sizes=(12, 12, 12), num_seeds=2,
-                              seed=4)
+    config = grid.GridConfig(axes={"weight_scale": (0.5, 0.05, 0.005)}, hidden_sizes=(12, 12, 12), num_seeds=2,
+                             seed=4)
     x = np.random.default_rng(0).uniform(size=(40, 784)).astype(np.float32)
-    models = sweep.init_models(config, 784)
+    models = grid.init_models(config, 784)
     diverged = {"batchnorm": np.zeros((2, 3), bool), "plain": np.array([[False, True, False], [False] * 3])}
     stats = A.trained_stats(config, models, x, diverged)
     assert set(stats) == {"batchnorm", "plain"}
@@ -338,12 +338,12 @@ def test_cli_writes_the_verdict_and_the_figures(tmp_path):
             assert np.array(p2["stats"][arm][when]["std"], float).shape == (1, 3, 5)
         assert {"before", "after", "diverged"} <= set(p2["summary"][arm])
     assert res["train_accuracy"]["plain"] and res["seeds"] == [0] and "notes" in res
-    # "before" is the grid's own starting models, recomputed here from sweep.init_models
-    from bnjax import data, sweep
+    # "before" is the grid's own starting models, recomputed here from grid.init_models
+    from bnjax import data, grid
 
     ds = data.load_bundled(200, 0)
-    config = sweep.GridConfig(axes={"weight_scale": tuple(p2["weight_scales"])}, num_records=2)
-    start = A.trained_stats(config, sweep.init_models(config), np.asarray(ds.x_train, np.float32))
+    config = grid.GridConfig(axes={"weight_scale": tuple(p2["weight_scales"])}, num_records=2)
+    start = A.trained_stats(config, grid.init_models(config), np.asarray(ds.x_train, np.float32))
     for arm in ("batchnorm", "plain"):
         np.testing.assert_allclose(np.array(p2["stats"][arm]["before"]["std"], float), start[arm]["std"], rtol=1e-5)
         assert not np.allclose(np.array(p2["stats"][arm]["after"]["std"], float), start[arm]["std"], rtol=1e-3)

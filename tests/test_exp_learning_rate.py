@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from bnjax import sweep
+from bnjax import grid
 from experiments import learning_rate as lr_exp
 from test_experiments import _run
 
@@ -53,8 +53,8 @@ def test_arms_pair_bn_and_plain_of_one_init_and_the_inits_have_their_scales():
     args = lr_exp.parse_args(["--lrs", "0.01,0.1", "--num-seeds", "2", "--init-scale", "0.2", "--out", "/tmp/unused"])
     config = lr_exp.grid_config(args)
     assert list(config.arms) == ["batchnorm w=0.2", "plain w=0.2", "batchnorm he", "plain he"]
-    assert [a.batch_norm for a in config.arms.values()] == [True, False, True, False]
-    start = sweep.init_models(config)
+    assert [a.norm for a in config.arms.values()] == [True, False, True, False]
+    start = grid.init_models(config)
     W = {name: ts.params.affine[0].W for name, ts in start.items()}  # [seeds, L, 784, 100]
     np.testing.assert_array_equal(W["batchnorm w=0.2"], W["plain w=0.2"])
     np.testing.assert_array_equal(W["batchnorm he"], W["plain he"])

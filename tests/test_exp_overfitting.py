@@ -130,7 +130,7 @@ def test_cli_tiny_run_end_to_end(tmp_path):
             assert np.array(res[metric][arm], float).shape == (2, 2, 3), (metric, arm)
     assert res["axes"] == {"weight_decay": [0.0, 0.1]} and res["seeds"] == [0, 1]
     for name, arm in res["arms"].items():
-        assert arm["init_stream"] == 0 and arm["weight_init"] == "he" and arm["batch_norm"] == name.startswith("b")
+        assert arm["init_stream"] == 0 and arm["weight_init"] == "he" and arm["norm"] == name.startswith("b")
         assert arm["dropout_ratio"] == (0.2 if name.endswith("+dropout") else 0.0)
         assert arm["dropout_inverted"] is False
     assert res["data"]["num_train"] == 100 and res["data"]["num_heldout"] == 4900  # all the rest
@@ -167,20 +167,20 @@ def test_bad_options_exit_2_naming_the_option(bad, message, capsys):
 
 
 def test_defaults_are_the_books_protocol(tmp_path):
-    from bnjax import sweep
+    from bnjax import grid
 
     args = overfitting.parse_args(["--out", str(tmp_path)])
     assert (args.train_size, args.epochs, args.record_every, args.num_seeds, args.lr) == (300, 201, 5, 5, 0.01)
     config = overfitting.grid_config(args, 300)
     assert config.hidden_sizes == (100,) * 6 and config.batch_size == 100 and config.optimizer == "sgd"
     assert config.num_records == 41 and config.updates_per_record == 15
-    assert sweep.record_steps(config, 300)[-1] == 601  # 1 + 3 * 200 updates, the book's 201 epochs
-    assert config.arms["plain+dropout"] == sweep.Arm(dropout_ratio=0.2, dropout_inverted=False, weight_init="he",
-                                                     init_stream=0)
+    assert grid.record_steps(config, 300)[-1] == 601  # 1 + 3 * 200 updates, the book's 201 epochs
+    assert config.arms["plain+dropout"] == grid.Arm(norm=False, dropout_ratio=0.2, dropout_inverted=False,
+                                                    weight_init="he", init_stream=0)
     inverted = overfitting.grid_config(overfitting.parse_args(["--inverted-dropout", "--out", str(tmp_path)]), 300)
     assert inverted.arms["batchnorm+dropout"].dropout_inverted is True
     # Every model of a seed starts from the same Affine weights (He init), BN or not, dropout or not.
-    models = sweep.init_models(config.replace(num_seeds=2))
+    models = grid.init_models(config.replace(num_seeds=2))
     first = models["plain"].params.affine[0].W  # [seeds, weight decay, 784, 100]
     assert first.shape == (2, 2, 784, 100)
     assert np.std(first) == pytest.approx(np.sqrt(2 / 784), rel=0.02)
@@ -194,7 +194,7 @@ def test_protocol_matches_the_engine_alone(tmp_path):
     """Two epochs recorded at every epoch: records after 1 and 4 updates; the arms are what they say (the plain
     arm and the book's dropout equal the engine run alone, inverted dropout does not), and the held-out images
     are exactly the bundled images never trained on."""
-    from bnjax import data, sweep
+    from bnjax import data, grid
 
     out = tmp_path / "run"
     assert overfitting.main(["--epochs", "2", "--record-every", "1", "--num-seeds", "1", "--data", "bundled",
@@ -208,11 +208,11 @@ def test_protocol_matches_the_engine_alone(tmp_path):
     assert not any(row.tobytes() in trained for row in ds.x_heldout)  # never trained on
 
     he = dict(weight_init="he", init_stream=0)
-    config = sweep.GridConfig(
-        arms={"plain": sweep.Arm(**he), "book": sweep.Arm(dropout_ratio=0.2, dropout_inverted=False, **he),
-              "inverted": sweep.Arm(dropout_ratio=0.2, dropout_inverted=True, **he)},
+    config = grid.GridConfig(
+        arms={"plain": grid.Arm(**he), "book": grid.Arm(dropout_ratio=0.2, dropout_inverted=False, **he),
+              "inverted": grid.Arm(dropout_ratio=0.2, dropout_inverted=True, **he)},
         axes={}, weight_scale=1.0, num_records=2, updates_per_record=3, hidden_sizes=(100,) * 6, seed=0)
-    alone = sweep.run_grid(config, ds.x_train, ds.t_train, ds.x_heldout, ds.t_heldout)
+    alone = grid.run_grid(config, ds.x_train, ds.t_train, ds.x_heldout, ds.t_heldout)
     for cli_arm, engine_arm in (("plain", "plain"), ("plain+dropout", "book")):
         for metric in ("train_loss", "heldout_loss", "train_accuracy", "heldout_accuracy"):
             got = np.array(res[metric][cli_arm], float)[:, 0]  # weight decay 0; the engine alone has no axis

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bnjax import data, layers, model, sweep
+from bnjax import data, grid, layers, model
 from experiments import small_batch
 from test_experiments import _run
 
@@ -77,14 +77,14 @@ def test_the_arms_the_options_describe():
                                  "plain@50", "batchnorm@50", "renorm@50", "ghost@50"]
     assert config.batch_size == 50 and config.learning_rate == 0.2 and config.axes == {}
     a = config.arms
-    assert a["plain@4"].batch_norm is False and a["plain@4"].batch_size == 4
+    assert a["plain@4"].norm is False and a["plain@4"].batch_size == 4
     assert a["plain@4"].learning_rate_scale == pytest.approx(4 / 50)
-    assert a["batchnorm@4"].batch_norm == layers.batch_norm(0.8)
+    assert a["batchnorm@4"].norm == layers.batch_norm(0.8, init_var=0.0)
     # the renorm warm-up is a share of the arm's own updates: 1 + 9 * 250 at B=4
     updates = 1 + 9 * 250
     end = round(0.4 * updates)
-    assert a["renorm@4"].batch_norm == layers.batch_renorm(0.95, r_max=2.0, d_max=1.0, warmup=(end // 4, end, end))
-    assert a["ghost@4"].batch_norm == layers.ghost_batch_norm(4, 0.8)
+    assert a["renorm@4"].norm == layers.batch_renorm(0.95, r_max=2.0, d_max=1.0, warmup=(end // 4, end, end))
+    assert a["ghost@4"].norm == layers.ghost_batch_norm(4, 0.8, init_var=0.0)
     assert a["ghost@4"].batch_size is None and a["ghost@4"].learning_rate_scale == 1.0
     assert {arm.init_stream for arm in a.values()} == {0} and {arm.weight_init for arm in a.values()} == {"he"}
     assert _args(renorm_warmup=0.0) and small_batch.renorm_value(_args(renorm_warmup=0.0), 100).warmup is None
@@ -94,7 +94,7 @@ def test_measurements_after_training_are_the_models_own(tmp_path):
     ds = data.load_bundled(60, 40)
     args = _args(batch_sizes=(3, 12), reference_batch=12, epochs=2, num_seeds=2)
     config = small_batch.grid_config(args, 60).replace(keep_final=True, hidden_sizes=(16, 16))
-    result = sweep.run_grid(config, ds.x_train, ds.t_train, ds.x_heldout, ds.t_heldout)
+    result = grid.run_grid(config, ds.x_train, ds.t_train, ds.x_heldout, ds.t_heldout)
     post = small_batch.after_training(config, result, ds.x_train, ds.t_train, ds.x_heldout, ds.t_heldout)
     assert set(post) == {n for n in config.arms if not n.startswith("plain")}
     # ghost BN with groups as large as the batch is batch norm: the same models, bit for bit
@@ -103,13 +103,13 @@ def test_measurements_after_training_are_the_models_own(tmp_path):
     for name in ("batchnorm@3", "renorm@3", "ghost@3"):
         arm = config.arms[name]
         net = config.network(arm, 784)
-        b = sweep.arm_batch_size(config, arm)
+        b = grid.arm_batch_size(config, arm)
         for s in range(2):
             params = jax.tree_util.tree_map(lambda l: l[s], result.final[name].params)
             state = jax.tree_util.tree_map(lambda l: l[s], result.final[name].state)
             right = 0
             for i in range(60 // b):  # training mode, the training images in order, batches of the arm's size
-                logits, _ = model.apply(net, params, state, ds.x_train[i * b:(i + 1) * b], True)
+                logits, _ = model.apply(net, params, state, ds.x_train[i * b:(i + 1) * b], train=True)
                 right += int(np.sum(np.argmax(np.asarray(logits), -1) == ds.t_train[i * b:(i + 1) * b]))
             assert post[name]["train_mode"][s] == pytest.approx(right / 60)
             assert post[name]["eval_mode"][s] == pytest.approx(
@@ -132,9 +132,9 @@ def test_cli_writes_figures_results_and_verdict(tmp_path):
     res = json.loads((out / "results.json").read_text())
     assert res["batch_sizes"] == [2, 10] and res["seeds"] == [0, 1]
     assert res["arm_record_steps"]["plain@2"] == [1, 51] and res["arm_record_steps"]["ghost@2"] == [1, 11]
-    assert res["arms"]["renorm@2"]["batch_norm"]["norm"] == "BatchRenorm"
-    assert res["arms"]["renorm@2"]["batch_norm"]["warmup"] == [6, 26, 26]  # half of 51 updates
-    assert res["arms"]["ghost@2"]["batch_norm"]["virtual_batch_size"] == 2
+    assert res["arms"]["renorm@2"]["norm"]["norm"] == "BatchRenorm"
+    assert res["arms"]["renorm@2"]["norm"]["warmup"] == [6, 26, 26]  # half of 51 updates
+    assert res["arms"]["ghost@2"]["norm"]["virtual_batch_size"] == 2
     final = {name: np.asarray(v)[..., -1] for name, v in res["heldout_accuracy"].items()}
     row = res["verdict"]["per_batch"][0]
     assert row["renorm"]["mean"] == pytest.approx(final["renorm@2"].mean())

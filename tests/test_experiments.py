@@ -63,7 +63,7 @@ def test_tiny_sweep_end_to_end(tmp_path):
     assert res["diverged"]["plain"][0][0] is True  # w = 1.0 overflows, as in the book ...
     assert res["train_loss"]["plain"][0][0][-1] is None  # ... and its loss is null, not NaN (strict JSON)
     assert res["record_steps"] == [1, 11]
-    assert res["arms"]["batchnorm"]["batch_norm"] is True and res["arms"]["plain"]["batch_norm"] is False
+    assert res["arms"]["batchnorm"]["norm"] is True and res["arms"]["plain"]["norm"] is None
     assert res["axes"] == {"weight_scale": [1.0, 1e-4]} and res["seeds"] == [0, 1]
     assert set(res["data"]) >= {"name", "train_sha256", "num_train"} and res["data"]["num_train"] == 1000
     assert set(res["timing"]) >= {"compile_s", "run_s", "total_s"}
@@ -287,7 +287,7 @@ def test_results_file_table_and_figure_hold_each_arms_own_numbers(tmp_path, monk
     """results.json, the summary table and the figure's data against the engine run directly on the same split,
     with every option away from its default, so a swapped arm, set or option shows."""
     from bnjax import data
-    from bnjax import sweep as engine
+    from bnjax import grid
     from experiments import plot
 
     drawn = []
@@ -308,10 +308,10 @@ def test_results_file_table_and_figure_hold_each_arms_own_numbers(tmp_path, monk
     res = _results(out)
     ds = data.load("bundled", 200, 150, split_seed=2)
     assert res["data"]["train_sha256"] == ds.source["train_sha256"]
-    direct = engine.run_sweep(engine.SweepConfig(weight_scales=scales, num_records=3, batch_size=40, learning_rate=0.1,
-                                                 optimizer="momentum", dtype="bfloat16", seed=3),
-                              ds.x_train, ds.t_train, ds.x_heldout, ds.t_heldout)
-    metrics = direct.grid.metrics
+    direct = grid.run_grid(grid.GridConfig(axes={"weight_scale": scales}, num_records=3, batch_size=40,
+                                           learning_rate=0.1, optimizer="momentum", dtype="bfloat16", seed=3),
+                           ds.x_train, ds.t_train, ds.x_heldout, ds.t_heldout)
+    metrics = direct.metrics
     assert res["record_steps"] == [1, 6, 11] and res["seeds"] == [3]
     assert set(res) >= {"train_accuracy", "train_loss", "heldout_accuracy", "heldout_loss", "diverged", "summary"}
     for metric in ("train_accuracy", "train_loss", "heldout_accuracy", "heldout_loss"):

@@ -139,15 +139,15 @@ def test_memory_preflight_refuses_what_cannot_fit_in_one_line(tmp_path):
 
 
 def test_memory_problem_counts_chunks_and_results():
-    from bnjax import sweep
+    from bnjax import grid
     from experiments import harness
 
-    small = sweep.GridConfig()
+    small = grid.GridConfig()
     assert harness.memory_problem(small, 784, 1000, 0) is None
-    host = sweep.GridConfig(num_seeds=10**6, num_records=10**5)
+    host = grid.GridConfig(num_seeds=10**6, num_records=10**5)
     assert "--num-seeds" in harness.memory_problem(host, 784, 1000, 0)
     # one huge model per chunk: the batch activations alone exceed any machine
-    wide = sweep.GridConfig(batch_size=10**9, max_models_per_chunk=1)
+    wide = grid.GridConfig(batch_size=10**9, max_models_per_chunk=1)
     assert "--batch-size" in harness.memory_problem(wide, 784, 1000, 0)
 
 
@@ -238,17 +238,17 @@ def test_a_closed_pipe_ends_quietly(tmp_path):
 def test_library_refuses_values_its_float32_statistics_cannot_hold():
     import numpy as np
 
-    from bnjax import claims, layers, model, sweep
+    from bnjax import claims, grid, layers, model
 
     params, state = layers.batch_norm_init(3)
     x = np.ones((4, 3), np.float32)
     for eps in (1e-320, 1e300):
         with pytest.raises(ValueError, match="eps"):
-            layers.batch_norm_apply(params, state, x, True, eps=eps)
-        with pytest.raises(ValueError, match="bn_eps"):
-            model.MLPConfig(bn_eps=eps).check()
+            layers.batch_norm_apply(params, state, x, train=True, eps=eps)
+        with pytest.raises(ValueError, match="eps must be > 0 and within float32's range"):
+            model.MLPConfig(norm=layers.batch_norm(eps=eps)).check()
     with pytest.raises(ValueError, match="momentum must be a scalar"):
-        layers.batch_norm_apply(params, state, x, True, momentum=np.array([[0.9]]))
+        layers.batch_norm_apply(params, state, x, train=True, momentum=np.array([[0.9]]))
     assert claims.sign_test(3000, 3000) == 1.0  # no float overflow past 1024 pairs
     # normal approximation with continuity: z = (2800.5 - 2900) / (sqrt(5800) / 2) = -2.613, p = 2 Phi(z)
     assert claims.sign_test(3000, 2800) == pytest.approx(0.00897, rel=0.01)
@@ -256,8 +256,9 @@ def test_library_refuses_values_its_float32_statistics_cannot_hold():
         claims.sign_test(-1, 5)
     for change, field in [({"num_records": 2.5}, "num_records"), ({"seed": 1.5}, "seed"),
                           ({"batch_size": True}, "batch_size"), ({"matmul_precision": "bogus"}, "matmul_precision"),
-                          ({"arms": {"a": sweep.Arm(batch_norm="no")}}, "batch_norm"),
-                          ({"arms": {"a": sweep.Arm(init_stream=True)}}, "init_stream"),
+                          ({"arms": {"a": grid.Arm(norm="no")}}, "norm"),
+                          ({"arms": {"a": grid.Arm(init_stream=True)}}, "init_stream"),
+                          ({"bn_momentum": 2.0}, "bn_momentum"),
                           ({"dtype": "float16", "learning_rate": 1e5}, "learning_rate")]:
         with pytest.raises(ValueError, match=field):
-            sweep.GridConfig(**change).validate()
+            grid.GridConfig(**change).validate()

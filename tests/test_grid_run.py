@@ -14,7 +14,8 @@ import numpy as np
 import optax
 import pytest
 
-from bnjax import data, model, sweep, train
+from bnjax import data, grid, layers, model, train
+from bnjax.grid import driver
 from conftest import x64
 from numpy_book import Net
 
@@ -31,42 +32,43 @@ def reference_keys(seed, num_arms, num_scales, num_updates, batch, num_train):
     return init_keys, batches
 
 
-def test_book_protocol_counts():
-    cfg = sweep.SweepConfig()
-    assert len(cfg.weight_scales) == 16 and cfg.weight_scales[0] == 1.0
-    assert cfg.weight_scales[-1] == pytest.approx(1e-4)
-    assert sweep.num_updates(cfg, 1000) == 191
-    np.testing.assert_array_equal(sweep.record_steps(cfg, 1000), 1 + 10 * np.arange(20))
-    assert sweep.num_updates(cfg._replace(num_records=1), 1000) == 1
-    assert sweep.num_updates(cfg, 50) == 20  # fewer images than a batch: one iteration per record
-    grid = cfg.to_grid()
-    assert list(grid.arms) == ["batchnorm", "plain"] and grid.arms["batchnorm"].batch_norm
-    assert not grid.arms["plain"].batch_norm and grid.num_models == 32
-    assert (grid.bn_eps, grid.bn_momentum) == (1e-6, 0.9)
+def test_seed_keys_are_the_documented_scheme():
+    data_key, init_keys, dropout_key = grid.seed_keys(7, 3, 4)
+    want_init, want_batches = reference_keys(7, 3, 4, 5, 6, 50)
+    assert init_keys.shape == (3, 4)
+    np.testing.assert_array_equal(jax.random.key_data(init_keys), jax.random.key_data(want_init))
+    np.testing.assert_array_equal(np.asarray(jax.random.randint(data_key, (5, 6), 0, 50)), want_batches)
+    want_dropout = jax.random.fold_in(jax.random.split(jax.random.key(7))[0], 1)
+    np.testing.assert_array_equal(jax.random.key_data(dropout_key), jax.random.key_data(want_dropout))
+    # a stream's keys do not depend on how many streams are drawn beside it
+    np.testing.assert_array_equal(jax.random.key_data(grid.seed_keys(7, 1, 4)[1][0]),
+                                  jax.random.key_data(init_keys[0]))
 
 
-def test_vmapped_sweep_equals_models_trained_alone(bundled):
-    cfg = sweep.SweepConfig(weight_scales=(0.3, 0.02), num_records=3, batch_size=25, num_seeds=2, seed=3,
-                            hidden_sizes=(16, 16), optimizer="momentum")
+@pytest.mark.slow
+def test_vmapped_grid_equals_models_trained_alone(bundled):
+    cfg = grid.GridConfig(axes={"weight_scale": (0.3, 0.02)}, num_records=3, batch_size=25, num_seeds=2, seed=3,
+                          hidden_sizes=(16, 16), optimizer="momentum", keep_final=True)
     x, t = bundled.x_train[:100], bundled.t_train[:100]
-    result = sweep.run_sweep(cfg, x, t)
-    assert result.train_accuracy["batchnorm"].shape == (2, 2, 3)
+    result = grid.run_grid(cfg, x, t)
+    assert result.metrics["train_accuracy"]["batchnorm"].shape == (2, 2, 3)
     opt = train.make_optimizer(cfg.optimizer, cfg.learning_rate)
-    steps_at = sweep.record_steps(cfg, 100)
+    steps_at = grid.record_steps(cfg, 100)
     for s in range(2):
         init_keys, batch_idx = reference_keys(cfg.seed + s, 2, 2, steps_at[-1], 25, 100)
         for v, (name, use_bn) in enumerate((("batchnorm", True), ("plain", False))):
-            net = model.MLPConfig(784, cfg.hidden_sizes, 10, batch_norm=use_bn)
+            net = model.MLPConfig(784, cfg.hidden_sizes, 10, norm=use_bn)
             step = jax.jit(functools.partial(train.train_step, net, optimizer=opt))
-            for i, scale in enumerate(cfg.weight_scales):
-                params, state = model.init(init_keys[v, i], net, jnp.float32(scale))
+            for i, scale in enumerate(cfg.axes["weight_scale"]):
+                params, state = model.init(net, init_keys[v, i], weight_init=None,
+                                           weight_scale=jnp.float32(scale))
                 ts = train.train_state_init(params, state, opt)
                 accs = []
                 for u in range(steps_at[-1]):
-                    ts, _ = step(ts, x[batch_idx[u]], t[batch_idx[u]])
+                    _, ts = step(ts, x[batch_idx[u]], t[batch_idx[u]])
                     if u + 1 in steps_at:
                         accs.append(float(model.accuracy(net, ts.params, ts.state, x, t)))
-                np.testing.assert_allclose(result.train_accuracy[name][s, i], accs, atol=1e-6)
+                np.testing.assert_allclose(result.metrics["train_accuracy"][name][s, i], accs, atol=1e-6)
                 np.testing.assert_allclose(np.asarray(result.final[name].params.affine[0].W[s, i]),
                                            np.asarray(ts.params.affine[0].W), rtol=1e-4, atol=1e-6)
 
@@ -80,21 +82,23 @@ def _numpy_eval_loss(net: Net, x, t):
         return -np.mean(log_p[np.arange(len(t)), t])
 
 
-def test_sweep_matches_numpy_reference_float64(bundled):
+@pytest.mark.slow
+def test_book_grid_matches_numpy_reference_float64(bundled):
     # 300 images, batch 30: 10 iterations per record, so 2 records = 11 updates (1 + 10).
-    cfg = sweep.SweepConfig(weight_scales=(0.16, 0.05, 0.005), num_records=2, batch_size=30, dtype="float64",
-                            seed=1)
+    cfg = grid.GridConfig(axes={"weight_scale": (0.16, 0.05, 0.005)}, num_records=2, batch_size=30, dtype="float64",
+                          seed=1, eval_batch_size=64, keep_final=True)
     x, t = bundled.x_train[:300].astype(np.float64), bundled.t_train[:300]
     xh, th = bundled.x_heldout[:77].astype(np.float64), bundled.t_heldout[:77]
     with x64():
         # eval_batch_size 64: both sets are scored in several padded batches.
-        result = sweep.run_sweep(cfg, x, t, xh, th, eval_batch_size=64)
+        result = grid.run_grid(cfg, x, t, xh, th)
         init_keys, batch_idx = reference_keys(1, 2, 3, 11, 30, 300)
-        inits = {name: [model.init(init_keys[v, i], model.MLPConfig(batch_norm=bn), jnp.float64(w), jnp.float64)[0]
-                        for i, w in enumerate(cfg.weight_scales)]
+        inits = {name: [model.init(model.MLPConfig(norm=bn), init_keys[v, i], weight_init=None,
+                                   weight_scale=jnp.float64(w), dtype=jnp.float64)[0]
+                        for i, w in enumerate(cfg.axes["weight_scale"])]
                  for v, (name, bn) in enumerate((("batchnorm", True), ("plain", False)))}
         inits = jax.device_get(inits)
-    metrics = result.grid.metrics
+    metrics = result.metrics
     for name, use_bn in (("batchnorm", True), ("plain", False)):
         final = result.final[name]
         for i in range(3):
@@ -107,7 +111,7 @@ def test_sweep_matches_numpy_reference_float64(bundled):
                         accs.append(net.accuracy(x, t))
                         losses.append(_numpy_eval_loss(net, x, t))
                         held.append((net.accuracy(xh, th), _numpy_eval_loss(net, xh, th)))
-            np.testing.assert_allclose(result.train_accuracy[name][0, i], accs, atol=1e-12)
+            np.testing.assert_allclose(metrics["train_accuracy"][name][0, i], accs, atol=1e-12)
             np.testing.assert_allclose(metrics["train_loss"][name][0, i], losses, rtol=1e-9)
             np.testing.assert_allclose(metrics["heldout_accuracy"][name][0, i], [h[0] for h in held], atol=1e-12)
             np.testing.assert_allclose(metrics["heldout_loss"][name][0, i], [h[1] for h in held], rtol=1e-9)
@@ -120,25 +124,27 @@ def test_sweep_matches_numpy_reference_float64(bundled):
                 np.testing.assert_allclose(np.asarray(s.var[0, i]), bn_ref.running_var, rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.slow
 def test_vmapped_learning_rate_and_weight_decay_equal_models_trained_alone_float64(bundled):
     """A grid weight_scale x learning_rate x weight_decay: every model against the NumPy network."""
     lrs, decays, scales = (0.3, 0.03), (0.0, 0.2, 0.05), (0.1, 0.04)
-    cfg = sweep.GridConfig(axes={"learning_rate": lrs, "weight_decay": decays, "weight_scale": scales},
-                           num_records=2, batch_size=20, hidden_sizes=(12, 9), dtype="float64", seed=5,
-                           keep_final=True)
+    cfg = grid.GridConfig(axes={"learning_rate": lrs, "weight_decay": decays, "weight_scale": scales},
+                          num_records=2, batch_size=20, hidden_sizes=(12, 9), dtype="float64", seed=5,
+                          keep_final=True)
     x, t = bundled.x_train[:80].astype(np.float64), bundled.t_train[:80]
     with x64():
-        result = sweep.run_grid(cfg, x, t)
+        result = grid.run_grid(cfg, x, t)
         init_keys, batch_idx = reference_keys(5, 2, 2, 5, 20, 80)
         inits = jax.device_get({
-            (name, j): model.init(init_keys[v, j], cfg.network(arm, 784), jnp.float64(w), jnp.float64)[0]
+            (name, j): model.init(cfg.network(arm, 784), init_keys[v, j], weight_init=None,
+                                  weight_scale=jnp.float64(w), dtype=jnp.float64)[0]
             for v, (name, arm) in enumerate(cfg.arms.items()) for j, w in enumerate(scales)})
     assert result.metrics["train_accuracy"]["plain"].shape == (1, 2, 3, 2, 2)
     for name, arm in cfg.arms.items():
         for a, lr in enumerate(lrs):
             for b, lam in enumerate(decays):
                 for c, _ in enumerate(scales):
-                    net = Net([np.asarray(p.W) for p in inits[(name, c)].affine], arm.batch_norm,
+                    net = Net([np.asarray(p.W) for p in inits[(name, c)].affine], arm.norm is not None,
                               weight_decay_lambda=lam)
                     with np.errstate(all="ignore"):
                         for u in range(5):
@@ -151,19 +157,20 @@ def test_vmapped_learning_rate_and_weight_decay_equal_models_trained_alone_float
                         np.testing.assert_allclose(got.W[0, a, b, c], ref.W, rtol=1e-8, atol=1e-11)
 
 
+@pytest.mark.slow
 def test_arms_as_a_dict_equal_one_arm_runs(bundled):
     arms = {
-        "plain": sweep.Arm(),
-        "batchnorm": sweep.Arm(batch_norm=True),
-        "dropout": sweep.Arm(dropout_ratio=0.3, dropout_inverted=False),
+        "plain": grid.Arm(),
+        "batchnorm": grid.Arm(norm=True),
+        "dropout": grid.Arm(dropout_ratio=0.3, dropout_inverted=False),
     }
-    base = sweep.GridConfig(arms=arms, axes={"weight_scale": (0.2, 0.05)}, num_records=3, batch_size=50,
-                            hidden_sizes=(24, 24), num_seeds=2, seed=7, keep_final=True)
+    base = grid.GridConfig(arms=arms, axes={"weight_scale": (0.2, 0.05)}, num_records=3, batch_size=50,
+                           hidden_sizes=(24, 24), num_seeds=2, seed=7, keep_final=True)
     x, t, xh, th = bundled.x_train[:200], bundled.t_train[:200], bundled.x_heldout[:50], bundled.t_heldout[:50]
-    together = sweep.run_grid(base, x, t, xh, th)
+    together = grid.run_grid(base, x, t, xh, th)
     assert list(together.metrics["train_accuracy"]) == list(arms) == list(together.diverged)
     for position, (name, arm) in enumerate(arms.items()):
-        alone = sweep.run_grid(base.replace(arms={name: arm._replace(init_stream=position)}), x, t, xh, th)
+        alone = grid.run_grid(base.replace(arms={name: arm._replace(init_stream=position)}), x, t, xh, th)
         for metric in together.metrics:
             np.testing.assert_allclose(alone.metrics[metric][name], together.metrics[metric][name], atol=1e-6)
         np.testing.assert_allclose(alone.final[name].params.affine[0].W, together.final[name].params.affine[0].W,
@@ -171,96 +178,105 @@ def test_arms_as_a_dict_equal_one_arm_runs(bundled):
     # Each arm draws its own weights by default; a shared stream pairs two arms' initial weights.
     w = {name: together.final[name].params.affine[2].W for name in arms}
     assert not np.allclose(w["plain"], w["dropout"], atol=1e-3)
-    paired = sweep.run_grid(base.replace(arms={"plain": arms["plain"], "dropout": arms["dropout"]._replace(
+    paired = grid.run_grid(base.replace(arms={"plain": arms["plain"], "dropout": arms["dropout"]._replace(
         init_stream=0)}, num_records=1, batch_size=1, learning_rate=1e-12), x, t)
     np.testing.assert_allclose(paired.final["plain"].params.affine[2].W, paired.final["dropout"].params.affine[2].W,
                                rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_each_arm_equals_a_model_trained_alone_with_its_structure(bundled):
     """Dropout (book style) and He/sigmoid arms trained by hand with the engine's keys and dropout keys."""
-    arms = {"dropout": sweep.Arm(dropout_ratio=0.3, dropout_inverted=False),
-            "he_sigmoid": sweep.Arm(batch_norm=True, activation="sigmoid", weight_init="he")}
-    cfg = sweep.GridConfig(arms=arms, axes={"weight_scale": (0.5,)}, num_records=2, batch_size=40,
-                           hidden_sizes=(20,), seed=11, keep_final=True)
+    arms = {"dropout": grid.Arm(dropout_ratio=0.3, dropout_inverted=False),
+            "he_sigmoid": grid.Arm(norm=True, activation="sigmoid", weight_init="he")}
+    cfg = grid.GridConfig(arms=arms, axes={"weight_scale": (0.5,)}, num_records=2, batch_size=40,
+                          hidden_sizes=(20,), seed=11, keep_final=True)
     x, t = bundled.x_train[:120], bundled.t_train[:120]
-    result = sweep.run_grid(cfg, x, t)
+    result = grid.run_grid(cfg, x, t)
     init_keys, batch_idx = reference_keys(11, 2, 1, 4, 40, 120)
     dropout_key = jax.random.fold_in(jax.random.split(jax.random.key(11))[0], 1)
     opt = optax.sgd(0.01)
     for a, (name, arm) in enumerate(arms.items()):
         net = cfg.network(arm, 784)
-        init = arm.weight_init if arm.weight_init else 0.5
-        params, state = model.init(init_keys[a, 0], net, init)
+        # the book's std 0.5, or He's per-layer std times 0.5 (multiplied here, after the draw)
+        if arm.weight_init:
+            params, state = model.init(net, init_keys[a, 0], weight_init=arm.weight_init, weight_scale=1.0)
+        else:
+            params, state = model.init(net, init_keys[a, 0], weight_init=None, weight_scale=0.5)
         if arm.weight_init:
             params = params._replace(affine=tuple(p._replace(W=p.W * 0.5) for p in params.affine))
         ts = train.train_state_init(params, state, opt)
         for u in range(4):
-            ts, _ = train.train_step(net, ts, x[batch_idx[u]], t[batch_idx[u]], opt,
-                                     jax.random.fold_in(dropout_key, u))
+            _, ts = train.train_step(net, ts, x[batch_idx[u]], t[batch_idx[u]], opt,
+                                     key=jax.random.fold_in(dropout_key, u))
         np.testing.assert_allclose(result.final[name].params.affine[1].W[0, 0], ts.params.affine[1].W,
                                    rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(result.metrics["train_accuracy"][name][0, 0, -1],
                                    model.accuracy(net, ts.params, ts.state, x, t), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_book_qualitative_result_on_bundled_data(bundled):
-    cfg = sweep.SweepConfig()
-    result = sweep.run_sweep(cfg, bundled.x_train, bundled.t_train)
-    bn = result.train_accuracy["batchnorm"][0, :, -1]
-    plain = result.train_accuracy["plain"][0, :, -1]
+    cfg = grid.GridConfig()
+    result = grid.run_grid(cfg, bundled.x_train, bundled.t_train)
+    bn = result.metrics["train_accuracy"]["batchnorm"][0, :, -1]
+    plain = result.metrics["train_accuracy"]["plain"][0, :, -1]
     assert np.sum(bn > plain) >= 13, (bn, plain)
     assert result.diverged["plain"][0, :2].all()
     assert not result.diverged["batchnorm"].any()
     shares = np.bincount(bundled.t_train, minlength=10) / len(bundled.t_train)
-    small = np.asarray(cfg.weight_scales) <= 0.05
+    small = np.asarray(cfg.axes["weight_scale"]) <= 0.05
     for acc in plain[small]:
         assert np.isclose(shares, acc, atol=1e-6).any(), f"plain accuracy {acc} is not a class share {shares}"
     # A diverged net is scored as the book scores NaN rows: class 0's share; its loss is not a number.
     np.testing.assert_allclose(plain[:2], shares[0], atol=1e-6)
-    assert np.all(np.isnan(result.grid.metrics["train_loss"]["plain"][0, :2, -1]))
+    assert np.all(np.isnan(result.metrics["train_loss"]["plain"][0, :2, -1]))
     assert np.all(np.isfinite(bn))
     # A net predicting one class c has a loss of at least -log(max softmax) >= 0; BN at w=0.01 learns.
-    assert result.grid.metrics["train_loss"]["batchnorm"][0, 10, -1] < result.grid.metrics["train_loss"]["batchnorm"][0, 10, 0]
+    assert result.metrics["train_loss"]["batchnorm"][0, 10, -1] < result.metrics["train_loss"]["batchnorm"][0, 10, 0]
 
 
+@pytest.mark.slow
 def test_same_seed_same_result_and_seed_i_equals_a_run_at_seed_plus_i(bundled):
-    cfg = sweep.SweepConfig(weight_scales=(0.1, 0.01), num_records=2, hidden_sizes=(32,))
+    cfg = grid.GridConfig(axes={"weight_scale": (0.1, 0.01)}, num_records=2, hidden_sizes=(32,), keep_final=True)
     x, t = bundled.x_train, bundled.t_train
-    a = sweep.run_sweep(cfg, x, t).train_accuracy["batchnorm"]
-    b = sweep.run_sweep(cfg, x, t).train_accuracy["batchnorm"]
-    c = sweep.run_sweep(cfg._replace(seed=1), x, t)
-    np.testing.assert_array_equal(a, b)
-    assert not np.array_equal(a, c.train_accuracy["batchnorm"])
-    multi = sweep.run_sweep(cfg._replace(num_seeds=3), x, t)
+    a = grid.run_grid(cfg, x, t).metrics["train_accuracy"]
+    b = grid.run_grid(cfg, x, t).metrics["train_accuracy"]
+    c = grid.run_grid(cfg.replace(seed=1), x, t)
+    np.testing.assert_array_equal(a["batchnorm"], b["batchnorm"])
+    assert not np.array_equal(a["batchnorm"], c.metrics["train_accuracy"]["batchnorm"])
+    multi = grid.run_grid(cfg.replace(num_seeds=3), x, t)
     for name in ("batchnorm", "plain"):
-        np.testing.assert_array_equal(multi.train_accuracy[name][1], c.train_accuracy[name][0])
-        np.testing.assert_array_equal(multi.train_accuracy[name][0], sweep.run_sweep(cfg, x, t).train_accuracy[name][0])
+        np.testing.assert_array_equal(multi.metrics["train_accuracy"][name][1], c.metrics["train_accuracy"][name][0])
+        np.testing.assert_array_equal(multi.metrics["train_accuracy"][name][0], a[name][0])
         np.testing.assert_allclose(multi.final[name].params.affine[0].W[1], c.final[name].params.affine[0].W[0],
                                    rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_models_differing_only_in_learning_rate_share_initial_weights(bundled):
-    cfg = sweep.GridConfig(axes={"weight_scale": (0.1, 0.05), "learning_rate": (1e-9, 0.5)}, num_records=1,
-                           hidden_sizes=(8,), keep_final=True)
-    result = sweep.run_grid(cfg, bundled.x_train[:100], bundled.t_train[:100])
+    cfg = grid.GridConfig(axes={"weight_scale": (0.1, 0.05), "learning_rate": (1e-9, 0.5)}, num_records=1,
+                          hidden_sizes=(8,), keep_final=True)
+    result = grid.run_grid(cfg, bundled.x_train[:100], bundled.t_train[:100])
     w = result.final["plain"].params.affine[0].W  # [seeds, scales, lrs, 784, 8]
     init_keys, _ = reference_keys(0, 2, 2, 1, 1, 1)
     for j, scale in enumerate((0.1, 0.05)):
-        w0 = model.init(init_keys[1, j], cfg.network(cfg.arms["plain"], 784), jnp.float32(scale))[0].affine[0].W
+        w0 = model.init(cfg.network(cfg.arms["plain"], 784), init_keys[1, j], weight_init=None,
+                        weight_scale=jnp.float32(scale))[0].affine[0].W
         np.testing.assert_allclose(w[0, j, 0], w0, rtol=1e-6, atol=1e-9)  # lr 1e-9: one step barely moves it
         assert not np.allclose(w[0, j, 1], w0)
 
 
+@pytest.mark.slow
 def test_chunked_run_equals_one_chunk(bundled):
-    cfg = sweep.GridConfig(axes={"weight_scale": (0.3, 0.1, 0.05, 0.02, 0.01), "learning_rate": (0.01, 0.03)},
-                           num_records=2, hidden_sizes=(16, 16), num_seeds=3, keep_final=True)
+    cfg = grid.GridConfig(axes={"weight_scale": (0.3, 0.1, 0.05, 0.02, 0.01), "learning_rate": (0.01, 0.03)},
+                          num_records=2, hidden_sizes=(16, 16), num_seeds=3, keep_final=True)
     x, t, xh, th = bundled.x_train[:300], bundled.t_train[:300], bundled.x_heldout[:100], bundled.t_heldout[:100]
     two = jax.devices()[:2]  # a chunk holds at least one model per device
-    one = sweep.run_grid(cfg, x, t, xh, th, devices=two)
+    one = grid.run_grid(cfg, x, t, xh, th, devices=two)
     progress = []
-    many = sweep.run_grid(cfg.replace(max_models_per_chunk=8), x, t, xh, th, devices=two,
-                          progress=lambda d, n: progress.append((d, n)))
+    many = grid.run_grid(cfg.replace(max_models_per_chunk=8), x, t, xh, th, devices=two,
+                         progress=lambda d, n: progress.append((d, n)))
     assert one.layout["num_chunks"] == 1 and many.layout["num_chunks"] >= 4
     assert many.layout["models_per_chunk"] <= 8
     total = many.layout["num_chunks"] * 2
@@ -276,134 +292,46 @@ def test_chunked_run_equals_one_chunk(bundled):
             np.testing.assert_allclose(leaf_many, leaf_one, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("num_devices", [1, 2, 3, 4, 5, 8])
-@pytest.mark.parametrize("seeds, grid, arms, limit", [(1, 16, 2, None), (3, 5, 2, None), (7, 6, 3, 20),
-                                                      (40, 16, 2, 64), (1, 1, 1, None), (2, 3, 4, 1)])
-def test_layout_uses_every_device_and_covers_every_model(num_devices, seeds, grid, arms, limit):
-    cfg = sweep.GridConfig(arms={f"a{i}": sweep.Arm() for i in range(arms)},
-                           axes={"learning_rate": tuple(np.linspace(0.01, 0.1, grid))}, num_seeds=seeds,
-                           max_models_per_chunk=limit)
-    layout = sweep.plan_layout(cfg, num_devices)
-    d_seed, d_grid = layout.mesh_shape
-    assert d_seed * d_grid == num_devices
-    assert layout.seed_block % d_seed == 0 and layout.grid_block % d_grid == 0
-    assert layout.seed_chunks * layout.seed_block >= seeds > (layout.seed_chunks - 1) * layout.seed_block
-    assert layout.grid_chunks * layout.grid_block >= grid > (layout.grid_chunks - 1) * layout.grid_block
-    if limit is not None and limit >= arms * num_devices:
-        assert layout.models_per_chunk(arms) <= limit
-    # Padding never exceeds one mesh row or column of each block (balanced chunks).
-    assert layout.seed_block - (-(-seeds // layout.seed_chunks)) < d_seed
-    assert layout.grid_block - (-(-grid // layout.grid_chunks)) < d_grid
-
-
-def test_layout_ties_go_to_more_grid_points_per_device():
-    # 4 seeds x 4 grid points on 4 devices: every mesh pads nothing; a device holding one seed's 4 grid
-    # points trains them on one shared batch (one wide matmul), so seeds go across devices.
-    cfg = sweep.GridConfig(axes={"learning_rate": (0.01, 0.02, 0.03, 0.04)}, num_seeds=4)
-    assert sweep.plan_layout(cfg, 4).mesh_shape == (4, 1)
-    assert sweep.plan_layout(cfg.replace(num_seeds=2), 2).mesh_shape == (2, 1)
-    # One seed: the grid axis is the only one without padding.
-    assert sweep.plan_layout(cfg.replace(num_seeds=1), 4).mesh_shape == (1, 4)
-    # 8 seeds of the book's 32 models on 2 devices in chunks of 64: a seed's 16 scales stay on one device.
-    layout = sweep.plan_layout(sweep.SweepConfig(num_seeds=8).to_grid(max_models_per_chunk=64), 2)
-    assert layout.grid_block // layout.mesh_shape[1] == 16
-
-
+@pytest.mark.slow
 def test_one_device_is_unchanged_and_several_devices_are_really_used(bundled):
     if jax.device_count() < 3:
         pytest.skip("needs several devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
-    cfg = sweep.SweepConfig(weight_scales=(0.3, 0.1, 0.03, 0.01, 0.005), num_records=2, hidden_sizes=(24, 24),
-                            num_seeds=2)
+    cfg = grid.GridConfig(axes={"weight_scale": (0.3, 0.1, 0.03, 0.01, 0.005)}, num_records=2,
+                          hidden_sizes=(24, 24), num_seeds=2, keep_final=True)
     x, t = bundled.x_train, bundled.t_train
-    one = sweep.run_sweep(cfg, x, t, devices=jax.devices()[:1])
-    three = sweep.run_sweep(cfg, x, t, devices=jax.devices()[:3])
-    assert one.grid.layout["devices_used"] == 1 and three.grid.layout["devices_used"] == 3
-    assert three.grid.layout["padded_models"] > 0  # 5 scales x 2 seeds do not divide 3 devices ...
+    one = grid.run_grid(cfg, x, t, devices=jax.devices()[:1])
+    three = grid.run_grid(cfg, x, t, devices=jax.devices()[:3])
+    assert one.layout["devices_used"] == 1 and three.layout["devices_used"] == 3
+    assert three.layout["padded_models"] > 0  # 5 scales x 2 seeds do not divide 3 devices ...
     for name in ("batchnorm", "plain"):  # ... and no padded model shows
-        assert three.train_accuracy[name].shape == (2, 5, 2)
+        assert three.metrics["train_accuracy"][name].shape == (2, 5, 2)
         assert three.final[name].params.affine[1].W.shape == (2, 5, 24, 24)
-        np.testing.assert_allclose(three.train_accuracy[name], one.train_accuracy[name], atol=1e-4)
+        np.testing.assert_allclose(three.metrics["train_accuracy"][name], one.metrics["train_accuracy"][name],
+                                   atol=1e-4)
         np.testing.assert_allclose(three.final[name].params.affine[1].W, one.final[name].params.affine[1].W,
                                    rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_heldout_accuracy_and_progress(bundled):
-    cfg = sweep.SweepConfig(weight_scales=(0.05,), num_records=3, hidden_sizes=(20,))
+    cfg = grid.GridConfig(axes={"weight_scale": (0.05,)}, num_records=3, hidden_sizes=(20,))
     seen = []
-    result = sweep.run_sweep(cfg, bundled.x_train, bundled.t_train, bundled.x_heldout, bundled.t_heldout,
-                             progress=lambda done, total: seen.append((done, total)))
+    result = grid.run_grid(cfg, bundled.x_train, bundled.t_train, bundled.x_heldout, bundled.t_heldout,
+                           progress=lambda done, total: seen.append((done, total)))
     assert seen == [(0, 3), (1, 3), (2, 3), (3, 3)]
-    assert result.heldout_accuracy["plain"].shape == (1, 1, 3)
-    assert np.all((result.heldout_accuracy["batchnorm"] >= 0) & (result.heldout_accuracy["batchnorm"] <= 1))
-    assert "heldout_loss" in result.grid.metrics
+    held = result.metrics["heldout_accuracy"]
+    assert held["plain"].shape == (1, 1, 3)
+    assert np.all((held["batchnorm"] >= 0) & (held["batchnorm"] <= 1))
+    assert "heldout_loss" in result.metrics
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"axes": {"momentum": (0.9,)}}, "unknown axis 'momentum'"),
-    ({"axes": {"learning_rate": ()}}, "learning_rate"),
-    ({"axes": {"learning_rate": (0.1, -1.0)}}, "learning_rate values must be > 0"),
-    ({"axes": {"weight_decay": (float("nan"),)}}, "weight_decay values must be finite"),
-    ({"axes": {"weight_scale": (0.0,)}}, "weight_scale values must be > 0"),
-    ({"arms": {}}, "arms"),
-    ({"arms": {"x": "bn"}}, "bnjax.sweep.Arm"),
-    ({"arms": {"x": sweep.Arm(activation="tanh")}}, "activation"),
-    ({"arms": {"x": sweep.Arm(dropout_ratio=1.0)}}, "dropout_ratio"),
-    ({"arms": {"x": sweep.Arm(weight_init="lecun")}}, "weight_init"),
-    ({"arms": {"x": sweep.Arm(weight_init=-0.1)}}, "weight_init"),
-    ({"arms": {"x": sweep.Arm(weight_init=float("nan"))}}, "weight_init"),
-    ({"arms": {"x": sweep.Arm(weight_init=True)}}, "weight_init"),
-    ({"optimizer": "sgdd"}, "unknown optimizer"),
-    ({"seed": 2**31 - 2, "num_seeds": 3}, "seeds must lie"),
-    ({"num_records": 0}, "num_records"),
-    ({"dtype": "int8"}, "dtype"),
-    ({"max_models_per_chunk": 0}, "max_models_per_chunk"),
-])
-def test_bad_config_rejected(change, message, bundled):
-    with pytest.raises(ValueError, match=message):
-        sweep.run_grid(sweep.GridConfig(**change), bundled.x_train[:10], bundled.t_train[:10])
-
-
-def test_bad_data_rejected(bundled):
-    x, t = bundled.x_train[:10], bundled.t_train[:10]
-    cfg = sweep.GridConfig()
-    with pytest.raises(ValueError, match="t_train"):
-        sweep.run_grid(cfg, x, t[:5])
-    with pytest.raises(ValueError, match="labels must lie in 0..9"):
-        sweep.run_grid(cfg, x, t + 10)
-    with pytest.raises(ValueError, match="integer labels"):
-        sweep.run_grid(cfg, x, t.astype(float))
-    with pytest.raises(ValueError, match="features"):
-        sweep.run_grid(cfg, x, t, x[:, :5], t)
-
-
-def test_grid_points_last_axis_fastest():
-    cfg = sweep.GridConfig(axes={"learning_rate": (1.0, 2.0), "weight_decay": (0.0, 0.1, 0.2)}, weight_scale=0.5)
-    points = sweep.grid_points(cfg)
-    np.testing.assert_array_equal(points["learning_rate"], [1, 1, 1, 2, 2, 2])
-    np.testing.assert_allclose(points["weight_decay"], [0, 0.1, 0.2] * 2)
-    np.testing.assert_array_equal(points["weight_scale"], [0.5] * 6)
-
-
-def test_flop_count_of_default_sweep():
-    flops = sweep.sweep_flops(sweep.SweepConfig(), 1000, 784)
-    # ~342 GFLOP training + ~153 GFLOP evaluation.
-    assert flops["train"] == pytest.approx(342e9, rel=0.01)
-    assert flops["eval"] == pytest.approx(153e9, rel=0.01)
-    # A held-out set of 500 adds half the training set's evaluation; a grid counts arms x seeds x points.
-    assert sweep.sweep_flops(sweep.SweepConfig(), 1000, 784, 500)["eval"] == pytest.approx(1.5 * flops["eval"])
-    grid = sweep.GridConfig(axes={"learning_rate": (0.1, 0.01, 0.001)}, num_seeds=2, num_records=1,
-                            hidden_sizes=(10,))
-    forward = 2 * 100 * (784 * 10 + 10 * 10)  # batch 100, 2 FLOPs per multiply-add
-    one_model = 2 * forward + 2 * 100 * 10 * 10  # + weight gradients + input gradients past the first layer
-    assert sweep.grid_flops(grid, 1000, 784)["train"] == 12 * one_model
-
-
+@pytest.mark.slow
 def test_init_models_are_the_models_run_grid_starts_from(bundled):
-    config = sweep.GridConfig(num_seeds=2, axes={"weight_scale": (0.3, 0.01), "learning_rate": (1e-30, 1e-30)},
-                              num_records=1, keep_final=True)
-    start = sweep.init_models(config)
+    config = grid.GridConfig(num_seeds=2, axes={"weight_scale": (0.3, 0.01), "learning_rate": (1e-30, 1e-30)},
+                             num_records=1, keep_final=True)
+    start = grid.init_models(config)
     # one update at lr 1e-30 leaves the weights bit-identical in float32 (not the zero biases)
-    result = sweep.run_grid(config, bundled.x_train[:200], bundled.t_train[:200])
+    result = grid.run_grid(config, bundled.x_train[:200], bundled.t_train[:200])
     for arm in config.arms:
         assert start[arm].params.affine[0].W.shape == (2, 2, 2, 784, 100)
         for a, b in zip(start[arm].params.affine, result.final[arm].params.affine):
@@ -414,18 +342,19 @@ def test_init_models_are_the_models_run_grid_starts_from(bundled):
     assert not np.array_equal(start["batchnorm"].params.affine[0].W, start["plain"].params.affine[0].W)
 
 
+@pytest.mark.slow
 def test_an_arms_own_weight_scale_equals_the_scale_axis(bundled):
     x, t = bundled.x_train[:200], bundled.t_train[:200]
     base = dict(num_records=2, updates_per_record=3)
-    by_axis = sweep.run_grid(sweep.GridConfig(arms={"bn": sweep.Arm(batch_norm=True, init_stream=0)},
+    by_axis = grid.run_grid(grid.GridConfig(arms={"bn": grid.Arm(norm=True, init_stream=0)},
                                               axes={"weight_scale": (0.16,)}, **base), x, t)
-    by_arm = sweep.run_grid(sweep.GridConfig(
-        arms={"bn": sweep.Arm(batch_norm=True, weight_init=0.16, init_stream=0),
-              "bn_small": sweep.Arm(batch_norm=True, weight_init=0.01, init_stream=0)},
+    by_arm = grid.run_grid(grid.GridConfig(
+        arms={"bn": grid.Arm(norm=True, weight_init=0.16, init_stream=0),
+              "bn_small": grid.Arm(norm=True, weight_init=0.01, init_stream=0)},
         axes={}, weight_scale=1.0, **base), x, t)
     np.testing.assert_array_equal(by_axis.metrics["train_loss"]["bn"][:, 0], by_arm.metrics["train_loss"]["bn"])
     assert not np.array_equal(by_arm.metrics["train_loss"]["bn"], by_arm.metrics["train_loss"]["bn_small"])
-    start = sweep.init_models(sweep.GridConfig(arms={"s": sweep.Arm(weight_init=0.05)}, axes={}, weight_scale=2.0))
+    start = grid.init_models(grid.GridConfig(arms={"s": grid.Arm(weight_init=0.05)}, axes={}, weight_scale=2.0))
     assert start["s"].params.affine[2].W.std() == pytest.approx(0.1, rel=0.05)  # 0.05 x weight_scale 2
 
 
@@ -442,7 +371,7 @@ def _batch_counts(net, before, after, x, t, lr, batch_size):
     and every copy of it in the batch adds the same gradient G_i to that row: ``dW0[i] = -lr / B * count_i * G_i``.
     ``G_i`` is image i's own gradient, i.e. row i of ``N *`` the gradient of the mean loss over all N images.
     """
-    grads = jax.grad(lambda p: model.loss(net, p, before.state, x, t, True)[0])(before.params)
+    grads = jax.grad(lambda p: model.loss(net, p, before.state, x, t, train=True)[0])(before.params)
     g = np.asarray(grads.affine[0].W, np.float64) * x.shape[0]  # [N, H]: row i is image i's gradient
     delta = np.asarray(after.params.affine[0].W, np.float64) - np.asarray(before.params.affine[0].W, np.float64)
     step = -lr / batch_size * g
@@ -455,17 +384,18 @@ def _model_at(ts, *index):
     return jax.tree_util.tree_map(lambda leaf: jnp.asarray(leaf[index]), ts)
 
 
+@pytest.mark.slow
 def test_batches_are_drawn_with_replacement_and_change_every_step_and_seed():
     n, batch, lr = 1000, 100, 1.0
     x = np.eye(n, dtype=np.float32)
     t = (np.arange(n) * 7) % 10
     # Sigmoid: no unit is ever exactly off, so every image in a batch leaves a trace in its row of W0.
-    cfg = sweep.GridConfig(arms={"probe": sweep.Arm(activation="sigmoid")}, axes={"weight_scale": (0.5, 0.2)},
-                           num_records=1, updates_per_record=1, batch_size=batch, learning_rate=lr,
-                           hidden_sizes=(6,), num_seeds=2, seed=3, keep_final=True)
-    start = sweep.init_models(cfg, n)["probe"]
-    one = sweep.run_grid(cfg, x, t).final["probe"]  # after update 1
-    two = sweep.run_grid(cfg.replace(num_records=2), x, t).final["probe"]  # after updates 1 and 2
+    cfg = grid.GridConfig(arms={"probe": grid.Arm(activation="sigmoid")}, axes={"weight_scale": (0.5, 0.2)},
+                          num_records=1, updates_per_record=1, batch_size=batch, learning_rate=lr,
+                          hidden_sizes=(6,), num_seeds=2, seed=3, keep_final=True)
+    start = grid.init_models(cfg, n)["probe"]
+    one = grid.run_grid(cfg, x, t).final["probe"]  # after update 1
+    two = grid.run_grid(cfg.replace(num_records=2), x, t).final["probe"]  # after updates 1 and 2
     net = cfg.network(cfg.arms["probe"], n)
     counts = {}  # (seed, step) -> [N] copies of each image in that step's batch
     for s in range(2):
@@ -503,18 +433,19 @@ def _eval_scores(net, ts, x, t):
     return acc, float(-np.mean(np.asarray(logp)[np.arange(len(t)), t]))
 
 
+@pytest.mark.slow
 def test_recorded_metrics_are_the_final_models_scores_on_each_set(bundled):
     """Every recorded number against ``model.accuracy`` of the returned final model on the set it names; a net
     predicting one class scores exactly that class's share, on each set its own share."""
     x, t = bundled.x_train[:200], bundled.t_train[:200]
     xh, th = bundled.x_heldout[:150], bundled.t_heldout[:150]
     # the dropout arm starts from the plain arm's weights (stream 1): only dropout tells them apart
-    arms = {"batchnorm": sweep.Arm(batch_norm=True), "plain": sweep.Arm(),
-            "dropout": sweep.Arm(dropout_ratio=0.5, init_stream=1)}
-    cfg = sweep.GridConfig(arms=arms, axes={"weight_scale": (0.3, 1e-4)}, num_records=2, updates_per_record=3,
-                           batch_size=50, hidden_sizes=(16, 16), num_seeds=2, seed=2, learning_rate=0.1,
-                           eval_batch_size=64, keep_final=True)
-    result = sweep.run_grid(cfg, x, t, xh, th)
+    arms = {"batchnorm": grid.Arm(norm=True), "plain": grid.Arm(),
+            "dropout": grid.Arm(dropout_ratio=0.5, init_stream=1)}
+    cfg = grid.GridConfig(arms=arms, axes={"weight_scale": (0.3, 1e-4)}, num_records=2, updates_per_record=3,
+                          batch_size=50, hidden_sizes=(16, 16), num_seeds=2, seed=2, learning_rate=0.1,
+                          eval_batch_size=64, keep_final=True)
+    result = grid.run_grid(cfg, x, t, xh, th)
     sets = {"train": (x, t), "heldout": (xh, th)}
     for name, arm in arms.items():
         net = cfg.network(arm, 784)
@@ -542,40 +473,42 @@ def test_recorded_metrics_are_the_final_models_scores_on_each_set(bundled):
             assert classes, (train_acc, held_acc, shares)
 
 
-def test_run_sweep_returns_each_sets_own_accuracy(bundled):
-    cfg = sweep.SweepConfig(weight_scales=(0.2, 0.05), num_records=2, hidden_sizes=(12,), batch_size=50, seed=4)
+@pytest.mark.slow
+def test_book_arms_return_each_sets_own_accuracy(bundled):
+    cfg = grid.GridConfig(axes={"weight_scale": (0.2, 0.05)}, num_records=2, hidden_sizes=(12,), batch_size=50,
+                          seed=4, keep_final=True)
     x, t, xh, th = bundled.x_train[:200], bundled.t_train[:200], bundled.x_heldout[:120], bundled.t_heldout[:120]
-    result = sweep.run_sweep(cfg, x, t, xh, th)
+    result = grid.run_grid(cfg, x, t, xh, th)
+    metrics = result.metrics
     for name, use_bn in (("batchnorm", True), ("plain", False)):
-        net = model.MLPConfig(784, cfg.hidden_sizes, 10, batch_norm=use_bn)
+        net = model.MLPConfig(784, cfg.hidden_sizes, 10, norm=use_bn)
         for j in range(2):
             ts = _model_at(result.final[name], 0, j)
-            assert result.train_accuracy[name][0, j, -1] == pytest.approx(_eval_scores(net, ts, x, t)[0], abs=1e-6)
-            assert result.heldout_accuracy[name][0, j, -1] == pytest.approx(_eval_scores(net, ts, xh, th)[0],
-                                                                            abs=1e-6)
-        np.testing.assert_array_equal(result.train_accuracy[name], result.grid.metrics["train_accuracy"][name])
-        np.testing.assert_array_equal(result.heldout_accuracy[name], result.grid.metrics["heldout_accuracy"][name])
-        np.testing.assert_array_equal(result.diverged[name], result.grid.diverged[name])
-    assert sweep.run_sweep(cfg, x, t).heldout_accuracy is None
+            assert metrics["train_accuracy"][name][0, j, -1] == pytest.approx(_eval_scores(net, ts, x, t)[0],
+                                                                              abs=1e-6)
+            assert metrics["heldout_accuracy"][name][0, j, -1] == pytest.approx(_eval_scores(net, ts, xh, th)[0],
+                                                                                abs=1e-6)
+    assert set(grid.run_grid(cfg, x, t).metrics) == {"train_accuracy", "train_loss"}
 
 
+@pytest.mark.slow
 def test_each_device_holds_its_own_block_of_models(bundled, monkeypatch):
     """The trained models are split over the ('seeds', 'grid') mesh, one block per device, not replicated."""
     if jax.device_count() < 4:
         pytest.skip("needs 4 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
     captured = []
-    to_host = sweep._to_host
+    to_host = driver._to_host
 
     def spy(tree):  # the device arrays on their way to the host
         captured.append(tree)
         return to_host(tree)
 
-    monkeypatch.setattr(sweep, "_to_host", spy)
+    monkeypatch.setattr(driver, "_to_host", spy)
     devices = jax.devices()[:4]
     # 2 seeds x 4 scales on 4 devices: a 2 x 2 mesh, each device one seed x two scales.
-    cfg = sweep.GridConfig(axes={"weight_scale": (0.2, 0.1, 0.05, 0.02)}, num_seeds=2, num_records=1,
-                           hidden_sizes=(8,), keep_final=True)
-    result = sweep.run_grid(cfg, bundled.x_train[:100], bundled.t_train[:100], devices=devices)
+    cfg = grid.GridConfig(axes={"weight_scale": (0.2, 0.1, 0.05, 0.02)}, num_seeds=2, num_records=1,
+                          hidden_sizes=(8,), keep_final=True)
+    result = grid.run_grid(cfg, bundled.x_train[:100], bundled.t_train[:100], devices=devices)
     assert result.layout["mesh_shape"] == (2, 2) and result.layout["devices_used"] == 4
     assert (result.layout["seed_block"], result.layout["grid_block"]) == (2, 4)
     mesh = np.asarray(devices).reshape(2, 2)
@@ -594,22 +527,24 @@ def test_each_device_holds_its_own_block_of_models(bundled, monkeypatch):
                 i, j = [int(v) for v in np.argwhere(mesh == shard.device)[0]]
                 assert shard.index[:2] == (slice(i, i + 1), slice(2 * j, 2 * j + 2))
     # and the numbers are those of one device
-    one = sweep.run_grid(cfg, bundled.x_train[:100], bundled.t_train[:100], devices=devices[:1])
+    one = grid.run_grid(cfg, bundled.x_train[:100], bundled.t_train[:100], devices=devices[:1])
     for arm in cfg.arms:
         np.testing.assert_allclose(result.metrics["train_loss"][arm], one.metrics["train_loss"][arm], rtol=1e-5)
         np.testing.assert_allclose(result.final[arm].params.affine[0].W, one.final[arm].params.affine[0].W,
                                    rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_init_models_follow_the_seed_and_each_arm_draws_its_own_weights():
-    cfg = sweep.GridConfig(axes={"weight_scale": (0.5, 0.1)}, hidden_sizes=(6,), seed=5, num_seeds=2)
-    start = sweep.init_models(cfg, 20)
+    cfg = grid.GridConfig(axes={"weight_scale": (0.5, 0.1)}, hidden_sizes=(6,), seed=5, num_seeds=2)
+    start = grid.init_models(cfg, 20)
     init_keys = {s: reference_keys(s, 2, 2, 1, 1, 1)[0] for s in (5, 6)}
     for v, (name, arm) in enumerate(cfg.arms.items()):
         net = cfg.network(arm, 20)
         for s in range(2):
             for j, scale in enumerate((0.5, 0.1)):
-                params, _ = model.init(init_keys[5 + s][v, j], net, jnp.float32(scale))
+                params, _ = model.init(net, init_keys[5 + s][v, j], weight_init=None,
+                                       weight_scale=jnp.float32(scale))
                 for got, want in zip(start[name].params.affine, params.affine):
                     np.testing.assert_allclose(got.W[s, j], want.W, rtol=1e-6)
     w = {name: start[name].params.affine[0].W for name in cfg.arms}
@@ -619,21 +554,23 @@ def test_init_models_follow_the_seed_and_each_arm_draws_its_own_weights():
     assert np.corrcoef(w["plain"][0, 0].ravel(), w["plain"][0, 1].ravel())[0, 1] < 0.5
 
 
+@pytest.mark.slow
 def test_fixed_hyper_parameters_and_batch_norm_conventions_reach_every_model(bundled):
-    """Values without an axis (learning rate, weight decay) and bn_momentum / bn_eps against one model trained
-    by hand with the same keys and batches."""
-    cfg = sweep.GridConfig(arms={"bn": sweep.Arm(batch_norm=True)}, axes={"weight_scale": (0.3,)},
-                           learning_rate=0.2, weight_decay=0.05, bn_momentum=0.5, bn_eps=1e-2, num_records=2,
-                           updates_per_record=2, batch_size=40, hidden_sizes=(10,), seed=9, keep_final=True)
+    """Values without an axis (learning rate, weight decay, the grid's bn_momentum over the norm's own) and the
+    norm's eps against one model trained by hand with the same keys and batches."""
+    arm = grid.Arm(norm=layers.batch_norm(momentum=0.7, eps=1e-2, init_var=0.0))
+    cfg = grid.GridConfig(arms={"bn": arm}, axes={"weight_scale": (0.3,)},
+                          learning_rate=0.2, weight_decay=0.05, bn_momentum=0.5, num_records=2,
+                          updates_per_record=2, batch_size=40, hidden_sizes=(10,), seed=9, keep_final=True)
     x, t = bundled.x_train[:120], bundled.t_train[:120]
-    result = sweep.run_grid(cfg, x, t)
+    result = grid.run_grid(cfg, x, t)
     init_keys, batch_idx = reference_keys(9, 1, 1, 3, 40, 120)
-    net = model.MLPConfig(784, (10,), 10, batch_norm=True, bn_momentum=0.5, bn_eps=1e-2)
-    params, state = model.init(init_keys[0, 0], net, jnp.float32(0.3))
+    net = model.MLPConfig(784, (10,), 10, norm=layers.batch_norm(momentum=0.5, eps=1e-2, init_var=0.0))
+    params, state = model.init(net, init_keys[0, 0], weight_init=None, weight_scale=jnp.float32(0.3))
     opt = optax.sgd(0.2)
     ts = train.train_state_init(params, state, opt)
     for u in range(3):
-        ts, _ = train.train_step(net, ts, x[batch_idx[u]], t[batch_idx[u]], opt, None, 0.05)
+        _, ts = train.train_step(net, ts, x[batch_idx[u]], t[batch_idx[u]], opt, weight_decay=0.05)
     got = _model_at(result.final["bn"], 0, 0)
     np.testing.assert_allclose(got.params.affine[0].W, ts.params.affine[0].W, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(got.state.batch_norm[0].mean, ts.state.batch_norm[0].mean, rtol=1e-4, atol=1e-6)
@@ -641,21 +578,20 @@ def test_fixed_hyper_parameters_and_batch_norm_conventions_reach_every_model(bun
     assert result.metrics["train_loss"]["bn"][0, 0, -1] == pytest.approx(_eval_scores(net, ts, x, t)[1], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_norm_values_and_an_arms_own_batch_size_and_lr_scale_equal_models_trained_alone(bundled):
     """Arms with a norm value, a batch size and a learning-rate scale of their own, trained by hand: an arm of
     batch size B != the grid's draws ``randint(fold_in(fold_in(data_key, 2), B), ...)`` and makes N // B updates
     per record; arms of the grid's size share its batches."""
-    from bnjax import layers
-
-    arms = {"bn": sweep.Arm(batch_norm=True),
-            "renorm10": sweep.Arm(batch_norm=layers.batch_renorm(r_max=2.0, d_max=1.0), batch_size=10,
-                                  learning_rate_scale=0.25),
-            "ghost8": sweep.Arm(batch_norm=layers.ghost_batch_norm(8)),
-            "bn_value": sweep.Arm(batch_norm=layers.batch_norm(), batch_size=40, init_stream=0)}
-    cfg = sweep.GridConfig(arms=arms, axes={"weight_scale": (0.3,)}, num_records=3, batch_size=40, learning_rate=0.2,
-                           hidden_sizes=(20, 15), seed=5, keep_final=True)
+    arms = {"bn": grid.Arm(norm=True),
+            "renorm10": grid.Arm(norm=layers.batch_renorm(r_max=2.0, d_max=1.0), batch_size=10,
+                                 learning_rate_scale=0.25),
+            "ghost8": grid.Arm(norm=layers.ghost_batch_norm(8)),
+            "bn_value": grid.Arm(norm=layers.batch_norm(0.9, 1e-6, init_var=0.0), batch_size=40, init_stream=0)}
+    cfg = grid.GridConfig(arms=arms, axes={"weight_scale": (0.3,)}, num_records=3, batch_size=40, learning_rate=0.2,
+                          hidden_sizes=(20, 15), seed=5, keep_final=True)
     x, t = bundled.x_train[:120], bundled.t_train[:120]
-    result = sweep.run_grid(cfg, x, t)
+    result = grid.run_grid(cfg, x, t)
     np.testing.assert_array_equal(result.arm_record_steps["renorm10"], [1, 13, 25])
     np.testing.assert_array_equal(result.arm_record_steps["bn"], [1, 4, 7])
     np.testing.assert_array_equal(result.record_steps, [1, 4, 7])
@@ -668,10 +604,10 @@ def test_norm_values_and_an_arms_own_batch_size_and_lr_scale_equal_models_traine
                                         (2, ("ghost8", arms["ghost8"]), shared, 0.2)):
         net = cfg.network(arm, 784)
         opt = optax.sgd(lr)
-        params, state = model.init(init_keys[a, 0], net, 0.3)
+        params, state = model.init(net, init_keys[a, 0], weight_init=None, weight_scale=0.3)
         ts = train.train_state_init(params, state, opt)
         for u in range(len(batches)):
-            ts, _ = train.train_step(net, ts, x[batches[u]], t[batches[u]], opt)
+            _, ts = train.train_step(net, ts, x[batches[u]], t[batches[u]], opt)
         np.testing.assert_allclose(result.final[name].params.affine[1].W[0, 0], ts.params.affine[1].W,
                                    rtol=1e-4, atol=1e-6)
         for got, want in zip(jax.tree_util.tree_leaves(result.final[name].state),
@@ -683,21 +619,6 @@ def test_norm_values_and_an_arms_own_batch_size_and_lr_scale_equal_models_traine
     # a norm value equal to the boolean's, with the grid's batch size given explicitly: the same program
     for m in ("train_accuracy", "train_loss"):
         np.testing.assert_array_equal(result.metrics[m]["bn_value"], result.metrics[m]["bn"])
-    assert sweep.grid_flops(cfg, 120, 784)["train"] == (
+    assert grid.grid_flops(cfg, 120, 784)["train"] == (
         3 * 7 * model.num_flops([784, 20, 15, 10], 40, backward=True)
         + 25 * model.num_flops([784, 20, 15, 10], 10, backward=True))
-
-
-@pytest.mark.parametrize("arm, message", [
-    (sweep.Arm(batch_norm="yes"), "batch_norm must be True, False/None or a norm value"),
-    (sweep.Arm(batch_size=0), "batch_size"),
-    (sweep.Arm(batch_size=2.5), "batch_size"),
-    (sweep.Arm(batch_size=True), "batch_size"),
-    (sweep.Arm(learning_rate_scale=0.0), "learning_rate_scale"),
-    (sweep.Arm(learning_rate_scale=float("inf")), "learning_rate_scale"),
-    (sweep.Arm(learning_rate_scale=1e-300), "times the arms' learning_rate_scale"),  # lr * scale underflows to 0
-    (sweep.Arm(batch_norm=__import__("bnjax").layers.Norm()), "norm value"),  # the base class has no init/apply
-])
-def test_bad_arm_fields_rejected(arm, message, bundled):
-    with pytest.raises(ValueError, match=message):
-        sweep.run_grid(sweep.GridConfig(arms={"x": arm}), bundled.x_train[:10], bundled.t_train[:10])
