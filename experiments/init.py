@@ -18,46 +18,56 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import numpy as np
 
 from bnjax import claims
-from experiments import harness
-
-_START = time.perf_counter()
+from experiments import cli, plot, protocol, runtime
 
 ARMS = ("batchnorm", "plain")
 THRESHOLD = 0.9
 # Accuracies are shares of 1000 images: closer than this is the same count of right answers.
 TIE = 1e-6
 
+EPILOG = ("Within a seed, every model sees the same mini-batches; BN and plain nets draw their own initial "
+          "weights, as in the book. The sign test counts, over every (scale, seed) pair, how often BN ends "
+          "above plain and below it (ties left out), and gives the two-sided probability of a split at least "
+          "this uneven if neither were better. ")
 
-def build_parser() -> argparse.ArgumentParser:
-    p = harness.new_parser("init", __doc__, (
-            "Within a seed, every model sees the same mini-batches; BN and plain nets draw their own initial "
-            "weights, as in the book. The sign test counts, over every (scale, seed) pair, how often BN ends "
-            "above plain and below it (ties left out), and gives the two-sided probability of a split at least "
-            "this uneven if neither were better. "
-        ))
+NOTES = (
+    "Training accuracy in evaluation mode (running statistics), as the book; a diverged model is scored "
+    "as the book scores NaN scores (argmax -> class 0).",
+    "Within a seed all models share the mini-batches; BN and plain nets draw their own initial weights "
+    "(the book's), so a seed pairs them through the data, not the weights.",
+    "95 % intervals are Student-t intervals of the mean over seeds; ties (equal accuracy) are left out of "
+    "the sign test.",
+)
+
+
+def add_options(p: argparse.ArgumentParser) -> None:
+    """The book's protocol: scales, records, batch size, learning rate.
+
+    Args:
+      p: the parser.
+    """
     g = p.add_argument_group("protocol (defaults: the book's)")
-    harness.add_scale_args(g)
-    harness.add_epochs_arg(g)
-    g.add_argument("--batch-size", type=harness.int_in(1, 100_000), default=100,
+    cli.add_scale_args(g)
+    cli.add_epochs_arg(g)
+    g.add_argument("--batch-size", type=cli.int_in(1, 100_000), default=100,
                    help="mini-batch size, drawn with replacement (default: 100)")
-    g.add_argument("--lr", type=harness.positive_float, default=0.01, help="learning rate (default: 0.01)")
-    harness.add_common_args(p, num_seeds=8)
-    return p
+    g.add_argument("--lr", type=cli.positive_float, default=0.01, help="learning rate (default: 0.01)")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    return harness.check_common_args(parser, args, "init", 0)
+def grid_config(args: argparse.Namespace, dataset=None):
+    """The engine configuration the options describe: the book's two arms over the weight scales.
 
+    Args:
+      args: the parsed options.
+      dataset: unused.
 
-def grid_config(args: argparse.Namespace):
-    """The engine configuration the options describe: the book's two arms over the weight scales."""
+    Returns:
+      The ``grid.GridConfig``.
+    """
     from bnjax import grid
 
     weight_scales = tuple(args.scales or grid.book_weight_scales(args.num_scales))
@@ -105,48 +115,52 @@ def verdict(weight_scales, accuracy: dict) -> dict:
     }
 
 
-def verdict_lines(v: dict) -> list[str]:
+def render(results: dict) -> str:
+    """The verdict, from a results.json dict.
+
+    Args:
+      results: the results as read from results.json.
+
+    Returns:
+      Markdown: per scale each arm's mean and 95 % interval and the seeds BN wins (and plain wins); then the
+      sign test, the trainable widths and the scales where plain beats BN.
+    """
+    v = results["verdict"]
     n = v["num_seeds"]
-    lines = [f"{'scale':>10}  {'BN mean [95% interval]':>24}  {'plain mean [95% interval]':>26}  BN wins/seeds"]
+    rows = ["| w | BN mean [95 % interval] | plain mean [95 % interval] | BN wins / seeds |", "|---|---|---|---|"]
     for row in v["per_scale"]:
         cells = [f"{row[a]['mean']:.3f} [{row[a]['low']:.3f}, {row[a]['high']:.3f}]" for a in ARMS]
-        lines.append(f"{row['scale']:>10.4g}  {cells[0]:>24}  {cells[1]:>26}  {row['bn_wins']}/{n}"
-                     + (f" (plain {row['plain_wins']})" if row["plain_wins"] else ""))
+        rows.append(f"| {row['scale']:.4g} | {cells[0]} | {cells[1]} | {row['bn_wins']} / {n}"
+                    + (f" (plain {row['plain_wins']})" if row["plain_wins"] else "") + " |")
     s = v["sign_test"]
-    lines.append(f"BN ends above plain in {s['bn_wins']} of {s['bn_wins'] + s['plain_wins'] + s['ties']} "
-                 f"(scale, seed) pairs, below in {s['plain_wins']}, tied in {s['ties']}; sign test p = {s['p_value']:.2g}")
+    lines = [f"BN ends above plain in {s['bn_wins']} of {s['bn_wins'] + s['plain_wins'] + s['ties']} "
+             f"(scale, seed) pairs, below in {s['plain_wins']}, tied in {s['ties']}; sign test p = {s['p_value']:.2g}"]
     tw = v["trainable_width"]
     lines.append(f"trainable width (mean accuracy >= {v['threshold']}): BN {tw['batchnorm']:.2f} decades of weight "
                  f"scale, plain {tw['plain']:.2f}")
     if v["plain_better_scales"]:
         lines.append("plain beats BN in most seeds at w = " + ", ".join(f"{w:.3g}" for w in v["plain_better_scales"]))
-    return lines
-
-
-def report(results: dict) -> str:
-    """Markdown for the combined report, from a results.json dict."""
-    v = results["verdict"]
-    rows = ["| w | BN mean [95 % interval] | plain mean [95 % interval] | BN wins / seeds |", "|---|---|---|---|"]
-    for row in v["per_scale"]:
-        cells = [f"{row[a]['mean']:.3f} [{row[a]['low']:.3f}, {row[a]['high']:.3f}]" for a in ARMS]
-        rows.append(f"| {row['scale']:.4g} | {cells[0]} | {cells[1]} | {row['bn_wins']} / {v['num_seeds']} |")
-    lines = verdict_lines(v)
-    summary = lines[1 + len(v["per_scale"]):]
-    return "\n".join([f"Final training accuracy after {results['record_steps'][-1]} updates, {v['num_seeds']} seeds.",
-                      "", *rows, "", *[f"- {line}" for line in summary]])
-
-
-FIGURES = ("init.png", "init_panels.png")
+    return "\n".join([f"Final training accuracy after {results['record_steps'][-1]} updates, {n} seeds.", "",
+                      *rows, "", *[f"- {line}" for line in lines]]) + "\n"
 
 
 def accuracy_figure(weight_scales, accuracy: dict, num_updates: int):
-    from experiments import plot
+    """Final training accuracy against the weight scale, with 95 % intervals over seeds.
 
+    Args:
+      weight_scales: ``[S]``.
+      accuracy: ``{'batchnorm', 'plain'} -> [seeds, S, R]``.
+      num_updates: updates per model, for the axis label.
+
+    Returns:
+      The matplotlib figure.
+    """
     plt = plot.pyplot()
     fig, ax = plt.subplots(figsize=(6.0, 3.8))
-    for arm, style in zip(ARMS, ("-o", "--s")):
+    for arm, marker in zip(ARMS, ("o", "s")):
         mean, lo, hi = claims.mean_interval(np.asarray(accuracy[arm], float)[..., -1])
-        (line,) = ax.plot(weight_scales, mean, style, markersize=3, label=plot.LABELS[arm])
+        (line,) = ax.plot(weight_scales, mean, marker=marker, markersize=3, label=plot.arm_label(arm),
+                          **plot.arm_style(arm))
         ax.fill_between(weight_scales, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
     ax.set_xscale("log")
     ax.set_ylim(0, 1.02)
@@ -160,44 +174,61 @@ def accuracy_figure(weight_scales, accuracy: dict, num_updates: int):
     return fig
 
 
+def analyse(run: protocol.Run) -> dict:
+    """The verdict from the final training accuracies.
+
+    Args:
+      run: the run.
+
+    Returns:
+      ``weight_scales`` and ``verdict``.
+    """
+    weight_scales = run.config.axes["weight_scale"]
+    return {"weight_scales": list(weight_scales),
+            "verdict": verdict(weight_scales, run.result.metrics["train_accuracy"])}
+
+
+def _accuracy_figure(run: protocol.Run):
+    return accuracy_figure(run.config.axes["weight_scale"], run.result.metrics["train_accuracy"],
+                           int(run.result.record_steps[-1]))
+
+
+def _panels_figure(run: protocol.Run):
+    return plot.sweep_figure(run.config.axes["weight_scale"], run.result.metrics["train_accuracy"],
+                             title=f"mean and min..max over {run.args.num_seeds} seed(s)",
+                             diverged=run.result.diverged)
+
+
+EXPERIMENT = protocol.Experiment(
+    name="init",
+    title="Claim 2: less dependence on the initial weights",
+    question="Claim 2: does BN make training less dependent on the initial weights?",
+    doc=__doc__,
+    epilog=EPILOG,
+    options=add_options,
+    num_seeds=8,
+    grid=grid_config,
+    describe=lambda args, config: (f"{len(config.axes['weight_scale'])} scales x BN/plain x {args.num_seeds} "
+                                   "seed(s)"),
+    analyse=analyse,
+    render=render,
+    notes=NOTES,
+    figures=(protocol.Figure("init.png", _accuracy_figure), protocol.Figure("init_panels.png", _panels_figure)),
+    quick=("--scales", "0.1,0.01", "--epochs", "3", "--num-seeds", "2", "--train-size", "200"),
+)
+
+
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    started = harness.start(args)
-    from experiments import plot
+    """``python -m experiments.init``: ``protocol.main`` of ``EXPERIMENT`` (see the module docstring).
 
-    ds, data_s = harness.load_timed(args, 0)
+    Args:
+      argv: the arguments (``None``: ``sys.argv[1:]``).
 
-    config = grid_config(args)
-    weight_scales = config.axes["weight_scale"]
-    result, timing = harness.run_engine(args, started, config, ds, name="init", unit="record",
-                                        what=f"{len(weight_scales)} scales x BN/plain x {args.num_seeds} seed(s)")
-    timing["data_s"] = data_s
-    if not started["is_main"]:
-        return 0
-
-    accuracy = result.metrics["train_accuracy"]
-    v = verdict(weight_scales, accuracy)
-    record = harness.results_record(
-        args, result, ds, timing, cache_dir=started["cache_dir"], weight_scales=list(weight_scales), verdict=v,
-        notes=[
-            "Training accuracy in evaluation mode (running statistics), as the book; a diverged model is scored "
-            "as the book scores NaN scores (argmax -> class 0).",
-            "Within a seed all models share the mini-batches; BN and plain nets draw their own initial weights "
-            "(the book's), so a seed pairs them through the data, not the weights.",
-            "95 % intervals are Student-t intervals of the mean over seeds; ties (equal accuracy) are left out of "
-            "the sign test.",
-        ],
-    )
-    num_updates = int(result.record_steps[-1])
-    figures = {
-        "init.png": lambda: accuracy_figure(weight_scales, accuracy, num_updates),
-        "init_panels.png": lambda: plot.sweep_figure(
-            weight_scales, accuracy, title=f"mean and min..max over {args.num_seeds} seed(s)",
-            diverged=result.diverged),
-    }
-    harness.finish(args, record, figures, verdict_lines(v), _START)
-    return 0
+    Returns:
+      The exit status (0; failures exit through ``SystemExit``).
+    """
+    return protocol.main(EXPERIMENT, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(harness.main_wrapper(main))
+    sys.exit(runtime.main_wrapper(main))

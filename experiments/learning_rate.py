@@ -23,62 +23,89 @@ import time
 import numpy as np
 
 from bnjax import claims
-from experiments import harness
-
-_START = time.perf_counter()
+from experiments import cli, plot, protocol, runtime
 
 ARMS = ("batchnorm", "plain")
 THRESHOLD = 0.9
 PROBE_UPDATES = 10
 
+EPILOG = ("Within a seed, every model sees the same mini-batches, and the BN and plain nets of one "
+          "initialisation start from the same Affine weights, so each comparison is paired. "
+          "Verdict (results.json 'verdict'): max_stable_lr = the largest learning rate at which at least half "
+          "the seeds stay finite and end at >= 0.9 training accuracy; updates_to_90 = the fewest updates (over "
+          "learning rates) after which the mean accuracy first reaches 0.9. ")
 
-def build_parser() -> argparse.ArgumentParser:
-    p = harness.new_parser("learning_rate", __doc__, (
-            "Within a seed, every model sees the same mini-batches, and the BN and plain nets of one "
-            "initialisation start from the same Affine weights, so each comparison is paired. "
-            "Verdict (results.json 'verdict'): max_stable_lr = the largest learning rate at which at least half "
-            "the seeds stay finite and end at >= 0.9 training accuracy; updates_to_90 = the fewest updates (over "
-            "learning rates) after which the mean accuracy first reaches 0.9. "
-        ))
+NOTES = (
+    "Training accuracy in evaluation mode (running statistics), as the book; a diverged model is scored "
+    "as the book scores NaN scores (argmax -> class 0).",
+    "BN and plain nets of one initialisation start from the same Affine weights and all models of a seed "
+    "share the mini-batches: every comparison is paired.",
+    "The probe's loss is the training-mode cross-entropy on all training images (batch statistics), its "
+    "gradient taken there; ratios above 1 mean the step raised the loss, null means it overflowed.",
+)
+
+
+def add_options(p: argparse.ArgumentParser) -> None:
+    """The learning rates, the two initialisations and the step-size probe.
+
+    Args:
+      p: the parser.
+    """
     g = p.add_argument_group("protocol (defaults: the book's network and data)")
     lrs = g.add_mutually_exclusive_group()
-    lrs.add_argument("--num-lrs", type=harness.int_in(1, 1000), default=13, metavar="N",
+    lrs.add_argument("--num-lrs", type=cli.int_in(1, 1000), default=13, metavar="N",
                      help="N learning rates logspace(-3, 1, N), 0.001 up to 10 (default: 13)")
-    lrs.add_argument("--lrs", type=harness.float_list, metavar="LR1,LR2,...", help="explicit learning rates")
-    g.add_argument("--init-scale", type=harness.positive_float, default=float(np.logspace(0, -4, 16)[3]),
+    lrs.add_argument("--lrs", type=cli.float_list, metavar="LR1,LR2,...", help="explicit learning rates")
+    g.add_argument("--init-scale", type=cli.positive_float, default=float(np.logspace(0, -4, 16)[3]),
                    metavar="W", help="the weight scale of the first initialisation; the second is He init "
                                      "(default: 0.1585, the book's panel W:0.158)")
-    harness.add_epochs_arg(g, minimum=2)
-    g.add_argument("--batch-size", type=harness.int_in(1, 100_000), default=100,
+    cli.add_epochs_arg(g, minimum=2)
+    g.add_argument("--batch-size", type=cli.int_in(1, 100_000), default=100,
                    help="mini-batch size, drawn with replacement (default: 100)")
     pr = p.add_argument_group("step-size probe")
-    pr.add_argument("--probe-steps", type=harness.int_in(2, 1000), default=25, metavar="N",
+    pr.add_argument("--probe-steps", type=cli.int_in(2, 1000), default=25, metavar="N",
                     help="step sizes logspace(-4, 1, N) (default: 25)")
-    pr.add_argument("--probe-lr", type=harness.positive_float, default=0.01,
+    pr.add_argument("--probe-lr", type=cli.positive_float, default=0.01,
                     help=f"learning rate of the {PROBE_UPDATES} SGD updates before the second probe (default: 0.01)")
     pr.add_argument("--no-probe", action="store_true", help="skip the probe")
-    harness.add_common_args(p, num_seeds=4)
-    return p
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    return harness.check_common_args(parser, args, "learning_rate", 0)
 
 
 def init_names(init_scale: float) -> dict[str, object]:
-    """Initialisation label -> ``Arm.weight_init`` value: the book's scale, then He."""
+    """The two initialisations.
+
+    Args:
+      init_scale: the book's weight scale (``--init-scale``).
+
+    Returns:
+      Initialisation label -> ``Arm.weight_init`` value: the book's scale, then He.
+    """
     return {f"w={init_scale:.4g}": float(init_scale), "he": "he"}
 
 
 def arm_name(arm: str, init: str) -> str:
+    """The engine's arm name of a net at an initialisation.
+
+    Args:
+      arm: ``'batchnorm'`` or ``'plain'``.
+      init: an ``init_names`` label.
+
+    Returns:
+      ``'<arm> <init>'``.
+    """
     return f"{arm} {init}"
 
 
-def grid_config(args: argparse.Namespace):
+def grid_config(args: argparse.Namespace, dataset=None):
     """The engine configuration the options describe: BN and plain at each initialisation (the two arms of an
-    initialisation share their initial weights) over the learning rates."""
+    initialisation share their initial weights) over the learning rates.
+
+    Args:
+      args: the parsed options.
+      dataset: unused.
+
+    Returns:
+      The ``grid.GridConfig``.
+    """
     from bnjax import grid
 
     arms = {}
@@ -140,12 +167,24 @@ def _fmt(value, spec=".3g") -> str:
     return "never" if value is None else format(value, spec)
 
 
-def verdict_lines(v: dict) -> list[str]:
-    lines = [f"{'init':>10}  {'arm':>9}  {'max stable lr':>13}  {'updates to 0.9':>14}  {'(at lr)':>7}"]
+def render(results: dict) -> str:
+    """The verdict, from a results.json dict.
+
+    Args:
+      results: the results as read from results.json.
+
+    Returns:
+      Markdown: the protocol in a sentence, a table (per initialisation and arm: the largest stable learning
+      rate, the updates to reach 0.9 and at which learning rate), then the comparisons, the learning rates
+      where plain ends above BN and the probe's largest loss-lowering steps.
+    """
+    v = results["verdict"]
+    rows = ["| init | arm | max stable lr | updates to 0.9 (at lr) |", "|---|---|---|---|"]
     for init, stable in v["max_stable_lr"].items():
         for arm in ARMS:
-            lines.append(f"{init:>10}  {arm:>9}  {_fmt(stable[arm]):>13}  {_fmt(v['updates_to_90'][init][arm], 'd'):>14}"
-                         f"  {_fmt(v['updates_to_90_lr'][init][arm]):>7}")
+            rows.append(f"| {init} | {arm} | {_fmt(stable[arm])} | {_fmt(v['updates_to_90'][init][arm], 'd')} "
+                        f"({_fmt(v['updates_to_90_lr'][init][arm])}) |")
+    lines = []
     for init, stable in v["max_stable_lr"].items():
         r, u = stable["ratio"], v["updates_to_90"][init]["ratio"]
         lines.append(f"{init}: BN's largest stable learning rate is "
@@ -162,43 +201,35 @@ def verdict_lines(v: dict) -> list[str]:
         label = "at initialisation" if when == "init" else f"after {PROBE_UPDATES} updates"
         parts = [f"{init}: BN {_fmt(s['batchnorm'])}, plain {_fmt(s['plain'])}" for init, s in per_init.items()]
         lines.append(f"probe {label}, largest step that lowers the loss (median over seeds): " + "; ".join(parts))
-    return lines
+    lrs = results["axes"]["learning_rate"]
+    text = [f"{len(results['seeds'])} seeds, learning rates {min(lrs):.3g} to {max(lrs):.3g}; a learning rate is "
+            f"stable when at least half the seeds stay finite and end at >= {v['threshold']} training accuracy.",
+            "", *rows, "", *[f"- {line}" for line in lines]]
+    return "\n".join(text) + "\n"
 
 
-def report(results: dict) -> str:
-    """Markdown for the combined report, from a results.json dict."""
-    v = results["verdict"]
-    rows = ["| init | arm | max stable lr | updates to 0.9 (at lr) |", "|---|---|---|---|"]
-    for init, stable in v["max_stable_lr"].items():
-        for arm in ARMS:
-            rows.append(f"| {init} | {arm} | {_fmt(stable[arm])} | {_fmt(v['updates_to_90'][init][arm], 'd')} "
-                        f"({_fmt(v['updates_to_90_lr'][init][arm])}) |")
-    text = [f"{len(results['seeds'])} seeds, learning rates {min(results['axes']['learning_rate']):.3g} to "
-            f"{max(results['axes']['learning_rate']):.3g}; a learning rate is stable when at least half the seeds "
-            f"stay finite and end at >= {v['threshold']} training accuracy.", "", *rows, ""]
-    lines = verdict_lines(v)
-    text += [f"- {line}" for line in lines[1 + 2 * len(v["max_stable_lr"]):]]
-    return "\n".join(text)
-
-
-FIGURES = ("learning_rate.png", "learning_rate_curves.png", "step_size_probe.png")
-
-
-def _band(ax, x, runs, style, label, color=None):
-    (line,) = ax.plot(x, runs.mean(0), style, label=label, color=color)
-    if runs.shape[0] > 1:
-        ax.fill_between(x, runs.min(0), runs.max(0), color=line.get_color(), alpha=0.2, linewidth=0)
+def _arm_line(arm: str) -> dict:
+    return {"label": plot.arm_label(arm), **plot.arm_style(arm)}
 
 
 def accuracy_figure(learning_rates, accuracy: dict, inits, num_seeds: int, num_updates: int):
-    from experiments import plot
+    """Final training accuracy against the learning rate, one panel per initialisation.
 
+    Args:
+      learning_rates: ``[L]``.
+      accuracy: arm name -> ``[seeds, L, R]``.
+      inits: initialisation labels.
+      num_seeds: seeds, for the title.
+      num_updates: updates per model, for the title.
+
+    Returns:
+      The matplotlib figure.
+    """
     plt = plot.pyplot()
     fig, axes = plt.subplots(1, len(inits), figsize=(4.2 * len(inits), 3.4), squeeze=False)
     for ax, init in zip(axes[0], inits):
-        for arm, style in zip(ARMS, ("-", "--")):
-            _band(ax, learning_rates, np.asarray(accuracy[arm_name(arm, init)])[..., -1], style,
-                  plot.LABELS[arm])
+        for arm in ARMS:
+            plot.band(ax, learning_rates, np.asarray(accuracy[arm_name(arm, init)])[..., -1], **_arm_line(arm))
         ax.set_xscale("log")
         ax.set_ylim(0, 1.02)
         ax.set_xlabel("learning rate")
@@ -211,10 +242,20 @@ def accuracy_figure(learning_rates, accuracy: dict, inits, num_seeds: int, num_u
     return fig
 
 
-
 def curves_figure(learning_rates, accuracy: dict, inits, record_steps, num_seeds: int, picks=(0.01, 0.1, 1.0, 10.0)):
-    from experiments import plot
+    """Training curves at the learning rates nearest ``picks``, a row per initialisation.
 
+    Args:
+      learning_rates: ``[L]``.
+      accuracy: arm name -> ``[seeds, L, R]``.
+      inits: initialisation labels.
+      record_steps: ``[R]``.
+      num_seeds: seeds, for the title.
+      picks: the learning rates to show (the nearest of ``learning_rates``).
+
+    Returns:
+      The matplotlib figure.
+    """
     plt = plot.pyplot()
     lrs = np.asarray(learning_rates)
     idx = sorted({int(np.argmin(np.abs(np.log(lrs) - np.log(p)))) for p in picks})
@@ -222,9 +263,9 @@ def curves_figure(learning_rates, accuracy: dict, inits, record_steps, num_seeds
     for r, init in enumerate(inits):
         for c, i in enumerate(idx):
             ax = axes[r, c]
-            for arm, style in zip(ARMS, ("-", "--")):
-                _band(ax, np.asarray(record_steps), np.asarray(accuracy[arm_name(arm, init)])[:, i], style,
-                      plot.LABELS[arm])
+            for arm in ARMS:
+                plot.band(ax, np.asarray(record_steps), np.asarray(accuracy[arm_name(arm, init)])[:, i],
+                          **_arm_line(arm))
             ax.set_ylim(0, 1.02)
             ax.set_title(f"{init}, lr {lrs[i]:.3g}", fontsize=9)
             if c == 0:
@@ -241,21 +282,26 @@ CEILING = 1e3  # ratios above (or overflowing) are drawn at the ceiling
 
 
 def probe_figure(step_sizes, probe: dict, inits):
-    from experiments import plot
+    """The probe's loss ratios against the step size, a row per moment, a column per initialisation.
 
+    Args:
+      step_sizes: ``[E]``.
+      probe: ``{'init'|'trained'} -> arm name -> [seeds, E]`` loss ratios.
+      inits: initialisation labels.
+
+    Returns:
+      The matplotlib figure.
+    """
     plt = plot.pyplot()
     whens = list(probe)
     fig, axes = plt.subplots(len(whens), len(inits), figsize=(4.2 * len(inits), 3.0 * len(whens)), squeeze=False)
     for r, when in enumerate(whens):
         for c, init in enumerate(inits):
             ax = axes[r, c]
-            for arm, style in zip(ARMS, ("-", "--")):
+            for arm in ARMS:
                 ratios = np.asarray(probe[when][arm_name(arm, init)], float)
                 ratios = np.where(np.isfinite(ratios), np.minimum(ratios, CEILING), CEILING)
-                (line,) = ax.plot(step_sizes, np.median(ratios, 0), style, label=plot.LABELS[arm])
-                if ratios.shape[0] > 1:
-                    ax.fill_between(step_sizes, ratios.min(0), ratios.max(0), color=line.get_color(), alpha=0.2,
-                                    linewidth=0)
+                plot.band(ax, step_sizes, ratios, center="median", **_arm_line(arm))
             ax.axhline(1.0, color="grey", lw=0.6, ls=":")
             ax.set_xscale("log")
             ax.set_yscale("log")
@@ -273,8 +319,18 @@ def probe_figure(step_sizes, probe: dict, inits):
 
 
 def run_probe(config, ds, step_sizes, probe_lr: float) -> dict:
-    """Loss ratios ``{'init', 'trained'} -> arm name -> [seeds, E]``: at the grid's own initial weights and after
-    ``PROBE_UPDATES`` SGD updates at ``probe_lr`` (one more small run of the engine, final states kept)."""
+    """Bjorck et al.'s step-size probe on the grid's models.
+
+    Args:
+      config: the grid's ``GridConfig``.
+      ds: the dataset (the probe's loss is on all its training images).
+      step_sizes: ``[E]``.
+      probe_lr: the learning rate of the updates before the second probe.
+
+    Returns:
+      Loss ratios ``{'init', 'trained'} -> arm name -> [seeds, E]``: at the grid's own initial weights and after
+      ``PROBE_UPDATES`` SGD updates at ``probe_lr`` (one more small run of the engine, final states kept).
+    """
     import jax
     import jax.numpy as jnp
 
@@ -299,59 +355,91 @@ def run_probe(config, ds, step_sizes, probe_lr: float) -> dict:
     return out
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    started = harness.start(args)
+def measure(run: protocol.Run) -> None:
+    """The step-size probe (unless ``--no-probe``), on every process: ``run.data['step_sizes']`` and
+    ``run.data['probe']`` (``None`` when skipped).
 
-    ds, data_s = harness.load_timed(args, 0)
-
-    config = grid_config(args)
-    learning_rates = config.axes["learning_rate"]
-    inits = init_names(args.init_scale)
-    result, timing = harness.run_engine(
-        args, started, config, ds, name="learning_rate", unit="record",
-        what=f"{len(learning_rates)} learning rates x BN/plain x {len(inits)} inits x {args.num_seeds} seed(s)")
-    timing["data_s"] = data_s
-    step_sizes = np.logspace(-4, 1, args.probe_steps)
-    probe = None
+    Args:
+      run: the run (its engine configuration and data).
+    """
+    args = run.args
+    run.data["step_sizes"] = np.logspace(-4, 1, args.probe_steps)
+    run.data["probe"] = None
     if not args.no_probe:
         t0 = time.perf_counter()
-        harness.say(args, "step-size probe...")
-        probe = run_probe(config, ds, step_sizes, args.probe_lr)
-        timing["probe_s"] = time.perf_counter() - t0
-    if not started["is_main"]:
-        return 0
+        runtime.say(args, "step-size probe...")
+        run.data["probe"] = run_probe(run.config, run.dataset, run.data["step_sizes"], args.probe_lr)
+        run.timing["probe_s"] = time.perf_counter() - t0
 
-    accuracy = result.metrics["train_accuracy"]
-    labels = list(inits)
-    v = verdict(learning_rates, result.record_steps, accuracy, result.diverged, labels, probe, step_sizes)
-    extra = {}
+
+def analyse(run: protocol.Run) -> dict:
+    """The verdict, and the probe's ratios when it ran.
+
+    Args:
+      run: the run.
+
+    Returns:
+      ``inits``, ``verdict`` and (with the probe) ``probe``.
+    """
+    inits = init_names(run.args.init_scale)
+    probe, step_sizes = run.data["probe"], run.data["step_sizes"]
+    v = verdict(run.config.axes["learning_rate"], run.result.record_steps, run.result.metrics["train_accuracy"],
+                run.result.diverged, list(inits), probe, step_sizes)
+    fields = {"inits": dict(inits), "verdict": v}
     if probe is not None:
-        extra["probe"] = {"step_sizes": step_sizes, "updates_before_trained": PROBE_UPDATES,
-                          "learning_rate": args.probe_lr, "loss_ratio": probe}
-    record = harness.results_record(
-        args, result, ds, timing, cache_dir=started["cache_dir"], inits={k: v_ for k, v_ in inits.items()},
-        verdict=v, **extra,
-        notes=[
-            "Training accuracy in evaluation mode (running statistics), as the book; a diverged model is scored "
-            "as the book scores NaN scores (argmax -> class 0).",
-            "BN and plain nets of one initialisation start from the same Affine weights and all models of a seed "
-            "share the mini-batches: every comparison is paired.",
-            "The probe's loss is the training-mode cross-entropy on all training images (batch statistics), its "
-            "gradient taken there; ratios above 1 mean the step raised the loss, null means it overflowed.",
-        ],
-    )
-    figures = {
-        "learning_rate.png": lambda: accuracy_figure(learning_rates, accuracy, labels, args.num_seeds,
-                                                              int(result.record_steps[-1])),
-        "learning_rate_curves.png": lambda: curves_figure(learning_rates, accuracy, labels, result.record_steps,
-                                                          args.num_seeds),
-    }
-    if probe is not None:
-        figures["step_size_probe.png"] = lambda: probe_figure(step_sizes, probe, labels)
-    harness.finish(args, record, figures, verdict_lines(v), _START)
-    return 0
+        fields["probe"] = {"step_sizes": step_sizes, "updates_before_trained": PROBE_UPDATES,
+                           "learning_rate": run.args.probe_lr, "loss_ratio": probe}
+    return fields
+
+
+def _accuracy_figure(run: protocol.Run):
+    return accuracy_figure(run.config.axes["learning_rate"], run.result.metrics["train_accuracy"],
+                           list(init_names(run.args.init_scale)), run.args.num_seeds,
+                           int(run.result.record_steps[-1]))
+
+
+def _curves_figure(run: protocol.Run):
+    return curves_figure(run.config.axes["learning_rate"], run.result.metrics["train_accuracy"],
+                         list(init_names(run.args.init_scale)), run.result.record_steps, run.args.num_seeds)
+
+
+def _probe_figure(run: protocol.Run):
+    return probe_figure(run.data["step_sizes"], run.data["probe"], list(init_names(run.args.init_scale)))
+
+
+EXPERIMENT = protocol.Experiment(
+    name="learning_rate",
+    title="Claim 1: larger learning rates",
+    question="Claim 1: does BN allow larger learning rates?",
+    doc=__doc__,
+    epilog=EPILOG,
+    options=add_options,
+    num_seeds=4,
+    grid=grid_config,
+    describe=lambda args, config: (f"{len(config.axes['learning_rate'])} learning rates x BN/plain x "
+                                   f"{len(init_names(args.init_scale))} inits x {args.num_seeds} seed(s)"),
+    measure=measure,
+    analyse=analyse,
+    render=render,
+    notes=NOTES,
+    figures=(protocol.Figure("learning_rate.png", _accuracy_figure),
+             protocol.Figure("learning_rate_curves.png", _curves_figure),
+             protocol.Figure("step_size_probe.png", _probe_figure, when=lambda run: run.data["probe"] is not None)),
+    quick=("--lrs", "0.01,1", "--epochs", "3", "--num-seeds", "2", "--train-size", "200", "--probe-steps", "4"),
+)
+
+
+def main(argv=None) -> int:
+    """``python -m experiments.learning_rate``: ``protocol.main`` of ``EXPERIMENT`` (see the module docstring).
+
+    Args:
+      argv: the arguments (``None``: ``sys.argv[1:]``).
+
+    Returns:
+      The exit status (0; failures exit through ``SystemExit``).
+    """
+    return protocol.main(EXPERIMENT, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(harness.main_wrapper(main))
+    sys.exit(runtime.main_wrapper(main))

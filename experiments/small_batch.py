@@ -26,20 +26,27 @@ import time
 import numpy as np
 
 from bnjax import claims
-from experiments import harness
-
-_START = time.perf_counter()
+from experiments import cli, plot, protocol, runtime
 
 NORMS = ("plain", "batchnorm", "renorm", "ghost")
-LABELS = {"plain": "plain", "batchnorm": "BN", "renorm": "Batch Renorm", "ghost": "Ghost BN (virtual batch)"}
 NORMALISED = NORMS[1:]
-_UNIT = harness.float_in(0.0, 1.0)  # momenta and the warm-up share
-FIGURES = ("small_batch.png", "small_batch_precise.png")
+_UNIT = cli.float_in(0.0, 1.0)  # momenta and the warm-up share
 # Accuracies are shares of whole images: closer than this is the same count.
 TIE = 1e-6
 
+EPILOG = (
+    "Paired comparison: within a seed every net starts from the same Affine weights; nets of one batch "
+    "size see the same mini-batches (Ghost BN uses the batches of --reference-batch). Every arm trains "
+    "the same number of epochs of train-size/B updates. Verdict (results.json 'verdict'), per norm and "
+    "batch size: held-out accuracy (mean and 95 % interval over seeds), the train/evaluation mismatch "
+    "(training-mode minus evaluation-mode accuracy on the training images, in batches of the size trained "
+    "with), held-out accuracy after precise statistics; and per batch size how many seeds Batch Renorm "
+    "and Ghost BN beat batch norm in. "
+)
+
 
 def _batch_sizes(text: str) -> tuple[int, ...]:
+    """An argparse type: distinct comma-separated batch sizes in 1..100000, sorted."""
     try:
         values = tuple(int(v) for v in text.split(","))
     except ValueError:
@@ -51,26 +58,22 @@ def _batch_sizes(text: str) -> tuple[int, ...]:
     return tuple(sorted(values))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = harness.new_parser("small_batch", __doc__, (
-            "Paired comparison: within a seed every net starts from the same Affine weights; nets of one batch "
-            "size see the same mini-batches (Ghost BN uses the batches of --reference-batch). Every arm trains "
-            "the same number of epochs of train-size/B updates. Verdict (results.json 'verdict'), per norm and "
-            "batch size: held-out accuracy (mean and 95 % interval over seeds), the train/evaluation mismatch "
-            "(training-mode minus evaluation-mode accuracy on the training images, in batches of the size trained "
-            "with), held-out accuracy after precise statistics; and per batch size how many seeds Batch Renorm "
-            "and Ghost BN beat batch norm in. "
-        ))
+def add_options(p: argparse.ArgumentParser) -> None:
+    """The batch sizes, the learning rate and the norms' settings.
+
+    Args:
+      p: the parser.
+    """
     g = p.add_argument_group("protocol")
     g.add_argument("--batch-sizes", type=_batch_sizes, default=(2, 4, 8, 16, 32, 100), metavar="B1,B2,...",
                    help="mini-batch sizes (Ghost BN: virtual batch sizes), each >= 2 for the norms to see a "
                         "variance (default: 2,4,8,16,32,100)")
-    g.add_argument("--reference-batch", type=harness.int_in(2, 100_000), default=100, metavar="B",
+    g.add_argument("--reference-batch", type=cli.int_in(2, 100_000), default=100, metavar="B",
                    help="the batch size --lr is given for (lr x B/reference), and Ghost BN's real batch "
                         "(default: 100)")
-    g.add_argument("--lr", type=harness.positive_float, default=0.1,
+    g.add_argument("--lr", type=cli.positive_float, default=0.1,
                    help="SGD learning rate at --reference-batch (default: 0.1)")
-    g.add_argument("--epochs", type=harness.int_in(2, harness.MAX_RECORDS), default=10,
+    g.add_argument("--epochs", type=cli.int_in(2, cli.MAX_RECORDS), default=10,
                    help="records of accuracy; the first after one update, then one every train-size/B updates "
                         "(default: 10)")
     g.add_argument("--momentum", type=_UNIT, default=0.9,
@@ -79,22 +82,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--renorm-momentum", type=_UNIT, default=0.99,
                    help="Batch Renorm's momentum (default: 0.99, the paper's update rate 0.01: r and d compare "
                         "each batch with the running statistics, which must not follow the last few batches)")
-    g.add_argument("--r-max", type=harness.positive_float, default=3.0,
+    g.add_argument("--r-max", type=cli.positive_float, default=3.0,
                    help="Batch Renorm's clip of r to [1/r_max, r_max], >= 1 (default: 3, the paper's final value)")
-    g.add_argument("--d-max", type=harness.float_in(0.0, float32=True), default=5.0,
+    g.add_argument("--d-max", type=cli.float_in(0.0, float32=True), default=5.0,
                    help="Batch Renorm's clip of d to [-d_max, d_max] (default: 5, the paper's final value)")
     g.add_argument("--renorm-warmup", type=_UNIT, default=0.5, metavar="F",
                    help="share of each Batch Renorm net's updates spent warming up: batch norm (r_max 1, d_max 0) "
                         "for the first F/4, then the limits rising linearly to --r-max and --d-max at F "
                         "(the shape of the paper's schedule: 5k hold, r_max full at 40k, d_max at 25k; 0: fixed "
                         "limits; default: 0.5)")
-    harness.add_common_args(p, num_seeds=4)
-    return p
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Batch sizes that the data, the reference batch and the norms allow; held-out images left.
+
+    Args:
+      parser: the parser (``error`` exits 2).
+      args: the parsed options.
+    """
     if args.r_max < 1.0:
         parser.error(f"--r-max must be >= 1 (r_max 1 with d_max 0 is batch norm), got {args.r_max}")
     if min(args.batch_sizes) < 2:
@@ -108,15 +113,31 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--reference-batch {args.reference_batch} exceeds --train-size {args.train_size}")
     if args.data == "bundled" and args.train_size >= 5000:
         parser.error(f"--train-size {args.train_size} leaves no held-out images in the 5000 of the bundled subset")
-    return harness.check_common_args(parser, args, "small_batch", 0)
 
 
 def arm_name(norm: str, batch_size: int) -> str:
+    """The engine's arm name of a norm at a batch size.
+
+    Args:
+      norm: one of ``NORMS``.
+      batch_size: the (virtual) batch size.
+
+    Returns:
+      ``'<norm>@<batch_size>'``.
+    """
     return f"{norm}@{batch_size}"
 
 
 def renorm_value(args: argparse.Namespace, num_updates: int):
-    """The Batch Renorm value of a net that makes ``num_updates`` updates (the warm-up is a share of them)."""
+    """The Batch Renorm value of a net that makes ``num_updates`` updates (the warm-up is a share of them).
+
+    Args:
+      args: the parsed options (``renorm_momentum``, ``r_max``, ``d_max``, ``renorm_warmup``).
+      num_updates: the net's updates.
+
+    Returns:
+      A ``layers.batch_renorm`` norm value.
+    """
     from bnjax import layers
 
     warmup = None
@@ -127,7 +148,15 @@ def renorm_value(args: argparse.Namespace, num_updates: int):
 
 
 def grid_config(args: argparse.Namespace, num_train: int):
-    """Every (norm, batch size) an arm of one grid: the batch size and the lr scale are the arm's."""
+    """Every (norm, batch size) an arm of one grid: the batch size and the lr scale are the arm's.
+
+    Args:
+      args: the parsed options.
+      num_train: training images.
+
+    Returns:
+      The ``grid.GridConfig`` (the reference batch is the grid's batch size, Ghost BN's real batch).
+    """
     from bnjax import grid, layers
 
     arms = {}
@@ -147,8 +176,19 @@ def grid_config(args: argparse.Namespace, num_train: int):
 
 
 def after_training(config, result, x_train, t_train, x_heldout, t_heldout) -> dict:
-    """Per normalised arm ``[seeds]`` arrays: training-mode and evaluation-mode accuracy on the training images
-    (in batches of the size the arm trained with, in order) and held-out accuracy after precise statistics."""
+    """The measures after training of every normalised arm.
+
+    Args:
+      config: the grid's ``GridConfig`` (with ``keep_final``).
+      result: its ``GridResult``.
+      x_train, t_train: ``[N, D]`` images and ``[N]`` labels trained on.
+      x_heldout, t_heldout: the held-out images and labels.
+
+    Returns:
+      Arm name -> ``{'train_mode', 'eval_mode', 'heldout_precise'}``, each ``[seeds]``: training-mode and
+      evaluation-mode accuracy on the training images (in batches of the size the arm trained with, in order)
+      and held-out accuracy after precise statistics.
+    """
     import jax
     import jax.numpy as jnp
 
@@ -234,21 +274,38 @@ def verdict(batch_sizes, heldout: dict, post: dict) -> dict:
     }
 
 
-def verdict_lines(v: dict) -> list[str]:
-    head = f"{'B':>5}  " + "  ".join(f"{LABELS[n].split(' (')[0]:>18}" for n in NORMS)
-    lines = ["held-out accuracy, mean [95 % interval] over seeds (running statistics):", head]
+def _name(norm: str) -> str:
+    return plot.arm_short(norm)
+
+
+def render(results: dict) -> str:
+    """The verdict, from a results.json dict.
+
+    Args:
+      results: the results as read from results.json.
+
+    Returns:
+      Markdown: held-out accuracy per batch size and norm (mean and 95 % interval), the train/evaluation
+      mismatch and the held-out accuracy after precise statistics per normalised norm, then the sign tests,
+      BN's drop, where Batch Renorm's mismatch is smaller and where precise statistics help.
+    """
+    v = results["verdict"]
+    rows = ["Held-out accuracy, mean [95 % interval] over seeds (running statistics):", "",
+            "| B | " + " | ".join(_name(n) for n in NORMS) + " |", "|---|" + "---|" * len(NORMS)]
     for row in v["per_batch"]:
-        cells = [f"{row[n]['mean']:.3f} [{row[n]['low']:.2f},{row[n]['high']:.2f}]" for n in NORMS]
-        lines.append(f"{row['batch_size']:>5}  " + "  ".join(f"{c:>18}" for c in cells))
-    lines.append("train/evaluation mismatch (training-mode minus evaluation-mode accuracy on the training images) "
-                 "and held-out accuracy after precise statistics:")
-    lines.append(f"{'B':>5}  " + "  ".join(f"{LABELS[n].split(' (')[0] + ' gap/precise':>26}" for n in NORMALISED))
+        cells = [f"{row[n]['mean']:.3f} [{row[n]['low']:.3f}, {row[n]['high']:.3f}]" for n in NORMS]
+        rows.append(f"| {row['batch_size']} | " + " | ".join(cells) + " |")
+    rows += ["", "Train/evaluation mismatch (training-mode minus evaluation-mode accuracy on the training images) / "
+             "held-out accuracy after precise statistics:", "",
+             "| B | " + " | ".join(f"{_name(n)} mismatch / precise" for n in NORMALISED) + " |",
+             "|---|" + "---|" * len(NORMALISED)]
     for row in v["per_batch"]:
-        cells = [f"{row[n]['mismatch']:+.3f} / {row[n]['precise']:.3f}" for n in NORMALISED]
-        lines.append(f"{row['batch_size']:>5}  " + "  ".join(f"{c:>26}" for c in cells))
+        rows.append(f"| {row['batch_size']} | "
+                    + " | ".join(f"{row[n]['mismatch']:+.3f} / {row[n]['precise']:.3f}" for n in NORMALISED) + " |")
+    lines = []
     for other in ("renorm", "ghost"):
         s = v[f"{other}_vs_bn"]
-        lines.append(f"{LABELS[other]} above BN in {s['wins']} of {s['wins'] + s['losses'] + s['ties']} (batch size, "
+        lines.append(f"{_name(other)} above BN in {s['wins']} of {s['wins'] + s['losses'] + s['ties']} (batch size, "
                      f"seed) pairs, below in {s['losses']}, tied in {s['ties']}; sign test p = {s['p_value']:.2g}")
     small, large = v["per_batch"][0]["batch_size"], v["per_batch"][-1]["batch_size"]
     lines.append(f"BN's held-out accuracy at B={small} minus at B={large}: {v['bn_drop']:+.3f}")
@@ -257,48 +314,35 @@ def verdict_lines(v: dict) -> list[str]:
                  "Batch Renorm's mismatch is nowhere smaller than BN's")
     for norm in NORMALISED:
         helped = v["precise_helps"][norm]
-        lines.append(f"precise statistics raise {LABELS[norm].split(' (')[0]}'s held-out accuracy at B = "
+        lines.append(f"precise statistics raise {_name(norm)}'s held-out accuracy at B = "
                      + (", ".join(map(str, helped)) if helped else "none of the sizes"))
-    return lines
-
-
-def report(results: dict) -> str:
-    """Markdown for the combined report, from a results.json dict."""
-    v = results["verdict"]
-    rows = ["| B | " + " | ".join(LABELS[n] for n in NORMS) + " | BN / renorm mismatch | BN precise |",
-            "|---|" + "---|" * (len(NORMS) + 2)]
-    for row in v["per_batch"]:
-        cells = [f"{row[n]['mean']:.3f} [{row[n]['low']:.3f}, {row[n]['high']:.3f}]" for n in NORMS]
-        rows.append(f"| {row['batch_size']} | " + " | ".join(cells)
-                    + f" | {row['batchnorm']['mismatch']:+.3f} / {row['renorm']['mismatch']:+.3f}"
-                    + f" | {row['batchnorm']['precise']:.3f} |")
-    lines = verdict_lines(v)
-    summary = lines[4 + 2 * len(v["per_batch"]):]
-    return "\n".join([f"Held-out accuracy after {results['config']['epochs']} records, {v['num_seeds']} seeds.", "",
-                      *rows, "", *[f"- {line}" for line in summary]])
-
-
-def _band(ax, x, runs, style, label, color=None):
-    runs = np.asarray(runs, float)
-    (line,) = ax.plot(x, runs.mean(0), style, marker="o", markersize=3, label=label, color=color)
-    if runs.shape[0] > 1:
-        ax.fill_between(x, runs.min(0), runs.max(0), color=line.get_color(), alpha=0.2, linewidth=0)
+    return "\n".join([f"After {results['config']['epochs']} records, {v['num_seeds']} seeds.", "", *rows, "",
+                      *[f"- {line}" for line in lines]]) + "\n"
 
 
 def figure(batch_sizes, heldout: dict, post: dict, num_seeds: int):
-    from experiments import plot
+    """Held-out accuracy (left) and the train/evaluation mismatch (right) against the batch size, one line per
+    norm in its ``plot.arm_style``.
 
+    Args:
+      batch_sizes: ``[K]``.
+      heldout: arm name -> final held-out accuracy ``[seeds]``.
+      post: ``after_training``'s output.
+      num_seeds: seeds, for the title.
+
+    Returns:
+      The matplotlib figure.
+    """
     plt = plot.pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10.0, 3.8))
-    # One colour and line style per norm in both panels.
-    for i, (norm, style) in enumerate(zip(NORMS, plot.STYLES)):
-        _band(left, batch_sizes, np.stack([heldout[arm_name(norm, b)] for b in batch_sizes], -1), style, LABELS[norm],
-              f"C{i}")
+    for norm in NORMS:
+        line = dict(marker="o", markersize=3, label=plot.arm_label(norm), **plot.arm_style(norm))
+        plot.band(left, batch_sizes, np.stack([heldout[arm_name(norm, b)] for b in batch_sizes], -1), **line)
         if norm not in NORMALISED:  # the plain net has no statistics to mismatch
             continue
         gap = np.stack([post[arm_name(norm, b)]["train_mode"] - post[arm_name(norm, b)]["eval_mode"]
                         for b in batch_sizes], -1)
-        _band(right, batch_sizes, gap, style, LABELS[norm], f"C{i}")
+        plot.band(right, batch_sizes, gap, **line)
     for ax in (left, right):
         ax.set_xscale("log", base=2)
         ax.set_xticks(batch_sizes, [str(b) for b in batch_sizes])
@@ -314,18 +358,29 @@ def figure(batch_sizes, heldout: dict, post: dict, num_seeds: int):
 
 
 def precise_figure(batch_sizes, heldout: dict, post: dict, num_seeds: int):
-    from experiments import plot
+    """Per normalised norm: held-out accuracy with the running averages (solid) and after precise statistics
+    (dashed) against the batch size.
 
+    Args:
+      batch_sizes: ``[K]``.
+      heldout: arm name -> final held-out accuracy ``[seeds]``.
+      post: ``after_training``'s output.
+      num_seeds: seeds, for the title.
+
+    Returns:
+      The matplotlib figure.
+    """
     plt = plot.pyplot()
     fig, axes = plt.subplots(1, len(NORMALISED), figsize=(3.6 * len(NORMALISED), 3.4), sharey=True)
     for ax, norm in zip(axes, NORMALISED):
-        _band(ax, batch_sizes, np.stack([heldout[arm_name(norm, b)] for b in batch_sizes], -1), "-",
-              "running averages")
-        _band(ax, batch_sizes, np.stack([post[arm_name(norm, b)]["heldout_precise"] for b in batch_sizes], -1), "--",
-              "precise statistics")
+        dots = dict(marker="o", markersize=3)
+        plot.band(ax, batch_sizes, np.stack([heldout[arm_name(norm, b)] for b in batch_sizes], -1), linestyle="-",
+                  label="running averages", **dots)
+        plot.band(ax, batch_sizes, np.stack([post[arm_name(norm, b)]["heldout_precise"] for b in batch_sizes], -1),
+                  linestyle="--", label="precise statistics", **dots)
         ax.set_xscale("log", base=2)
         ax.set_xticks(batch_sizes, [str(b) for b in batch_sizes])
-        ax.set_title(LABELS[norm], fontsize=10)
+        ax.set_title(plot.arm_label(norm), fontsize=10)
         ax.set_xlabel("(virtual) batch size B")
         ax.set_ylim(0, 1.0)
     axes[0].set_ylabel("held-out accuracy")
@@ -336,57 +391,104 @@ def precise_figure(batch_sizes, heldout: dict, post: dict, num_seeds: int):
     return fig
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    started = harness.start(args)
+def measure(run: protocol.Run) -> None:
+    """The measures after training, on every process: ``run.data['post']`` (see ``after_training``).
 
-    # held out: every image not trained on (bundled) or the test set
-    ds, data_s = harness.load_timed(args, None, need_heldout=True)
-
-    num_train = ds.x_train.shape[0]
-    config = grid_config(args, num_train).replace(keep_final=True)
-    result, timing = harness.run_engine(
-        args, started, config, ds, name="small_batch", heldout=True, unit="record",
-        what=f"{len(NORMS)} norms x {len(args.batch_sizes)} batch sizes x {args.num_seeds} seed(s)")
-    timing["data_s"] = data_s
+    Args:
+      run: the run.
+    """
     t0 = time.perf_counter()
-    post = after_training(config, result, ds.x_train, ds.t_train, ds.x_heldout, ds.t_heldout)
-    timing["after_training_s"] = time.perf_counter() - t0
-    if not started["is_main"]:  # process 0 alone writes
-        return 0
+    ds = run.dataset
+    run.data["post"] = after_training(run.config, run.result, ds.x_train, ds.t_train, ds.x_heldout, ds.t_heldout)
+    run.timing["after_training_s"] = time.perf_counter() - t0
 
-    heldout = {name: np.asarray(acc, float)[..., -1] for name, acc in result.metrics["heldout_accuracy"].items()}
-    v = verdict(args.batch_sizes, heldout, post)
-    record = harness.results_record(
-        args, result, ds, timing, cache_dir=started["cache_dir"], batch_sizes=list(args.batch_sizes),
-        after_training=post, verdict=v,
-        notes=[
-            "Held-out accuracy in evaluation mode (running statistics); a diverged model is scored as NaN scores "
-            "are (argmax -> class 0).",
-            f"Learning rate {args.lr:g} x B/{args.reference_batch} for every arm of batch size B; every arm trains "
-            f"{args.epochs - 1} epochs of train-size/B updates after its first update.",
-            f"Ghost BN arms train on batches of {args.reference_batch} normalised in groups of B rows (the running "
-            "statistics pool the groups); their lr is the reference one.",
-            f"Batch Renorm: momentum {args.renorm_momentum:g}, r_max {args.r_max:g}, d_max {args.d_max:g}, "
-            + (f"reached linearly at {args.renorm_warmup:g} of each net's updates after batch norm for the first "
-               f"{args.renorm_warmup / 4:g}" if args.renorm_warmup > 0 else "from the first update")
-            + f"; batch norm and Ghost BN: momentum {args.momentum:g}.",
-            "Within a seed every net starts from the same Affine weights (He init); nets of one batch size share "
-            "their mini-batches.",
-            "Mismatch: accuracy on the training images in training mode (each batch normalised by its own "
-            "statistics, batches of the size the net trained with, in order) minus evaluation mode (running "
-            "statistics), on the same images.",
-            "Precise statistics: model.recalibrate over the training images in those batches (the equal-weight "
-            "average of the batch statistics), then held-out accuracy.",
-        ],
-    )
-    figures = {
-        "small_batch.png": lambda: figure(args.batch_sizes, heldout, post, args.num_seeds),
-        "small_batch_precise.png": lambda: precise_figure(args.batch_sizes, heldout, post, args.num_seeds),
-    }
-    harness.finish(args, record, figures, verdict_lines(v), _START)
-    return 0
+
+def _heldout(run: protocol.Run) -> dict:
+    return {name: np.asarray(acc, float)[..., -1] for name, acc in run.result.metrics["heldout_accuracy"].items()}
+
+
+def analyse(run: protocol.Run) -> dict:
+    """The verdict from the final held-out accuracies and the measures after training.
+
+    Args:
+      run: the run.
+
+    Returns:
+      ``batch_sizes``, ``after_training`` and ``verdict``.
+    """
+    post = run.data["post"]
+    return {"batch_sizes": list(run.args.batch_sizes), "after_training": post,
+            "verdict": verdict(run.args.batch_sizes, _heldout(run), post)}
+
+
+def notes(run: protocol.Run) -> list[str]:
+    """The results' notes, with the options' learning rate, reference batch and Batch Renorm settings.
+
+    Args:
+      run: the run.
+
+    Returns:
+      The sentences.
+    """
+    args = run.args
+    return [
+        "Held-out accuracy in evaluation mode (running statistics); a diverged model is scored as NaN scores "
+        "are (argmax -> class 0).",
+        f"Learning rate {args.lr:g} x B/{args.reference_batch} for every arm of batch size B; every arm trains "
+        f"{args.epochs - 1} epochs of train-size/B updates after its first update.",
+        f"Ghost BN arms train on batches of {args.reference_batch} normalised in groups of B rows (the running "
+        "statistics pool the groups); their lr is the reference one.",
+        f"Batch Renorm: momentum {args.renorm_momentum:g}, r_max {args.r_max:g}, d_max {args.d_max:g}, "
+        + (f"reached linearly at {args.renorm_warmup:g} of each net's updates after batch norm for the first "
+           f"{args.renorm_warmup / 4:g}" if args.renorm_warmup > 0 else "from the first update")
+        + f"; batch norm and Ghost BN: momentum {args.momentum:g}.",
+        "Within a seed every net starts from the same Affine weights (He init); nets of one batch size share "
+        "their mini-batches.",
+        "Mismatch: accuracy on the training images in training mode (each batch normalised by its own "
+        "statistics, batches of the size the net trained with, in order) minus evaluation mode (running "
+        "statistics), on the same images.",
+        "Precise statistics: model.recalibrate over the training images in those batches (the equal-weight "
+        "average of the batch statistics), then held-out accuracy.",
+    ]
+
+
+EXPERIMENT = protocol.Experiment(
+    name="small_batch",
+    title="Small batches: batch norm, Batch Renorm and Ghost BN",
+    question="How do batch norm, Batch Renorm and Ghost BN fare at batch sizes 2 to 100?",
+    doc=__doc__,
+    epilog=EPILOG,
+    options=add_options,
+    check=check,
+    num_seeds=4,
+    heldout=None,  # every image not trained on (bundled) or the test set
+    grid=lambda args, dataset: grid_config(args, dataset.x_train.shape[0]).replace(keep_final=True),
+    describe=lambda args, config: (f"{len(NORMS)} norms x {len(args.batch_sizes)} batch sizes x {args.num_seeds} "
+                                   "seed(s)"),
+    measure=measure,
+    analyse=analyse,
+    render=render,
+    notes=notes,
+    figures=(protocol.Figure("small_batch.png", lambda run: figure(run.args.batch_sizes, _heldout(run),
+                                                                    run.data["post"], run.args.num_seeds)),
+             protocol.Figure("small_batch_precise.png", lambda run: precise_figure(
+                 run.args.batch_sizes, _heldout(run), run.data["post"], run.args.num_seeds))),
+    quick=("--batch-sizes", "2,10", "--reference-batch", "10", "--epochs", "2", "--num-seeds", "2",
+           "--train-size", "100", "--renorm-warmup", "0.5"),
+)
+
+
+def main(argv=None) -> int:
+    """``python -m experiments.small_batch``: ``protocol.main`` of ``EXPERIMENT`` (see the module docstring).
+
+    Args:
+      argv: the arguments (``None``: ``sys.argv[1:]``).
+
+    Returns:
+      The exit status (0; failures exit through ``SystemExit``).
+    """
+    return protocol.main(EXPERIMENT, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(harness.main_wrapper(main))
+    sys.exit(runtime.main_wrapper(main))

@@ -12,48 +12,86 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 from bnjax import options
-from experiments import harness
-
-_START = time.perf_counter()
+from experiments import cli, plot, protocol, runtime
 
 # The two arms of the book, in its order (BN solid, plain dashed in the figure).
 ARM_NAMES = ("batchnorm", "plain")
 
+EPILOG = ("Within a seed, every model (all scales, BN and plain) sees the same mini-batches: the book shares "
+          "them between its BN and plain nets, bnjax also across scales, so the scale is the only difference "
+          "between panels. BN and plain nets draw their own initial weights, as in the book. ")
 
-def build_parser() -> argparse.ArgumentParser:
-    p = harness.new_parser("sweep", __doc__, (
-            "Within a seed, every model (all scales, BN and plain) sees the same mini-batches: the book shares "
-            "them between its BN and plain nets, bnjax also across scales, so the scale is the only difference "
-            "between panels. BN and plain nets draw their own initial weights, as in the book. "
-        ))
+NOTES = (
+    "Accuracy and loss are measured in evaluation mode (running statistics), as the book; the loss is the "
+    "mean cross-entropy without weight decay, null where the model diverged.",
+    "Within a seed all models share the mini-batches (the book shares them between BN and plain nets; "
+    "bnjax also across scales). BN and plain nets have their own initial weights.",
+    "A diverged model (non-finite parameters) is scored as the book scores NaN scores: argmax -> class 0.",
+)
+
+
+def add_options(p: argparse.ArgumentParser) -> None:
+    """The book's protocol, every part an option.
+
+    Args:
+      p: the parser.
+    """
     g = p.add_argument_group("protocol (defaults: the book's)")
-    harness.add_scale_args(g)
-    harness.add_epochs_arg(g)
-    g.add_argument("--batch-size", type=harness.int_in(1, 100_000), default=100,
+    cli.add_scale_args(g)
+    cli.add_epochs_arg(g)
+    g.add_argument("--batch-size", type=cli.int_in(1, 100_000), default=100,
                    help="mini-batch size, drawn with replacement (default: 100)")
-    g.add_argument("--lr", type=harness.positive_float, default=0.01, help="learning rate (default: 0.01)")
+    g.add_argument("--lr", type=cli.positive_float, default=0.01, help="learning rate (default: 0.01)")
     g.add_argument("--optimizer", choices=options.OPTIMIZERS, default="sgd", help="optax optimizer (default: sgd)")
     g.add_argument("--dtype", choices=options.DTYPES, default="float32",
                    help="parameter/activation dtype; BN statistics stay float32 (default: float32)")
-    harness.add_common_args(p)
+
+
+def add_heldout_options(p: argparse.ArgumentParser) -> None:
+    """``--heldout`` and ``--heldout-size``, listed after the common options.
+
+    Args:
+      p: the parser.
+    """
     h = p.add_argument_group("held-out images")
     h.add_argument("--heldout", action="store_true", help="also record accuracy on held-out images")
-    h.add_argument("--heldout-size", type=harness.int_in(1, harness.MAX_SIZE), metavar="N",
+    h.add_argument("--heldout-size", type=cli.int_in(1, cli.MAX_SIZE), metavar="N",
                    help="held-out images to score (default: 1000; implies --heldout)")
-    return p
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--heldout-size`` implies ``--heldout``, whose default size is 1000.
+
+    Args:
+      parser: the parser.
+      args: the parsed options, completed here.
+    """
     if args.heldout_size is not None:
         args.heldout = True
     if args.heldout:
         args.heldout_size = args.heldout_size or 1000
-    return harness.check_common_args(parser, args, "sweep", args.heldout_size or 0)
+
+
+def grid_config(args: argparse.Namespace, dataset=None):
+    """The engine configuration the options describe: the book's two arms over the weight scales.
+
+    Args:
+      args: the parsed options.
+      dataset: unused (the grid does not depend on the data).
+
+    Returns:
+      The ``grid.GridConfig``; the book's arms and protocol are its defaults, the options change what they name.
+    """
+    from bnjax import grid
+
+    weight_scales = args.scales or grid.book_weight_scales(args.num_scales)
+    return grid.GridConfig(
+        axes={"weight_scale": tuple(weight_scales)}, num_records=args.epochs, batch_size=args.batch_size,
+        learning_rate=args.lr, optimizer=args.optimizer, seed=args.seed, num_seeds=args.num_seeds,
+        dtype=args.dtype, max_models_per_chunk=args.max_models_per_chunk,
+    )
 
 
 def summary_table(weight_scales, final_accuracy: dict, diverged: dict) -> tuple[str, dict]:
@@ -65,14 +103,16 @@ def summary_table(weight_scales, final_accuracy: dict, diverged: dict) -> tuple[
       diverged: arm -> ``[seeds, S]``.
 
     Returns:
-      ``(table, wins)`` with ``wins[arm]`` the scales where the arm is strictly above every other arm.
+      ``(table, wins)``: a markdown table (one row per scale, then a sentence) and ``wins[arm]``, the scales
+      where the arm is strictly above every other arm.
     """
     import numpy as np
 
     names = list(final_accuracy)
     final = {a: np.asarray(v)[:, :, -1].mean(0) for a, v in final_accuracy.items()}
-    labels = {a: ("BN" if a == "batchnorm" else a) for a in names}
-    lines = [f"{'scale':>10}  " + "  ".join(f"{labels[a]:>9}" for a in names) + "  winner"]
+    labels = {a: plot.arm_short(a) for a in names}
+    lines = ["| scale | " + " | ".join(labels[a] for a in names) + " | winner |",
+             "|---|" + "---|" * (len(names) + 1)]
     wins = {a: 0 for a in names}
     for i, w in enumerate(weight_scales):
         values = np.array([final[a][i] for a in names])
@@ -84,62 +124,97 @@ def summary_table(weight_scales, final_accuracy: dict, diverged: dict) -> tuple[
             winner = labels[names[best]]
             wins[names[best]] += 1
         notes = [f"{labels[a]} diverged" for a in names if np.asarray(diverged[a])[:, i].any()]
-        lines.append(f"{w:>10.4g}  " + "  ".join(f"{final[a][i]:9.3f}" for a in names) + f"  {winner}"
-                     + (f"  ({', '.join(notes)})" if notes else ""))
+        lines.append(f"| {w:.4g} | " + " | ".join(f"{final[a][i]:.3f}" for a in names) + f" | {winner}"
+                     + (f" ({', '.join(notes)})" if notes else "") + " |")
     first = names[0]
-    lines.append(f"{labels[first]} wins at {wins[first]} of {len(weight_scales)} scales "
-                 "(final record, mean over seeds)")
+    lines += ["", f"{labels[first]} wins at {wins[first]} of {len(weight_scales)} scales "
+              "(final record, mean over seeds)"]
     return "\n".join(lines), wins
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    started = harness.start(args, x64=args.dtype == "float64")
-    from bnjax import grid
-    from experiments import plot
+def analyse(run: protocol.Run) -> dict:
+    """The summary of the sweep: wins per arm and each arm's final accuracy per scale.
 
-    ds, data_s = harness.load_timed(args, args.heldout_size if args.heldout else 0)
+    Args:
+      run: the run (its engine result).
 
-    weight_scales = args.scales or grid.book_weight_scales(args.num_scales)
-    # The book's arms and protocol are GridConfig's defaults; the options change what they name.
-    config = grid.GridConfig(
-        axes={"weight_scale": tuple(weight_scales)}, num_records=args.epochs, batch_size=args.batch_size,
-        learning_rate=args.lr, optimizer=args.optimizer, seed=args.seed, num_seeds=args.num_seeds,
-        dtype=args.dtype, max_models_per_chunk=args.max_models_per_chunk,
-    )
-    result, timing = harness.run_engine(
-        args, started, config, ds, name="sweep", heldout=args.heldout, unit="epoch",
-        what=f"{len(weight_scales)} scales x BN/plain x {args.num_seeds} seed(s)")
-    timing["data_s"] = data_s
-    if not started["is_main"]:  # process 0 alone writes
-        return 0
-
-    accuracy = result.metrics["train_accuracy"]
-    table, wins = summary_table(weight_scales, accuracy, result.diverged)
-
-    results = harness.results_record(
-        args, result, ds, timing, cache_dir=started["cache_dir"],
-        weight_scales=list(weight_scales),
-        summary={
+    Returns:
+      ``weight_scales`` and ``summary`` (``bn_wins``, ``wins``, ``num_scales``, ``final_train_accuracy_mean``).
+    """
+    weight_scales = run.config.axes["weight_scale"]
+    accuracy = run.result.metrics["train_accuracy"]
+    _, wins = summary_table(weight_scales, accuracy, run.result.diverged)
+    return {
+        "weight_scales": list(weight_scales),
+        "summary": {
             "bn_wins": wins["batchnorm"],
             "wins": wins,
             "num_scales": len(weight_scales),
             "final_train_accuracy_mean": {k: v[:, :, -1].mean(0) for k, v in accuracy.items()},
         },
-        notes=[
-            "Accuracy and loss are measured in evaluation mode (running statistics), as the book; the loss is the "
-            "mean cross-entropy without weight decay, null where the model diverged.",
-            "Within a seed all models share the mini-batches (the book shares them between BN and plain nets; "
-            "bnjax also across scales). BN and plain nets have their own initial weights.",
-            "A diverged model (non-finite parameters) is scored as the book scores NaN scores: argmax -> class 0.",
-        ],
-    )
+    }
+
+
+def render(results: dict) -> str:
+    """The summary table, from a results.json dict.
+
+    Args:
+      results: the results as read from results.json.
+
+    Returns:
+      Markdown: one row per scale (each arm's final accuracy, mean over seeds; the winner), then BN's wins.
+    """
+    return summary_table(results["weight_scales"], results["train_accuracy"], results["diverged"])[0] + "\n"
+
+
+def draw_sweep(run: protocol.Run):
+    """The book's figure of this run (``plot.sweep_figure``).
+
+    Args:
+      run: the run.
+
+    Returns:
+      The matplotlib figure.
+    """
+    args = run.args
     title = None if args.num_seeds == 1 else f"mean and min..max over {args.num_seeds} seeds"
-    harness.finish(args, results, {"sweep.png": lambda: plot.sweep_figure(weight_scales, accuracy, title=title,
-                                                                        diverged=result.diverged)},
-                   [table], _START)
-    return 0
+    return plot.sweep_figure(run.config.axes["weight_scale"], run.result.metrics["train_accuracy"], title=title,
+                             diverged=run.result.diverged)
+
+
+EXPERIMENT = protocol.Experiment(
+    name="sweep",
+    title="The book's figure",
+    question="The book's figure: BN against plain at 16 weight scales (ch. 6.3).",
+    doc=__doc__,
+    epilog=EPILOG,
+    options=add_options,
+    late_options=add_heldout_options,
+    check=check,
+    heldout=lambda args: args.heldout_size if args.heldout else 0,
+    grid=grid_config,
+    describe=lambda args, config: (f"{len(config.axes['weight_scale'])} scales x BN/plain x {args.num_seeds} "
+                                   "seed(s)"),
+    unit="epoch",
+    analyse=analyse,
+    render=render,
+    notes=NOTES,
+    figures=(protocol.Figure("sweep.png", draw_sweep),),
+    quick=("--scales", "0.1,0.01", "--epochs", "3", "--train-size", "200"),
+)
+
+
+def main(argv=None) -> int:
+    """``python -m experiments.sweep``: ``protocol.main`` of ``EXPERIMENT`` (see the module docstring).
+
+    Args:
+      argv: the arguments (``None``: ``sys.argv[1:]``).
+
+    Returns:
+      The exit status (0; failures exit through ``SystemExit``).
+    """
+    return protocol.main(EXPERIMENT, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(harness.main_wrapper(main))
+    sys.exit(runtime.main_wrapper(main))

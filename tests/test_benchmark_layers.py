@@ -1,4 +1,5 @@
-"""The layer section of ``python -m experiments.benchmark``: its JSON, its table and its accuracy check.
+"""The layer section of ``python -m experiments.benchmark`` (experiments/benchmark_layers.py): its JSON, its
+table and its accuracy check.
 
 Timings are checked to be positive and the ratios to be computed from them; their values are never asserted.
 """
@@ -6,37 +7,25 @@ Timings are checked to be positive and the ratios to be computed from them; thei
 import importlib.util
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import pytest
 
-from bnjax import layers
-from experiments import benchmark
+from bnjax.norms import core
+from experiments import benchmark_layers
+from helpers import run_cli
 
-ROOT = Path(__file__).resolve().parents[1]
 HAS_FLAX = importlib.util.find_spec("flax") is not None
 SHAPES = [[64, 4, 4, 8], [64, 16]]  # batch 64: ghost_batch_norm(32) forms two groups
 
 
-def _env():
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    # conftest's 8 host devices must not leak into the CLI, which sets its own.
-    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                                if "xla_force_host_platform_device_count" not in f)
-    return env
-
-
+@pytest.mark.slow
 def test_layer_section_runs_alone_and_writes_every_variant_and_shape(tmp_path):
     out = tmp_path / "layers.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "experiments.benchmark", "--layers-only", "--quick", "--layer-shapes",
-         ",".join("x".join(map(str, s)) for s in SHAPES), "--layer-repeats", "3", "--out", str(out)],
-        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    proc = run_cli("experiments.benchmark", "--layers-only", "--quick", "--layer-shapes",
+                   ",".join("x".join(map(str, s)) for s in SHAPES), "--layer-repeats", "3", "--out", out,
+                   timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads(out.read_text())
     assert res["quick"] is True and "variants" not in res and "scaling" not in res  # only the layer section ran
@@ -79,8 +68,9 @@ def _one_pass_stats(x, faxes, axis_name, mask):
 
 def test_accuracy_check_fails_a_one_pass_variance(monkeypatch):
     key = jax.random.key(3)
-    good = benchmark.layer_accuracy((256, 32), key)["bnjax"]
+    good = benchmark_layers.layer_accuracy((256, 32), key)["bnjax"]
     assert good["var_rel_err"] < 1e-2 and good["out_max_abs_err"] < 1e-2
-    monkeypatch.setattr(layers, "_batch_stats", _one_pass_stats)
-    bad = benchmark.layer_accuracy((256, 32), key)["bnjax"]
+    # batch_norm_stats and batch_norm_apply both reach the statistics through bnjax.norms.core._batch_stats.
+    monkeypatch.setattr(core, "_batch_stats", _one_pass_stats)
+    bad = benchmark_layers.layer_accuracy((256, 32), key)["bnjax"]
     assert bad["var_rel_err"] > 1e-2 and bad["out_max_abs_err"] > 1e-2

@@ -3,17 +3,13 @@ formulas, the book's facts, the trained statistics, the figures and the command 
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from experiments import activations as A
-
-ROOT = Path(__file__).resolve().parents[1]
+from experiments import activations, activations_figures, protocol, results
+from experiments import activations_part1 as A
+from helpers import read_results, run_cli
 
 
 # --------------------------------------------------------------------------------------------------
@@ -93,7 +89,7 @@ def _hand_part2():
 
 def test_part2_summary_counts_scales_collapsed_in_every_seed():
     stats, diverged = _hand_part2()
-    s = A.part2_summary([1.0, 0.1, 0.01], stats, diverged)
+    s = activations.part2_summary([1.0, 0.1, 0.01], stats, diverged)
     assert s["num_scales"] == 3 and s["dead_share"] == 0.99 and s["flat_std"] == 1e-3
     before = s["plain"]["before"]
     # scale 0: flat in both seeds; scale 1: dead in both; scale 2: flat in seed 0 only -> not counted.
@@ -108,11 +104,11 @@ def test_part2_summary_counts_scales_collapsed_in_every_seed():
     assert s["plain"]["diverged"] == 1 and s["batchnorm"]["diverged"] == 0
     assert s["batchnorm"]["after"]["collapsed"] == 0 and s["batchnorm"]["after"]["last_std_range"] == [0.58, 0.58]
     # Stricter criteria
-    s = A.part2_summary([1.0, 0.1, 0.01], stats, diverged, dead_share=0.999, flat_std=1.5e-4)
+    s = activations.part2_summary([1.0, 0.1, 0.01], stats, diverged, dead_share=0.999, flat_std=1.5e-4)
     assert s["plain"]["before"]["collapsed"] == 0
     # Sigmoid arms have no zero share: only the std criterion applies.
     sig = {"s": {"before": {"std": np.array([[[1e-4]]]), "saturated": np.array([[[1.0]]])}}}
-    s = A.part2_summary([0.5], sig)
+    s = activations.part2_summary([0.5], sig)
     assert s["s"]["before"]["collapsed"] == 1 and "last_zero" not in s["s"]["before"] and s["s"]["diverged"] == 0
 
 
@@ -124,32 +120,29 @@ def _hand_verdict():
                   "summary": A.part1_summary(configs)},
         "part2": {"arms": ["batchnorm", "plain"], "weight_scales": [1.0, 0.1, 0.01], "layers": [1, 2],
                   "num_images": 1000, "num_updates": 191, "stats": stats,
-                  "summary": A.part2_summary([1.0, 0.1, 0.01], stats, diverged)},
+                  "summary": activations.part2_summary([1.0, 0.1, 0.01], stats, diverged)},
     }
 
 
-def test_verdict_lines_and_report_read_the_numbers_from_the_verdict():
-    from experiments import harness
-
-    verdict = json.loads(json.dumps(harness._jsonable(_hand_verdict())))  # as read back from results.json
-    text = "\n".join(A.verdict_lines(verdict))
-    assert "saturated (< 0.05 or > 0.95) 64-77 % plain, 0 % with BN" in text
-    assert "within 0.05 of 0.5 96-100 % plain, 15-17 % with BN" in text
-    assert "std shrinks 15..20x per layer plain (0.06 -> 0.0002), BN holds it at 0.57..0.6" in text
-    assert "BN at 0 of 3 scales after training (0 before), plain at 1 of 3 scales after training (2 before)" in text
-    assert "plain diverged at 1" in text
-    assert "outputs exactly 0: BN 50 % before, 50 % after; plain 50-100 % before" in text
-    md = A.report({"verdict": verdict})
-    assert md.startswith("The book's histogram experiment: 1000 standard-normal inputs")
+def test_render_reads_the_numbers_from_the_verdict():
+    verdict = json.loads(results.dumps(_hand_verdict()))  # as read back from results.json
+    md = activations.render({"verdict": verdict})
+    assert md.startswith("Part 1, the book's histogram experiment: 1000 standard-normal inputs")
+    assert "(seed 0)" in md and "more than 99 % exact zeros or an activation std below 0.001" in md
     assert "| network | statistic | plain | batch norm |" in md
     assert "| sigmoid, std 1 | saturated (< 0.05 or > 0.95), range over layers | 64-77 % | 0 % |" in md
-    assert "| ReLU, std 0.01 | std of layer l-1 / layer l | 15..20 |" in md
+    assert "| sigmoid, std 0.01 | within 0.05 of 0.5, range over layers | 96-100 % | 15-17 % |" in md
+    assert "| ReLU, std 0.01 | activation std, range over layers | 0.0002..0.06 | 0.57..0.6 |" in md
+    assert "| ReLU, std 0.01 | std of layer l-1 / layer l | 15..20 (std 0.06 -> 0.0002) |" in md
     assert "| sweep, layer 5, before training | scales where it collapsed | 2 of 3 | 0 of 3 |" in md
+    assert "| sweep, layer 5, after training | scales where it collapsed | 1 of 3 | 0 of 3 |" in md
     assert "| sweep, after training | scales where a model diverged | 1 | 0 |" in md
+    assert "| sweep, layer 5, before training | outputs exactly 0, range over scales | 50-100 % | 50 % |" in md
+    assert "| sweep, layer 5, after training | outputs exactly 0, range over scales | 50-100 % | 50 % |" in md
     # Part 1 alone (--skip-trained)
     del verdict["part2"]
-    assert not any(line.startswith("part 2") for line in A.verdict_lines(verdict))
-    assert "sweep" not in A.report({"verdict": verdict}).split("|", 1)[1]
+    md = activations.render({"verdict": verdict})
+    assert "Part 2" not in md and "sweep" not in md.split("|", 1)[1]
 
 
 def test_histogram_bins_and_zero_share():
@@ -189,6 +182,7 @@ def _numpy_forward(x, weights, activation, batch_norm, eps=1e-6):
     return out
 
 
+@pytest.mark.slow
 def test_part1_matches_numpy_written_from_the_formulas(part1):
     configs, _ = part1
     x = np.asarray(A.part1_inputs(0, 1000))
@@ -221,6 +215,7 @@ def test_every_configuration_of_a_seed_scales_the_same_weights():
         np.testing.assert_allclose(np.asarray(b.W), 0.01 * np.asarray(a.W), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_the_books_facts_hold(part1):
     configs, histograms = part1
 
@@ -243,6 +238,7 @@ def test_the_books_facts_hold(part1):
     assert set(histograms) == set(A.config_names()) and all(len(h) == 5 for h in histograms.values())
 
 
+@pytest.mark.slow
 def test_part1_seeds_are_independent_runs_averaged():
     both, _ = A.run_part1([0, 1], 50)
     one, _ = A.run_part1([0], 50)
@@ -260,6 +256,7 @@ def test_part1_seeds_are_independent_runs_averaged():
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_trained_stats_of_a_stack_of_models_match_numpy():
     from bnjax import grid
 
@@ -268,7 +265,7 @@ def test_trained_stats_of_a_stack_of_models_match_numpy():
     x = np.random.default_rng(0).uniform(size=(40, 784)).astype(np.float32)
     models = grid.init_models(config, 784)
     diverged = {"batchnorm": np.zeros((2, 3), bool), "plain": np.array([[False, True, False], [False] * 3])}
-    stats = A.trained_stats(config, models, x, diverged)
+    stats = activations.trained_stats(config, models, x, diverged)
     assert set(stats) == {"batchnorm", "plain"}
     for arm in ("batchnorm", "plain"):
         st = stats[arm]
@@ -290,11 +287,12 @@ def test_trained_stats_of_a_stack_of_models_match_numpy():
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_figures_have_the_books_layout(part1):
     from experiments import plot
 
     _, histograms = part1
-    fig = A.histogram_figure(histograms, "relu")
+    fig = activations_figures.histogram_figure(histograms, "relu")
     axes = np.array(fig.axes).reshape(8, 5)
     assert [ax.get_title() for ax in axes[0]] == [f"{i}-layer" for i in range(1, 6)]
     assert axes[0, 0].get_ylabel() == "std=1\nplain" and axes[1, 0].get_ylabel() == "std=1\nBN"
@@ -303,29 +301,24 @@ def test_figures_have_the_books_layout(part1):
     assert "0: 5" in axes[0, 0].texts[0].get_text()  # the share of exact zeros, about 50 %
     plot.pyplot().close(fig)
     stats, _ = _hand_part2()
-    fig = A.trained_figure([1.0, 0.1, 0.01], stats, layers=(1, 2))
+    fig = activations_figures.trained_figure([1.0, 0.1, 0.01], stats, layers=(1, 2))
     assert len(fig.axes) == 4 and [ax.get_title() for ax in fig.axes[:2]] == ["before training", "after training"]
     styles = {line.get_label(): line.get_linestyle() for line in fig.axes[0].lines if line.get_label()[0] != "_"}
     assert styles == {"layer 1, BN": "-", "layer 2, BN": "-", "layer 1, plain": "--", "layer 2, plain": "--"}
     plot.pyplot().close(fig)
 
 
-def _env():
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                                if "xla_force_host_platform_device_count" not in f)
-    return env
-
-
+@pytest.mark.slow
 def test_cli_writes_the_verdict_and_the_figures(tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "experiments.activations", "--train-size", "200", "--num-scales",
-                           "3", "--epochs", "2", "--num-inputs", "200", "--data", "bundled", "--no-cache",
-                           "--cpu-devices", "2", "--out", str(out)],
-                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    proc = run_cli("experiments.activations", "--train-size", "200", "--num-scales", "3", "--epochs", "2",
+                   "--num-inputs", "200", "--data", "bundled", "--no-cache", "--cpu-devices", "2", "--out", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "part 1: 200 x 100 normal inputs" in proc.stdout and "part 2: the sweep's networks (3 scales" in proc.stdout
-    res = json.loads((out / "results.json").read_text())
+    res = read_results(out)
+    md = activations.render(res)
+    assert md.strip() in proc.stdout  # the console shows what the report quotes
+    assert "Part 1, the book's histogram experiment: 200 standard-normal inputs" in md
+    assert "Part 2, the networks of the book's sweep (3 weight scales, 3 updates" in md
     v = res["verdict"]
     assert set(v) == {"part1", "part2"}
     assert set(v["part1"]["configs"]) == set(A.config_names())
@@ -343,31 +336,33 @@ def test_cli_writes_the_verdict_and_the_figures(tmp_path):
 
     ds = data.load_bundled(200, 0)
     config = grid.GridConfig(axes={"weight_scale": tuple(p2["weight_scales"])}, num_records=2)
-    start = A.trained_stats(config, grid.init_models(config), np.asarray(ds.x_train, np.float32))
+    start = activations.trained_stats(config, grid.init_models(config), np.asarray(ds.x_train, np.float32))
     for arm in ("batchnorm", "plain"):
         np.testing.assert_allclose(np.array(p2["stats"][arm]["before"]["std"], float), start[arm]["std"], rtol=1e-5)
         assert not np.allclose(np.array(p2["stats"][arm]["after"]["std"], float), start[arm]["std"], rtol=1e-3)
-    for name in A.FIGURES:
+    for name in activations.EXPERIMENT.figure_files:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
-    assert A.report(res).count("\n| ") >= 8
+    assert md.count("\n| ") >= 8
 
 
+@pytest.mark.slow
 def test_skip_trained_needs_no_data(tmp_path):
     out = tmp_path / "p1"
-    code = A.main(["--skip-trained", "--num-inputs", "100", "--quiet", "--no-cache", "--no-plot", "--out", str(out)])
+    code = activations.main(["--skip-trained", "--num-inputs", "100", "--quiet", "--no-cache", "--no-plot", "--out", str(out)])
     assert code == 0
     res = json.loads((out / "results.json").read_text())
     assert set(res["verdict"]) == {"part1"} and "data" not in res and res["config"]["skip_trained"] is True
     assert sorted(p.name for p in out.iterdir()) == ["results.json"]
 
 
-def test_help_explains_itself():
-    proc = subprocess.run([sys.executable, "-m", "experiments.activations", "--help"], cwd=ROOT, env=_env(),
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0
+def test_help_explains_itself(capsys):
+    with pytest.raises(SystemExit) as exc:
+        activations.main(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
     for flag in ("--num-inputs", "--skip-trained", "--num-scales", "--epochs", "--seed", "--num-seeds", "--out"):
-        assert flag in proc.stdout
-    assert "Exit status" in proc.stdout and "training mode" in proc.stdout
+        assert flag in text
+    assert "Exit status" in text and "training mode" in text
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -381,6 +376,6 @@ def test_help_explains_itself():
 ])
 def test_bad_options_exit_2_naming_the_option(bad, message, capsys):
     with pytest.raises(SystemExit) as exc:
-        A.parse_args(bad)
+        protocol.parse_args(activations.EXPERIMENT, bad)
     assert exc.value.code == 2
     assert message in capsys.readouterr().err

@@ -1,12 +1,11 @@
 """experiments.init: the verdict on hand-made records, and the CLI end to end (seed 0 is the book's sweep)."""
 
-import json
-
 import numpy as np
 import pytest
 
 from experiments import init as init_exp
-from test_experiments import _run
+from experiments import protocol
+from helpers import read_results, run_cli
 
 
 def test_verdict_on_hand_made_records():
@@ -30,33 +29,37 @@ def test_verdict_on_hand_made_records():
     assert v["trainable_width"]["batchnorm"] == pytest.approx(2.0)
     assert v["trainable_width"]["plain"] == pytest.approx(1.0)
     assert v["plain_better_scales"] == [0.1]
-    assert any("sign test" in line for line in init_exp.verdict_lines(v))
+    md = init_exp.render({"verdict": v, "record_steps": [1, 191]})
+    assert "sign test p = 0.73" in md and "| 0.1 | " in md and "| 0 / 3 (plain 3) |" in md
+    assert "plain beats BN in most seeds at w = 0.1" in md
     # all tied: nobody is better, and the sign test sees no pair
     same = init_exp.verdict(scales, {"batchnorm": plain, "plain": plain.copy()})
     assert same["plain_better_scales"] == [] and same["sign_test"]["p_value"] == 1.0
 
 
+@pytest.mark.slow
 def test_cli_seed_zero_is_the_books_sweep(tmp_path):
     common = ["--scales", "0.3,0.01", "--epochs", "3", "--train-size", "200", "--data", "bundled", "--no-cache",
               "--quiet"]
-    r = _run("experiments.init", *common, "--num-seeds", "2", "--out", str(tmp_path / "init"))
+    r = run_cli("experiments.init", *common, "--num-seeds", "2", "--out", str(tmp_path / "init"))
     assert r.returncode == 0, r.stderr
-    r2 = _run("experiments.sweep", *common, "--no-plot", "--out", str(tmp_path / "sweep"))
+    r2 = run_cli("experiments.sweep", *common, "--no-plot", "--out", str(tmp_path / "sweep"))
     assert r2.returncode == 0, r2.stderr
-    res = json.loads((tmp_path / "init" / "results.json").read_text())
-    book = json.loads((tmp_path / "sweep" / "results.json").read_text())
+    res = read_results(tmp_path / "init")
+    book = read_results(tmp_path / "sweep")
     for arm in ("batchnorm", "plain"):
         np.testing.assert_array_equal(np.asarray(res["train_accuracy"][arm])[:1], book["train_accuracy"][arm])
     assert [row["scale"] for row in res["verdict"]["per_scale"]] == [0.3, 0.01]
     final = np.asarray(res["train_accuracy"]["batchnorm"])[:, :, -1]
     assert res["verdict"]["per_scale"][1]["batchnorm"]["mean"] == pytest.approx(final[:, 1].mean())
-    for png in init_exp.FIGURES:
+    for png in init_exp.EXPERIMENT.figure_files:
         assert (tmp_path / "init" / png).stat().st_size > 10_000
-    assert "| w | BN mean" in init_exp.report(res)
+    assert "| w | BN mean" in init_exp.render(res)
 
 
 @pytest.mark.parametrize("bad,option", [(["--scales", "0.1,x"], "--scales"), (["--num-seeds", "0"], "--num-seeds"),
                                         (["--lr", "nan"], "--lr")])
-def test_bad_options_exit_2_naming_the_option(bad, option):
-    r = _run("experiments.init", *bad, "--out", "/tmp/bnjax-never-written")
-    assert r.returncode == 2 and option in r.stderr
+def test_bad_options_exit_2_naming_the_option(bad, option, capsys):
+    with pytest.raises(SystemExit) as exc:
+        protocol.parse_args(init_exp.EXPERIMENT, [*bad, "--out", "/tmp/bnjax-never-written"])
+    assert exc.value.code == 2 and option in capsys.readouterr().err

@@ -1,13 +1,13 @@
 """experiments.learning_rate: the verdict on hand-made records, the arms' pairing, and the CLI end to end."""
 
-import json
 
 import numpy as np
 import pytest
 
 from bnjax import grid
 from experiments import learning_rate as lr_exp
-from test_experiments import _run
+from experiments import protocol
+from helpers import read_results, run_cli
 
 INITS = ["w=0.1", "he"]
 
@@ -46,11 +46,15 @@ def test_verdict_on_hand_made_records():
     v = lr_exp.verdict(lrs, steps, acc, div, INITS, probe, [0.1, 1.0, 10.0])
     assert v["largest_loss_lowering_step"]["init"]["he"] == {"batchnorm": 1.0, "plain": None}
     assert v["largest_loss_lowering_step"]["init"]["w=0.1"] == {"batchnorm": None, "plain": None}
-    assert any("plain ends above BN" in line for line in lr_exp.verdict_lines(v))
+    md = lr_exp.render({"verdict": v, "seeds": [0, 1], "axes": {"learning_rate": lrs}})
+    assert "he: plain ends above BN (by > 0.01, mean over seeds) at lr 0.01" in md
+    assert "| he | batchnorm | 1 | 21 (0.01) |" in md and "BN's largest stable learning rate is 10x plain's" in md
+    assert "probe at initialisation, largest step that lowers the loss (median over seeds): w=0.1: BN never" in md
 
 
+@pytest.mark.slow
 def test_arms_pair_bn_and_plain_of_one_init_and_the_inits_have_their_scales():
-    args = lr_exp.parse_args(["--lrs", "0.01,0.1", "--num-seeds", "2", "--init-scale", "0.2", "--out", "/tmp/unused"])
+    args = protocol.parse_args(lr_exp.EXPERIMENT, ["--lrs", "0.01,0.1", "--num-seeds", "2", "--init-scale", "0.2", "--out", "/tmp/unused"])
     config = lr_exp.grid_config(args)
     assert list(config.arms) == ["batchnorm w=0.2", "plain w=0.2", "batchnorm he", "plain he"]
     assert [a.norm for a in config.arms.values()] == [True, False, True, False]
@@ -65,12 +69,13 @@ def test_arms_pair_bn_and_plain_of_one_init_and_the_inits_have_their_scales():
     assert start["plain he"].params.affine[1].W.std() == pytest.approx(np.sqrt(2 / 100), rel=0.02)
 
 
+@pytest.mark.slow
 def test_cli_writes_results_verdict_probe_and_figures(tmp_path):
     out = tmp_path / "lr"
-    r = _run("experiments.learning_rate", "--lrs", "0.01,3", "--epochs", "3", "--num-seeds", "2", "--train-size",
+    r = run_cli("experiments.learning_rate", "--lrs", "0.01,3", "--epochs", "3", "--num-seeds", "2", "--train-size",
              "200", "--probe-steps", "4", "--data", "bundled", "--no-cache", "--quiet", "--out", str(out))
     assert r.returncode == 0, r.stderr
-    res = json.loads((out / "results.json").read_text())
+    res = read_results(out)
     assert res["axes"]["learning_rate"] == [0.01, 3.0]
     assert np.asarray(res["train_accuracy"]["batchnorm he"]).shape == (2, 2, 3)
     assert set(res["verdict"]["max_stable_lr"]) == {"w=0.1585", "he"}
@@ -79,14 +84,15 @@ def test_cli_writes_results_verdict_probe_and_figures(tmp_path):
     r0 = np.asarray(ratios["init"]["plain he"], float)
     assert r0.shape == (2, 4) and np.allclose(r0[:, 0], 1.0, atol=1e-2)  # eta 1e-4: the loss barely moves
     assert not np.allclose(r0, np.asarray(ratios["trained"]["plain he"], float))
-    for png in lr_exp.FIGURES:
+    for png in lr_exp.EXPERIMENT.figure_files:
         assert (out / png).stat().st_size > 10_000
-    assert "| init | arm |" in lr_exp.report(res)
+    assert "| init | arm |" in lr_exp.render(res)
 
 
 @pytest.mark.parametrize("bad,option", [(["--lrs", "0.1,-1"], "--lrs"), (["--num-lrs", "0"], "--num-lrs"),
                                         (["--init-scale", "0"], "--init-scale"), (["--epochs", "1"], "--epochs"),
                                         (["--probe-steps", "1"], "--probe-steps")])
-def test_bad_options_exit_2_naming_the_option(bad, option):
-    r = _run("experiments.learning_rate", *bad, "--out", "/tmp/bnjax-never-written")
-    assert r.returncode == 2 and option in r.stderr
+def test_bad_options_exit_2_naming_the_option(bad, option, capsys):
+    with pytest.raises(SystemExit) as exc:
+        protocol.parse_args(lr_exp.EXPERIMENT, [*bad, "--out", "/tmp/bnjax-never-written"])
+    assert exc.value.code == 2 and option in capsys.readouterr().err

@@ -2,29 +2,17 @@
 protocol (record steps, shared initial weights, the book's dropout, held-out images never trained on)."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from experiments import overfitting
+from experiments import overfitting, protocol
+from helpers import read_results, run_cli
 
-ROOT = Path(__file__).resolve().parents[1]
 SUMMARY_KEYS = {"final_train", "final_heldout", "gap", "best_heldout", "best_heldout_epoch", "epoch_train_100",
                 "diverged_seeds", "headline", "vs_unregularised", "vs_plain"}
 NAMES = ["plain", "plain+weight_decay", "plain+dropout", "plain+dropout+weight_decay",
          "batchnorm", "batchnorm+weight_decay", "batchnorm+dropout", "batchnorm+dropout+weight_decay"]
-
-
-def _env():
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    # conftest's 8 host devices must not leak into the CLI, which sets its own.
-    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                                if "xla_force_host_platform_device_count" not in f)
-    return env
 
 
 def _arms(**curves):
@@ -92,10 +80,15 @@ def test_verdict_on_hand_made_curves():
     assert bdo["heldout_change"] == pytest.approx(-0.03) and (bdo["seeds_higher"], bdo["seeds_lower"]) == (0, 2)
     assert v["batchnorm+dropout"]["vs_plain"]["heldout_change"] == pytest.approx(0.15)
 
-    lines = overfitting.verdict_lines(v)
-    assert lines[0].split()[:4] == ["combination", "train", "held-out", "gap"]
-    rows = [line.split()[0] for line in lines[1:] if line and line.split()[0] in NAMES]
+    results = {"verdict": v, "seeds": [0, 1], "epochs": [0, 5, 10], "axes": {"weight_decay": [0.0, 0.1]},
+               "data": {"name": "bundled", "num_train": 300, "num_heldout": 4700},
+               "arms": {"plain+dropout": {"dropout_ratio": 0.2, "dropout_inverted": False}}}
+    lines = overfitting.render(json.loads(json.dumps(results))).splitlines()  # as read back from results.json
+    table = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines if line.startswith("|")]
+    assert table[0][:4] == ["combination", "train", "held-out", "gap"] and table[1][0].startswith("---")
+    rows = [row[0].split()[0] for row in table[2:]]
     assert rows == [n for n in NAMES if "dropout+weight" not in n] + [n for n in NAMES if "dropout+weight" in n]
+    assert table[2][1:] == ["1.000", "0.650", "0.350", "0.750 (5)", "10"]  # plain: the numbers above
     assert "not in the book" in "\n".join(lines)
     text = " ".join(lines)
     assert "BN ends above plain" in text and "0.790 against 0.650" in text and "2 of 2 seeds" in text
@@ -103,21 +96,18 @@ def test_verdict_on_hand_made_curves():
     assert "Dropout: for plain it only shrank the gap (0.350 -> 0.190)" in text
     assert "Weight decay: for plain it raised held-out accuracy (+6.0 points" in text
     assert "Highest final held-out accuracy: BN, weight decay (0.820)" in text
-    assert "seed(s) diverged" in lines[[i for i, l in enumerate(lines) if l.startswith("batchnorm+dropout+")][0]]
+    assert [row[0] for row in table if "seed(s) diverged" in row[0]] == [
+        "batchnorm+dropout+weight_decay (not in the book) (1 seed(s) diverged)"]
 
 
-def _run_cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "experiments.overfitting", *args], cwd=ROOT, env=_env(),
-                          capture_output=True, text=True, timeout=timeout)
-
-
+@pytest.mark.slow
 def test_cli_tiny_run_end_to_end(tmp_path):
     out = tmp_path / "run"
-    proc = _run_cli("--train-size", "100", "--epochs", "7", "--record-every", "3", "--num-seeds", "2",
+    proc = run_cli("experiments.overfitting", "--train-size", "100", "--epochs", "7", "--record-every", "3", "--num-seeds", "2",
                     "--data", "bundled", "--no-cache", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "combination" in proc.stdout and "wrote results.json, overfitting.png" in proc.stdout
-    res = json.loads((out / "results.json").read_text())
+    res = read_results(out)
     assert res["epochs"] == [0, 3, 6]
     assert res["record_steps"] == [1, 4, 7]  # 100 images / 100 a batch: one update an epoch
     assert res["iter_per_epoch"] == 1
@@ -136,7 +126,8 @@ def test_cli_tiny_run_end_to_end(tmp_path):
     assert res["data"]["num_train"] == 100 and res["data"]["num_heldout"] == 4900  # all the rest
     assert any("van Laarhoven" in note for note in res["notes"])
     assert (out / "overfitting.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    md = overfitting.report(res)  # from the results file alone
+    md = overfitting.render(res)  # from the results file alone
+    assert md.strip() in proc.stdout  # what the console showed
     table = [line for line in md.splitlines() if line.startswith("|")]
     assert len(table) == 2 + len(NAMES) and table[1].startswith("|---")  # header, rule, a row per combination
     assert "4900 held-out" in md and "non-inverted" in md and "(not in the book)" in md
@@ -161,7 +152,7 @@ def test_cli_tiny_run_end_to_end(tmp_path):
 )
 def test_bad_options_exit_2_naming_the_option(bad, message, capsys):
     with pytest.raises(SystemExit) as exc:
-        overfitting.parse_args(bad + ["--out", "/tmp/never-written"])
+        protocol.parse_args(overfitting.EXPERIMENT, bad + ["--out", "/tmp/never-written"])
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
 
@@ -169,7 +160,7 @@ def test_bad_options_exit_2_naming_the_option(bad, message, capsys):
 def test_defaults_are_the_books_protocol(tmp_path):
     from bnjax import grid
 
-    args = overfitting.parse_args(["--out", str(tmp_path)])
+    args = protocol.parse_args(overfitting.EXPERIMENT, ["--out", str(tmp_path)])
     assert (args.train_size, args.epochs, args.record_every, args.num_seeds, args.lr) == (300, 201, 5, 5, 0.01)
     config = overfitting.grid_config(args, 300)
     assert config.hidden_sizes == (100,) * 6 and config.batch_size == 100 and config.optimizer == "sgd"
@@ -177,7 +168,8 @@ def test_defaults_are_the_books_protocol(tmp_path):
     assert grid.record_steps(config, 300)[-1] == 601  # 1 + 3 * 200 updates, the book's 201 epochs
     assert config.arms["plain+dropout"] == grid.Arm(norm=False, dropout_ratio=0.2, dropout_inverted=False,
                                                     weight_init="he", init_stream=0)
-    inverted = overfitting.grid_config(overfitting.parse_args(["--inverted-dropout", "--out", str(tmp_path)]), 300)
+    inverted = overfitting.grid_config(
+        protocol.parse_args(overfitting.EXPERIMENT, ["--inverted-dropout", "--out", str(tmp_path)]), 300)
     assert inverted.arms["batchnorm+dropout"].dropout_inverted is True
     # Every model of a seed starts from the same Affine weights (He init), BN or not, dropout or not.
     models = grid.init_models(config.replace(num_seeds=2))
@@ -190,6 +182,7 @@ def test_defaults_are_the_books_protocol(tmp_path):
             np.testing.assert_array_equal(a.W, b.W)
 
 
+@pytest.mark.slow
 def test_protocol_matches_the_engine_alone(tmp_path):
     """Two epochs recorded at every epoch: records after 1 and 4 updates; the arms are what they say (the plain
     arm and the book's dropout equal the engine run alone, inverted dropout does not), and the held-out images
@@ -199,7 +192,7 @@ def test_protocol_matches_the_engine_alone(tmp_path):
     out = tmp_path / "run"
     assert overfitting.main(["--epochs", "2", "--record-every", "1", "--num-seeds", "1", "--data", "bundled",
                              "--quiet", "--no-plot", "--no-cache", "--out", str(out)]) == 0
-    res = json.loads((out / "results.json").read_text())
+    res = read_results(out)
     assert res["record_steps"] == [1, 4] and res["epochs"] == [0, 1]
 
     ds = data.load_bundled(300, None, split_seed=0)

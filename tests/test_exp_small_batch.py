@@ -2,7 +2,6 @@
 after training against the model's own functions, and the CLI end to end."""
 
 import argparse
-import json
 
 import jax
 import jax.numpy as jnp
@@ -10,8 +9,8 @@ import numpy as np
 import pytest
 
 from bnjax import data, grid, layers, model
-from experiments import small_batch
-from test_experiments import _run
+from experiments import protocol, small_batch
+from helpers import read_results, run_cli
 
 
 def _hand_made():
@@ -57,15 +56,17 @@ def test_verdict_on_hand_made_numbers():
     # precise above the running averages: BN 0.5 > 0.2 at B=2 (0.9 = 0.9 at 100 is no gain); renorm 0.95 > 0.883 at B=100; ghost 0.92 > 0.9
     assert v["precise_helps"] == {"batchnorm": [2], "renorm": [100], "ghost": [100]}
     assert v["num_seeds"] == 3
-    lines = small_batch.verdict_lines(v)
+    md = small_batch.render({"verdict": v, "config": {"epochs": 10}})
+    lines = md.splitlines()
     assert any("sign test p = 0.62" in line for line in lines)
     assert any(line.endswith("at B = 2") and "mismatch" in line for line in lines)
-    md = small_batch.report({"verdict": v, "config": {"epochs": 10}})
-    assert "| 2 | 0.800" in md and "+0.300 / +0.100" in md
+    assert "| 2 | 0.800 [0.800, 0.800] | 0.200 [0.000, " in md
+    # mismatch / precise of BN, Batch Renorm and Ghost BN at B = 2
+    assert "| 2 | +0.300 / 0.500 | +0.100 / 0.300 | +0.200 / 0.100 |" in md
 
 
 def _args(**changes):
-    args = small_batch.parse_args(["--out", "/tmp/bnjax-never-written-small-batch"])
+    args = protocol.parse_args(small_batch.EXPERIMENT, ["--out", "/tmp/bnjax-never-written-small-batch"])
     return argparse.Namespace(**{**vars(args), **changes})
 
 
@@ -90,6 +91,7 @@ def test_the_arms_the_options_describe():
     assert _args(renorm_warmup=0.0) and small_batch.renorm_value(_args(renorm_warmup=0.0), 100).warmup is None
 
 
+@pytest.mark.slow
 def test_measurements_after_training_are_the_models_own(tmp_path):
     ds = data.load_bundled(60, 40)
     args = _args(batch_sizes=(3, 12), reference_batch=12, epochs=2, num_seeds=2)
@@ -123,13 +125,14 @@ def test_measurements_after_training_are_the_models_own(tmp_path):
     assert result.arm_record_steps["ghost@3"].tolist() == [1, 6]
 
 
+@pytest.mark.slow
 def test_cli_writes_figures_results_and_verdict(tmp_path):
     out = tmp_path / "sb"
-    r = _run("experiments.small_batch", "--batch-sizes", "2,10", "--reference-batch", "10", "--epochs", "2",
+    r = run_cli("experiments.small_batch", "--batch-sizes", "2,10", "--reference-batch", "10", "--epochs", "2",
              "--num-seeds", "2", "--train-size", "100", "--data", "bundled", "--no-cache", "--renorm-warmup", "0.5",
              "--out", str(out))
     assert r.returncode == 0, r.stderr
-    res = json.loads((out / "results.json").read_text())
+    res = read_results(out)
     assert res["batch_sizes"] == [2, 10] and res["seeds"] == [0, 1]
     assert res["arm_record_steps"]["plain@2"] == [1, 51] and res["arm_record_steps"]["ghost@2"] == [1, 11]
     assert res["arms"]["renorm@2"]["norm"]["norm"] == "BatchRenorm"
@@ -141,7 +144,7 @@ def test_cli_writes_figures_results_and_verdict(tmp_path):
     assert row["batchnorm"]["mismatch"] == pytest.approx(
         np.mean(np.asarray(res["after_training"]["batchnorm@2"]["train_mode"])
                 - np.asarray(res["after_training"]["batchnorm@2"]["eval_mode"])))
-    for png in small_batch.FIGURES:
+    for png in small_batch.EXPERIMENT.figure_files:
         assert (out / png).stat().st_size > 10_000
     assert "Batch Renorm above BN in" in r.stdout
-    assert "| B |" in small_batch.report(res)
+    assert "| B |" in small_batch.render(res) and small_batch.render(res).strip() in r.stdout

@@ -1,4 +1,5 @@
-"""The command-line experiments end to end (tiny configurations): devices, processes, seeds, files, errors."""
+"""The command-line experiments end to end (tiny configurations): the registry (every experiment's --help, quick
+run and rendering; the README's table), devices, processes, seeds, files, errors."""
 
 import json
 import os
@@ -13,32 +14,112 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from experiments import harness, sweep
+from experiments import cli, protocol, registry, results, sweep
+from helpers import ROOT, cli_env, read_results, run_cli
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--scales", "0.08,0.05,0.03,0.02,0.01", "--epochs", "2", "--num-seeds", "2", "--train-size", "300",
         "--data", "bundled", "--no-plot", "--no-cache", "--heldout-size", "100"]
 
 
-def _env(**extra):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), **extra)
-    # conftest's 8 host devices must not leak into the CLI, whose --cpu-devices sets its own.
-    flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
-    env["XLA_FLAGS"] = " ".join(flags)
-    return env
+_results = read_results
+
+# --------------------------------------------------------------------------------------------------
+# The registry: every experiment, its --help, its quick run and rendering, the README's table
+# --------------------------------------------------------------------------------------------------
+
+# What each experiment's results call their verdict: the sweep keeps the book's "summary" (its results must stay
+# field for field what they were).
+VERDICT_FIELD = {"sweep": "summary"}
+
+_HELP_ALL = """
+import contextlib, io, json, sys
+from experiments import registry
+out = {}
+for name in registry.NAMES:
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        try:
+            registry.experiment(name)
+            __import__("experiments." + name, fromlist=["main"]).main(["--help"])
+            code = None
+        except SystemExit as exit:
+            code = exit.code
+    out[name] = {"code": code, "help": text.getvalue()}
+print(json.dumps({"jax_imported": "jax" in sys.modules, "runs": out}))
+"""
 
 
-def _run(*args, timeout=300, **env):
-    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=_env(**env), capture_output=True, text=True,
-                          timeout=timeout)
+@pytest.fixture(scope="module")
+def every_help():
+    """Every registered experiment's --help, in one fresh process (which must not import JAX for it)."""
+    proc = subprocess.run([sys.executable, "-c", _HELP_ALL], cwd=ROOT, env=cli_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout)
 
 
-def _results(directory: Path) -> dict:
-    return json.loads((directory / "results.json").read_text())
+@pytest.mark.parametrize("name", registry.NAMES)
+def test_every_registered_experiment_explains_itself_without_jax(every_help, name):
+    assert not every_help["jax_imported"]  # --help stays instant
+    run = every_help["runs"][name]
+    experiment = registry.experiment(name)
+    assert run["code"] == 0 and experiment.name == name
+    text = run["help"]
+    assert text.startswith(f"usage: python -m experiments.{name}") and "Exit status" in text
+    for flag in ("--seed", "--num-seeds", "--split-seed", "--data", "--train-size", "--out", "--quiet", "--no-plot",
+                 "--cpu-devices", "--max-models-per-chunk", "--coordinator"):
+        assert flag in text, (name, flag)
+    assert experiment.doc.split("\n\n")[0].split("\n")[0] in text  # the module docstring describes it
+
+
+def test_registry_lists_each_experiment_once_and_the_report_reads_it():
+    from experiments import report
+
+    assert len(set(registry.NAMES)) == len(registry.NAMES)
+    assert report.build_parser().get_default("only") == registry.REPORTED
+    for name in registry.NAMES:
+        experiment = registry.experiment(name)
+        assert experiment.question.endswith(("?", ".")) and experiment.title and experiment.quick
+        assert len(set(experiment.figure_files)) == len(experiment.figure_files)
+    with pytest.raises(KeyError):
+        registry.experiment("harness")
+
+
+def test_readme_table_lists_exactly_the_registry():
+    text = (ROOT / "README.md").read_text()
+    table = text.split("<!-- experiments:begin -->\n", 1)[1].split("<!-- experiments:end -->", 1)[0]
+    assert table == registry.readme_table()
+    names = [line.split("`")[1] for line in table.splitlines()[2:]]
+    assert names == [*registry.NAMES, *(name for name, _, _ in registry.OTHER_COMMANDS)]
+
+
+@pytest.fixture(scope="module")
+def quick_runs(tmp_path_factory):
+    """Every registered experiment's quick configuration, run once from its command line (figures left out)."""
+    out = tmp_path_factory.mktemp("quick")
+    runs = {}
+    for name in registry.NAMES:
+        proc = run_cli(f"experiments.{name}", *registry.experiment(name).quick, "--data", "bundled", "--no-cache",
+                       "--no-plot", "--cpu-devices", "2", "--out", out / name, timeout=600)
+        runs[name] = (proc, out / name)
+    return runs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", registry.NAMES)
+def test_every_registered_experiment_records_a_verdict_and_prints_its_rendering(quick_runs, name):
+    proc, out = quick_runs[name]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = read_results(out)
+    assert res[VERDICT_FIELD.get(name, "verdict")]
+    rendered = registry.experiment(name).render(res)
+    assert rendered.strip() and rendered.strip() in proc.stdout  # the console shows what the report quotes
+    assert f"wrote results.json to {out}" in proc.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["results.json"]  # --no-plot
 
 
 def test_help_explains_itself():
-    proc = _run("experiments.sweep", "--help")
+    proc = run_cli("experiments.sweep", "--help")
     assert proc.returncode == 0
     for flag in ("--scales", "--num-scales", "--epochs", "--optimizer", "--num-seeds", "--split-seed", "--data",
                  "--heldout", "--out", "--dtype", "--no-plot", "--quiet", "--coordinator", "--num-processes",
@@ -47,6 +128,7 @@ def test_help_explains_itself():
     assert "same mini-batches" in proc.stdout and "Exit status" in proc.stdout
 
 
+@pytest.mark.slow
 def test_tiny_sweep_end_to_end(tmp_path):
     out = tmp_path / "run"
     code = sweep.main(["--num-scales", "2", "--epochs", "2", "--num-seeds", "2", "--heldout", "--heldout-size", "50",
@@ -82,6 +164,7 @@ def test_tiny_sweep_end_to_end(tmp_path):
         assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
 
 
+@pytest.mark.slow
 def test_seed_i_of_a_run_equals_a_run_at_seed_plus_i_with_the_same_split(tmp_path):
     base = ["--scales", "0.1,0.02", "--epochs", "2", "--data", "bundled", "--no-plot", "--quiet", "--no-cache",
             "--heldout-size", "200"]
@@ -115,10 +198,11 @@ def _compare(a: dict, b: dict, tol: float = 1e-4, accuracy_tol: float | None = N
     assert a["diverged"] == b["diverged"]
 
 
+@pytest.mark.slow
 def test_one_three_and_eight_cpu_devices_give_the_same_results(tmp_path):
     runs = {}
     for n in (1, 3, 8):
-        proc = _run("experiments.sweep", *TINY, "--cpu-devices", str(n), "--quiet", "--out", str(tmp_path / str(n)))
+        proc = run_cli("experiments.sweep", *TINY, "--cpu-devices", str(n), "--quiet", "--out", str(tmp_path / str(n)))
         assert proc.returncode == 0, proc.stderr[-2000:]
         runs[n] = _results(tmp_path / str(n))
         assert runs[n]["environment"]["device_count"] == n
@@ -135,13 +219,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_and_only_process_0_writes(tmp_path):
     port = _free_port()
     procs = []
     for pid in (0, 1):
         cmd = [sys.executable, "-m", "experiments.sweep", *TINY, "--cpu-devices", "2", "--coordinator",
                f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(pid), "--out", str(tmp_path / f"p{pid}")]
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True))
     outs = [p.communicate(timeout=300) for p in procs]
     for p, (out, err) in zip(procs, outs):
@@ -150,17 +235,18 @@ def test_two_processes_equal_one_and_only_process_0_writes(tmp_path):
     assert "wrote" not in outs[1][0] and not (tmp_path / "p1").exists()
     two = _results(tmp_path / "p0")
     assert two["environment"]["processes"] == 2 and two["environment"]["devices_used"] == 4
-    proc = _run("experiments.sweep", *TINY, "--cpu-devices", "4", "--quiet", "--out", str(tmp_path / "one"))
+    proc = run_cli("experiments.sweep", *TINY, "--cpu-devices", "4", "--quiet", "--out", str(tmp_path / "one"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     one = _results(tmp_path / "one")
     assert one["environment"]["processes"] == 1
     _compare(one, two, tol=1e-6)
 
 
+@pytest.mark.slow
 def test_chunked_cli_run_equals_one_chunk(tmp_path):
     args = TINY + ["--quiet", "--cpu-devices", "2"]
-    assert _run("experiments.sweep", *args, "--out", str(tmp_path / "one")).returncode == 0
-    proc = _run("experiments.sweep", *args, "--max-models-per-chunk", "4", "--out", str(tmp_path / "chunks"))
+    assert run_cli("experiments.sweep", *args, "--out", str(tmp_path / "one")).returncode == 0
+    proc = run_cli("experiments.sweep", *args, "--max-models-per-chunk", "4", "--out", str(tmp_path / "chunks"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     one, chunks = _results(tmp_path / "one"), _results(tmp_path / "chunks")
     assert one["environment"]["layout"]["num_chunks"] == 1 and chunks["environment"]["layout"]["num_chunks"] == 5
@@ -196,7 +282,7 @@ def test_chunked_cli_run_equals_one_chunk(tmp_path):
 )
 def test_bad_options_exit_2_naming_the_problem(bad, message, capsys):
     with pytest.raises(SystemExit) as exc:
-        sweep.parse_args(bad)
+        protocol.parse_args(sweep.EXPERIMENT, bad)
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
 
@@ -209,7 +295,7 @@ def test_summary_table_counts_wins_over_any_arms():
                 "dropout": np.zeros((1, 3), bool)}
     table, wins = sweep.summary_table([1.0, 0.1, 0.01], acc, diverged)
     assert wins == {"batchnorm": 1, "plain": 1, "dropout": 0}
-    assert "plain diverged" in table and "BN wins at 1 of 3" in table and "tie" in table.splitlines()[3]
+    assert "plain diverged" in table and "BN wins at 1 of 3" in table and "tie" in table.splitlines()[4]  # header, rule, then the third scale
 
 
 def test_plot_draws_every_arm_in_every_panel(tmp_path):
@@ -243,11 +329,12 @@ def test_plot_draws_every_arm_in_every_panel(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig, status, word", [(signal.SIGINT, 130, "interrupted"),
                                               (signal.SIGTERM, 143, "terminated")])
 def test_interrupt_prints_one_line_and_exits_non_zero(tmp_path, sig, status, word):
     proc = subprocess.Popen([sys.executable, "-m", "experiments.sweep", "--num-seeds", "64", "--data", "bundled",
-                             "--no-cache", "--out", str(tmp_path / "run")], cwd=ROOT, env=_env(),
+                             "--no-cache", "--out", str(tmp_path / "run")], cwd=ROOT, env=cli_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and "compiling" not in (proc.stdout.readline() or ""):
@@ -261,13 +348,14 @@ def test_interrupt_prints_one_line_and_exits_non_zero(tmp_path, sig, status, wor
 
 
 def test_json_writer_turns_non_finite_numbers_into_null(tmp_path):
-    path = harness.write_json(tmp_path / "r.json", {"a": np.array([1.0, np.nan, np.inf]), "b": np.float32(0.5),
+    path = results.write_json(tmp_path / "r.json", {"a": np.array([1.0, np.nan, np.inf]), "b": np.float32(0.5),
                                                      "c": np.bool_(True), "d": Path("x")})
     assert json.loads(path.read_text()) == {"a": [1.0, None, None], "b": 0.5, "c": True, "d": "x"}
 
 
+@pytest.mark.slow
 def test_benchmark_quick_runs(tmp_path):
-    proc = _run("experiments.benchmark", "--quick", "--skip", "d", "--out", str(tmp_path / "bench.json"),
+    proc = run_cli("experiments.benchmark", "--quick", "--skip", "d", "--out", str(tmp_path / "bench.json"),
                 timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads((tmp_path / "bench.json").read_text())
@@ -283,6 +371,7 @@ def test_benchmark_quick_runs(tmp_path):
     assert "ratio" in proc.stdout and "scaling" in proc.stdout
 
 
+@pytest.mark.slow
 def test_results_file_table_and_figure_hold_each_arms_own_numbers(tmp_path, monkeypatch, capsys):
     """results.json, the summary table and the figure's data against the engine run directly on the same split,
     with every option away from its default, so a swapped arm, set or option shows."""
@@ -341,9 +430,10 @@ def test_results_file_table_and_figure_hold_each_arms_own_numbers(tmp_path, monk
     assert summary["num_scales"] == 3 and res["weight_scales"] == list(scales)
     # The printed table: one row per scale, BN's column first.
     lines = printed.splitlines()
-    header = next(i for i, line in enumerate(lines) if line.split()[:3] == ["scale", "BN", "plain"])
+    header = next(i for i, line in enumerate(lines) if line.startswith("| scale | BN | plain |"))
+    assert lines[header + 1].startswith("|---")
     for i, w in enumerate(scales):
-        row = lines[header + 1 + i].split()
+        row = [cell.strip() for cell in lines[header + 2 + i].strip("|").split("|")]
         assert float(row[0]) == pytest.approx(w, rel=1e-3)
         assert (float(row[1]), float(row[2])) == pytest.approx((final["batchnorm"][i], final["plain"][i]), abs=6e-4)
     assert f"BN wins at {bn_wins} of 3 scales" in printed
@@ -358,13 +448,11 @@ def test_results_file_table_and_figure_hold_each_arms_own_numbers(tmp_path, monk
 def test_float_in_keeps_to_its_interval_and_float32():
     import argparse
 
-    from experiments import harness
-
-    ratio = harness.float_in(0.0, 1.0, open_low=True, open_high=True)
+    ratio = cli.float_in(0.0, 1.0, open_low=True, open_high=True)
     assert ratio("0.2") == 0.2 and ratio("1e-40") == 1e-40
-    non_negative = harness.float_in(0.0, float32=True)
+    non_negative = cli.float_in(0.0, float32=True)
     assert non_negative("5") == 5.0 and str(non_negative("-0")) == "0.0" and non_negative("0e0") == 0.0
-    unit = harness.float_in(0.0, 1.0)
+    unit = cli.float_in(0.0, 1.0)
     assert unit("0") == 0.0 and unit("1") == 1.0
     for parse, bad in ((ratio, "0"), (ratio, "1"), (ratio, "nan"), (ratio, "x"), (unit, "1.5"), (unit, "-0.1"),
                        (non_negative, "-1"), (non_negative, "inf"), (non_negative, "1e-40"), (non_negative, "1e39")):

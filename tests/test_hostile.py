@@ -12,11 +12,10 @@ import time
 
 import pytest
 
-from test_experiments import ROOT, _env, _run
+from experiments import registry
+from helpers import ROOT, cli_env, run_cli
 
-EXPERIMENTS = ("sweep", "learning_rate", "init", "overfitting", "activations", "small_batch")
-
-# Every experiment takes these (harness.add_common_args).
+# Every experiment takes these (cli.add_common_args).
 COMMON = [
     (["--seed", "-1"], "--seed"),
     (["--seed", str(2**31)], "--seed"),
@@ -76,7 +75,11 @@ REPORT = [(["--only", "sweepz"], "--only"), (["--only", ""], "--only"), (["--see
           (["--out", ""], "--out"), (["--data", "x"], "--data"), (["--data-dir", "/nonexistent-bnjax-test"], "--data-dir"),
           (["--cpu-devices", "0"], "--cpu-devices")]
 
-CASES = [(name, bad, option) for name in EXPERIMENTS for bad, option in COMMON + SPECIFIC[name]]
+def test_every_registered_experiment_has_its_hostile_cases():
+    assert set(SPECIFIC) == set(registry.NAMES)
+
+
+CASES = [(name, bad, option) for name in registry.NAMES for bad, option in COMMON + SPECIFIC[name]]
 CASES += [("report", bad, option) for bad, option in REPORT]
 
 
@@ -101,37 +104,41 @@ def _no_traceback_one_error(err: str) -> None:
 TINY = ["--scales", "0.1", "--epochs", "2", "--train-size", "200", "--no-cache", "--no-plot", "--quiet"]
 
 
+@pytest.mark.slow
 def test_missing_backend_is_one_line_and_leaves_no_directory(tmp_path):
-    r = _run("experiments.sweep", *TINY, "--out", str(tmp_path / "run"), JAX_PLATFORMS="cuda")
+    r = run_cli("experiments.sweep", *TINY, "--out", str(tmp_path / "run"), JAX_PLATFORMS="cuda")
     assert r.returncode == 1
     _no_traceback_one_error(r.stderr)
     assert "'cuda'" in r.stderr and "JAX_PLATFORMS" in r.stderr and "jaxlib" in r.stderr
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_sizes_the_auto_data_cannot_supply_exit_2_like_bundled(tmp_path):
     # An empty data directory: auto falls back to the 5,000 bundled images.
     empty = tmp_path / "data"
     empty.mkdir()
     for source in ("auto", "bundled"):
-        r = _run("experiments.sweep", *TINY, "--data", source, "--train-size", "6000", "--out",
+        r = run_cli("experiments.sweep", *TINY, "--data", source, "--train-size", "6000", "--out",
                  str(tmp_path / source), BNJAX_DATA_DIR=str(empty))
         assert r.returncode == 2, (source, r.stderr)
         assert "--train-size" in r.stderr and "Traceback" not in r.stderr
         assert not (tmp_path / source).exists()
 
 
+@pytest.mark.slow
 def test_a_scale_the_dtype_cannot_hold_exits_2(tmp_path):
-    r = _run("experiments.sweep", *TINY[2:], "--scales", "0.00001", "--dtype", "float16", "--data", "bundled",
+    r = run_cli("experiments.sweep", *TINY[2:], "--scales", "0.00001", "--dtype", "float16", "--data", "bundled",
              "--out", str(tmp_path / "run"))
     assert r.returncode == 2 and "--scales" in r.stderr and "float16" in r.stderr
     _no_traceback_one_error(r.stderr)
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_memory_preflight_refuses_what_cannot_fit_in_one_line(tmp_path):
     t0 = time.time()
-    r = _run("experiments.sweep", "--num-seeds", "1000000", "--epochs", "100000", "--data", "bundled", "--no-cache",
+    r = run_cli("experiments.sweep", "--num-seeds", "1000000", "--epochs", "100000", "--data", "bundled", "--no-cache",
              "--quiet", "--out", str(tmp_path / "run"))
     assert r.returncode == 1 and "GiB" in r.stderr and "--num-seeds" in r.stderr
     _no_traceback_one_error(r.stderr)
@@ -140,55 +147,58 @@ def test_memory_preflight_refuses_what_cannot_fit_in_one_line(tmp_path):
 
 def test_memory_problem_counts_chunks_and_results():
     from bnjax import grid
-    from experiments import harness
+    from experiments import memory
 
     small = grid.GridConfig()
-    assert harness.memory_problem(small, 784, 1000, 0) is None
+    assert memory.memory_problem(small, 784, 1000, 0) is None
     host = grid.GridConfig(num_seeds=10**6, num_records=10**5)
-    assert "--num-seeds" in harness.memory_problem(host, 784, 1000, 0)
+    assert "--num-seeds" in memory.memory_problem(host, 784, 1000, 0)
     # one huge model per chunk: the batch activations alone exceed any machine
     wide = grid.GridConfig(batch_size=10**9, max_models_per_chunk=1)
-    assert "--batch-size" in harness.memory_problem(wide, 784, 1000, 0)
+    assert "--batch-size" in memory.memory_problem(wide, 784, 1000, 0)
 
 
+@pytest.mark.slow
 def test_a_corrupt_compilation_cache_entry_is_replaced_once(tmp_path):
     env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
     args = [*TINY[:-3], "--no-plot", "--quiet", "--data", "bundled"]
-    assert _run("experiments.sweep", *args, "--out", str(tmp_path / "a"), **env).returncode == 0
+    assert run_cli("experiments.sweep", *args, "--out", str(tmp_path / "a"), **env).returncode == 0
     entries = [p for p in (tmp_path / "cache" / "bnjax" / "jax-compilation-cache").iterdir() if p.is_file()]
     assert entries
     for p in entries:
         p.write_bytes(b"garbage")
-    r = _run("experiments.sweep", *args, "--out", str(tmp_path / "b"), **env)
+    r = run_cli("experiments.sweep", *args, "--out", str(tmp_path / "b"), **env)
     assert r.returncode == 0 and "replaced" in r.stderr and "Warning" not in r.stderr
-    again = _run("experiments.sweep", *args, "--out", str(tmp_path / "c"), **env)
+    again = run_cli("experiments.sweep", *args, "--out", str(tmp_path / "c"), **env)
     assert again.returncode == 0 and again.stderr == ""
     first = json.loads((tmp_path / "a" / "results.json").read_text())
     assert json.loads((tmp_path / "c" / "results.json").read_text())["train_accuracy"] == first["train_accuracy"]
 
 
+@pytest.mark.slow
 def test_matplotlib_gets_a_writable_config_dir():
     # As if HOME were unwritable (os.access says so until the directory is chosen; this test runs as root).
     code = ("import os; real = os.access; os.access = lambda path, mode: False\n"
             "from experiments import plot; plot._config_dir(); os.access = real\n"
             "plot.pyplot(); print(os.environ['MPLCONFIGDIR'])")
-    env = _env()
+    env = cli_env()
     env.pop("MPLCONFIGDIR", None)
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "bnjax-matplotlib-" in r.stdout and "Traceback" not in r.stderr and "Matplotlib" not in r.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("when", ["compile", "run"])
 @pytest.mark.parametrize("sig,status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_interrupt_keeps_earlier_results_byte_identical(tmp_path, when, sig, status):
     out = tmp_path / "run"
     base = ["experiments.init", "--scales", "0.1,0.01", "--epochs", "2", "--num-seeds", "2", "--train-size", "200",
             "--data", "bundled", "--no-cache", "--out", str(out)]
-    assert _run(*base, "--quiet").returncode == 0
+    assert run_cli(*base, "--quiet").returncode == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     proc = subprocess.Popen([sys.executable, "-m", *base[:1], "--num-seeds", "64", "--epochs", "200", *base[7:]],
-                            cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and "compiling" not in (proc.stdout.readline() or ""):
         pass
@@ -200,34 +210,39 @@ def test_interrupt_keeps_earlier_results_byte_identical(tmp_path, when, sig, sta
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no temporary file, nothing changed
 
 
+@pytest.mark.slow
 def test_failed_report_leaves_no_nested_directory(tmp_path):
-    r = _run("experiments.report", "--quick", "--no-cache", "--out", str(tmp_path / "r" / "deep"), JAX_PLATFORMS="cuda")
+    r = run_cli("experiments.report", "--quick", "--no-cache", "--out", str(tmp_path / "r" / "deep"), JAX_PLATFORMS="cuda")
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("content", ["null", "[]", "{}", '{"verdict": {}}', '{"verdict": {"per_scale": 3}}'])
-def test_report_refuses_results_that_are_not_an_experiments(tmp_path, content):
+def test_report_refuses_results_that_are_not_an_experiments(tmp_path, content, capsys):
+    from experiments import report
+
     (tmp_path / "init").mkdir()
     (tmp_path / "init" / "results.json").write_text(content)
-    r = _run("experiments.report", "--reuse", "--only", "init", "--out", str(tmp_path))
-    assert r.returncode == 1 and "cannot read" in r.stderr and "Traceback" not in r.stderr
+    assert report.main(["--reuse", "--only", "init", "--quiet", "--out", str(tmp_path)]) == 1  # no exception
+    err = capsys.readouterr().err
+    assert "cannot read" in err and str(tmp_path / "init" / "results.json") in err
     assert not (tmp_path / "report.md").exists()
 
 
 def test_default_output_folders_never_collide(tmp_path, monkeypatch):
-    from experiments import harness
+    from experiments import cli
 
     monkeypatch.chdir(tmp_path)
-    folders = {harness.default_out("sweep") for _ in range(3)}  # within one second
+    folders = {cli.default_out("sweep") for _ in range(3)}  # within one second
     assert len(folders) == 3 and all(f.is_dir() for f in folders)
-    harness.remove_empty_outputs()
+    cli.remove_empty_outputs()
     assert not any((tmp_path / "runs").iterdir())
 
 
+@pytest.mark.slow
 def test_a_closed_pipe_ends_quietly(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "experiments.sweep", *TINY[:-1], "--data", "bundled", "--out",
-                             str(tmp_path / "run")], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                             str(tmp_path / "run")], cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     proc.stdout.close()  # as `| head -0` does
     err = proc.stderr.read()

@@ -1,19 +1,32 @@
 """The book's network in NumPy, written from the formulas with hand-written backward passes.
 
-It is the tests' independent oracle and the benchmark's NumPy variant; nothing here imports bnjax or JAX.
-Float64 by default, as the book. Conventions are the book's ch. 6.3 protocol (README, "The sweep"):
+It is the tests' independent oracle and the benchmark's NumPy variant (``python -m experiments.numpy_book``,
+run by ``experiments/benchmark.py`` in a subprocess); nothing here imports bnjax or JAX. Float64 by default, as
+the book. Conventions are the book's ch. 6.3 protocol (docs/experiments.md, "The sweep: the book's figure"):
 eps 1e-6, running = momentum * running + (1 - momentum) * batch with the biased variance, ReLU gradient 0 at 0,
 softmax cross-entropy gradient (softmax - onehot) / N.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import time
 
 import numpy as np
 
 
 class BatchNorm:
+    """The book's ``BatchNorm`` layer for ``[N, D]`` inputs, running statistics starting at 0 unless given.
+
+    Args:
+      gamma, beta: ``[D]`` scale and offset.
+      momentum: weight of the old running value in ``momentum * old + (1 - momentum) * batch``.
+      eps: added to the variance.
+      running_mean, running_var: ``[D]`` initial running statistics (zeros if ``None``).
+    """
+
     def __init__(self, gamma, beta, momentum=0.9, eps=1e-6, running_mean=None, running_var=None):
         self.gamma, self.beta = np.array(gamma, np.float64), np.array(beta, np.float64)
         self.momentum, self.eps = momentum, eps
@@ -22,6 +35,15 @@ class BatchNorm:
         self.running_var = np.zeros(d) if running_var is None else np.array(running_var, np.float64)
 
     def forward(self, x, train_flg=True):
+        """Normalise ``x`` (batch statistics and a running update if ``train_flg``, else running statistics).
+
+        Args:
+          x: ``[N, D]`` input.
+          train_flg: training mode (the book's flag).
+
+        Returns:
+          ``[N, D]``: ``gamma * x_normalised + beta``.
+        """
         if train_flg:
             mu = x.mean(axis=0)
             xc = x - mu
@@ -36,6 +58,14 @@ class BatchNorm:
         return self.gamma * xn + self.beta
 
     def backward(self, dout):
+        """The backward pass of the last training ``forward``; stores ``dgamma`` and ``dbeta``.
+
+        Args:
+          dout: ``[N, D]`` gradient of the loss w.r.t. the output.
+
+        Returns:
+          ``[N, D]`` gradient w.r.t. the input.
+        """
         self.dbeta = dout.sum(axis=0)
         self.dgamma = np.sum(self.xn * dout, axis=0)
         dxn = self.gamma * dout
@@ -48,45 +78,77 @@ class BatchNorm:
 
 
 class Affine:
+    """``x @ W + b``.
+
+    Args:
+      W: ``[D_in, D_out]`` weights.
+      b: ``[D_out]`` bias.
+    """
+
     def __init__(self, W, b):
         self.W, self.b = np.array(W, np.float64), np.array(b, np.float64)
 
     def forward(self, x):
+        """Args: x: ``[N, D_in]``. Returns: ``[N, D_out]``."""
         self.x = x
         return x @ self.W + self.b
 
     def backward(self, dout):
+        """Stores ``dW`` and ``db``.
+
+        Args:
+          dout: ``[N, D_out]`` gradient w.r.t. the output.
+
+        Returns:
+          ``[N, D_in]`` gradient w.r.t. the input.
+        """
         self.dW = self.x.T @ dout
         self.db = dout.sum(axis=0)
         return dout @ self.W.T
 
 
 class Relu:
+    """``max(x, 0)``, gradient 0 where ``x <= 0`` (as the book's)."""
+
     def forward(self, x):
+        """Args: x: any shape. Returns: ``x`` with its non-positive entries set to 0."""
         self.mask = x <= 0
         out = x.copy()
         out[self.mask] = 0
         return out
 
     def backward(self, dout):
+        """Args: dout: gradient w.r.t. the output. Returns: the gradient w.r.t. the input."""
         dout = dout.copy()
         dout[self.mask] = 0
         return dout
 
 
 def softmax(x):
+    """Row-wise softmax, shifted by the row maximum.
+
+    Args:
+      x: ``[N, K]`` logits.
+
+    Returns:
+      ``[N, K]`` probabilities.
+    """
     x = x - x.max(axis=1, keepdims=True)
     e = np.exp(x)
     return e / e.sum(axis=1, keepdims=True)
 
 
 class SoftmaxWithLoss:
+    """Softmax then mean cross-entropy against integer labels."""
+
     def forward(self, x, t):
+        """Args: x: ``[N, K]`` logits; t: ``[N]`` integer labels. Returns: the mean cross-entropy, a float."""
         self.y, self.t = softmax(x), t
         n = x.shape[0]
         return -np.mean(np.log(self.y[np.arange(n), t]))
 
     def backward(self):
+        """Returns: ``[N, K]`` gradient of the loss w.r.t. the logits, ``(softmax - onehot) / N``."""
         n = self.t.shape[0]
         dx = self.y.copy()
         dx[np.arange(n), self.t] -= 1
@@ -94,7 +156,14 @@ class SoftmaxWithLoss:
 
 
 class Net:
-    """MultiLayerNetExtend (ReLU, optional BN, no dropout, no weight decay unless given)."""
+    """MultiLayerNetExtend (ReLU, optional BN, no dropout, no weight decay unless given).
+
+    Args:
+      Ws: the weight matrices, ``[D_in, D_out]`` each; biases start at 0.
+      use_bn: a ``BatchNorm`` (gamma 1, beta 0) after every hidden Affine.
+      momentum, eps: the batch norms' settings.
+      weight_decay_lambda: the L2 coefficient (the loss adds ``lambda / 2 * sum(W ** 2)``).
+    """
 
     def __init__(self, Ws, use_bn, momentum=0.9, eps=1e-6, weight_decay_lambda=0.0):
         self.affines = [Affine(W, np.zeros(W.shape[1])) for W in Ws]
@@ -109,6 +178,7 @@ class Net:
         self.lam = weight_decay_lambda
 
     def predict(self, x, train_flg):
+        """Args: x: ``[N, D_in]``; train_flg: training mode. Returns: ``[N, K]`` logits."""
         h = x
         for i, aff in enumerate(self.affines[:-1]):
             h = aff.forward(h)
@@ -118,11 +188,20 @@ class Net:
         return self.affines[-1].forward(h)
 
     def loss(self, x, t, train_flg=True):
+        """Args: x: ``[N, D_in]``; t: ``[N]`` labels; train_flg: training mode. Returns: the loss with decay."""
         decay = 0.5 * self.lam * sum(np.sum(a.W**2) for a in self.affines)
         return self.last.forward(self.predict(x, train_flg), t) + decay
 
     def gradient(self, x, t):
-        """One training forward (updating running statistics once) and backward; returns the loss."""
+        """One training forward (updating running statistics once) and backward; returns the loss.
+
+        Args:
+          x: ``[N, D_in]`` inputs.
+          t: ``[N]`` integer labels.
+
+        Returns:
+          The loss; every layer's gradients are stored on it (``dW``, ``db``, ``dgamma``, ``dbeta``).
+        """
         value = self.loss(x, t, True)
         d = self.last.backward()
         d = self.affines[-1].backward(d)
@@ -134,6 +213,13 @@ class Net:
         return value
 
     def sgd_step(self, x, t, lr):
+        """One SGD update in place (weight decay on the weights only).
+
+        Args:
+          x: ``[N, D_in]`` inputs.
+          t: ``[N]`` integer labels.
+          lr: the learning rate.
+        """
         self.gradient(x, t)
         for a in self.affines:
             a.W -= lr * (a.dW + self.lam * a.W)
@@ -143,6 +229,7 @@ class Net:
             bn.beta -= lr * bn.dbeta
 
     def accuracy(self, x, t):
+        """Args: x: ``[N, D_in]``; t: ``[N]`` labels. Returns: the fraction right in evaluation mode."""
         with np.errstate(all="ignore"):
             return float(np.mean(np.argmax(self.predict(x, False), axis=1) == t))
 
@@ -152,7 +239,14 @@ def run_sweep(x, t, weight_scales, *, num_records=20, batch_size=100, lr=0.01, s
     """The book's ``batch_norm_test.py`` loop for every scale: BN and plain nets, own initial weights, same
     batches (drawn with replacement), a record after 1 update and then every ``train_size // batch_size``.
 
-    Returns ``{'batchnorm': [S, R], 'plain': [S, R]}`` training accuracies (evaluation mode).
+    Args:
+      x: ``[N, D]`` training images.
+      t: ``[N]`` integer labels.
+      weight_scales: ``[S]`` standard deviations of the initial weights.
+      num_records, batch_size, lr, seed, hidden_sizes, num_classes: the protocol.
+
+    Returns:
+      ``{'batchnorm': [S, R], 'plain': [S, R]}`` training accuracies (evaluation mode).
     """
     rng = np.random.RandomState(seed)
     x = np.asarray(x, np.float64)
@@ -179,18 +273,23 @@ def run_sweep(x, t, weight_scales, *, num_records=20, batch_size=100, lr=0.01, s
     return out
 
 
-if __name__ == "__main__":
-    # python tests/numpy_book.py: time the book's protocol (used by the benchmark in a subprocess,
-    # so BLAS threads can be pinned with OPENBLAS_NUM_THREADS=1 before NumPy loads).
-    import argparse
-    import json
-    import time
+def main(argv=None) -> int:
+    """``python -m experiments.numpy_book``: time the book's protocol on the bundled subset.
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    The benchmark runs it in a subprocess, so BLAS threads can be pinned with ``OPENBLAS_NUM_THREADS=1`` before
+    NumPy loads. Prints one JSON line: ``run_s`` and the final accuracies ``final_batchnorm``, ``final_plain``.
+
+    Args:
+      argv: the command line (``sys.argv[1:]`` if ``None``).
+
+    Returns:
+      The exit status, 0.
+    """
+    parser = argparse.ArgumentParser(prog="python -m experiments.numpy_book", description=__doc__.splitlines()[0])
     parser.add_argument("--num-scales", type=int, default=16)
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--train-size", type=int, default=1000)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     with np.load(os.path.join(os.path.dirname(__file__), "..", "bnjax", "assets", "mnist_5k.npz")) as z:
         images, labels = z["images"], z["labels"]
     perm = np.random.RandomState(0).permutation(len(labels))[: args.train_size]
@@ -201,3 +300,8 @@ if __name__ == "__main__":
     run_s = time.perf_counter() - t0
     print(json.dumps({"run_s": run_s, "final_batchnorm": acc["batchnorm"][:, -1].tolist(),
                       "final_plain": acc["plain"][:, -1].tolist()}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

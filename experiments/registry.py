@@ -1,0 +1,80 @@
+"""The one list of experiments: their module names, in the report's order, and whether the report runs each.
+
+Read by ``experiments.report`` (its sections, ``--only`` and ``--quick``), by the tests (every entry's
+``--help``, quick run and rendering) and by the README's experiments table (``readme_table``, checked by the
+tests). A new experiment is one module defining ``EXPERIMENT`` (``experiments.protocol.Experiment``) plus one
+line here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+
+from experiments import protocol
+
+__all__ = ["Entry", "ENTRIES", "NAMES", "REPORTED", "OTHER_COMMANDS", "experiment", "readme_table"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One experiment.
+
+    Attributes:
+      name: its module, ``experiments.<name>``.
+      in_report: whether ``experiments.report`` runs it.
+      time: its typical wall time at the defaults (2-core laptop CPU), for the README's table.
+    """
+
+    name: str
+    in_report: bool
+    time: str
+
+
+ENTRIES = (
+    Entry("sweep", False, "~5 s"),
+    Entry("learning_rate", True, "44 s"),
+    Entry("init", True, "34 s"),
+    Entry("overfitting", True, "32 s"),
+    Entry("activations", True, "12 s"),
+    Entry("small_batch", False, "65 s"),
+)
+NAMES = tuple(e.name for e in ENTRIES)
+REPORTED = tuple(e.name for e in ENTRIES if e.in_report)
+
+# The commands beside the experiments, listed after them in the README's table: (name, what it answers, time).
+OTHER_COMMANDS = (
+    ("report", "Runs " + ", ".join(f"`{n}`" for n in REPORTED) + ", then writes one `report.md`.", "123 s"),
+    ("benchmark", "How fast is the grid engine against a Python loop, NumPy and Flax?", "~1 min"),
+)
+
+
+def experiment(name: str) -> protocol.Experiment:
+    """An experiment's description.
+
+    Args:
+      name: a name of ``NAMES``.
+
+    Returns:
+      The module's ``EXPERIMENT``.
+
+    Raises:
+      KeyError: ``name`` is not registered.
+    """
+    if name not in NAMES:
+        raise KeyError(f"no experiment {name!r}; registered: {', '.join(NAMES)}")
+    return importlib.import_module(f"experiments.{name}").EXPERIMENT
+
+
+def readme_table() -> str:
+    """The README's experiments table (between its ``experiments:begin`` and ``experiments:end`` markers).
+
+    Returns:
+      A markdown table: a row per registered experiment (name, what it answers, typical time), then the report
+      and the benchmark.
+    """
+    rows = ["| name | what it answers | time |", "| --- | --- | --- |"]
+    for entry in ENTRIES:
+        rows.append(f"| `{entry.name}` | {experiment(entry.name).question} | {entry.time} |")
+    rows += [f"| `{name}` | {what} | {time} |" for name, what, time in OTHER_COMMANDS]
+    return "\n".join(rows) + "\n"

@@ -1,0 +1,39 @@
+"""Helpers the test modules share: running a command-line module as a user would, and reading what it wrote.
+
+Imported as ``from helpers import run_cli, cli_env, read_results`` (pytest puts ``tests/`` on the path). A test
+module never imports helpers from another test module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli_env(**extra: str) -> dict:
+    """The environment of a command run by a test: this checkout first on the path, plus ``extra``.
+
+    conftest.py gives the test process 8 emulated CPU devices; that flag must not leak into a command, which
+    chooses its own device count (``--cpu-devices``), so it is removed here.
+    """
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **extra)
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                                if "xla_force_host_platform_device_count" not in f)
+    return env
+
+
+def run_cli(module: str, *args: str, timeout: float = 300, cwd: str | os.PathLike = ROOT,
+            **env: str) -> subprocess.CompletedProcess:
+    """``python -m module args...`` in a fresh process; returns the completed process (text output captured)."""
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=cwd, env=cli_env(**env),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def read_results(directory: str | os.PathLike) -> dict:
+    """The ``results.json`` an experiment wrote into ``directory``."""
+    return json.loads((Path(directory) / "results.json").read_text())
