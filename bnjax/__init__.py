@@ -10,6 +10,7 @@ Modules:
 - ``grid``: the engine that trains many models at once: arms x vmapped axes x seeds.
 - ``data``: MNIST, bundled or from an offline copy.
 - ``claims``: the statistics the experiments' verdicts use.
+- ``files``: atomic file writes (a reader sees the old file or the whole new one, never half of one).
 - ``options``: the names the library accepts, without importing JAX (for instant command-line help).
 """
 

@@ -38,7 +38,7 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
-from bnjax._files import atomic_file
+from bnjax.files import atomic_file
 
 __all__ = [
     "Dataset",

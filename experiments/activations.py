@@ -410,16 +410,7 @@ EXPERIMENT = protocol.Experiment(
 )
 
 
-def main(argv=None) -> int:
-    """``python -m experiments.activations``: ``protocol.main`` of ``EXPERIMENT`` (see the module docstring).
-
-    Args:
-      argv: the arguments (``None``: ``sys.argv[1:]``).
-
-    Returns:
-      The exit status (0; failures exit through ``SystemExit``).
-    """
-    return protocol.main(EXPERIMENT, argv)
+main = protocol.command(EXPERIMENT)
 
 
 if __name__ == "__main__":

@@ -207,6 +207,24 @@ def add_epochs_arg(group, *, minimum: int = 1) -> None:
                             "train-size/batch-size updates (default: 20, i.e. 191 updates)")
 
 
+def add_book_protocol(p: argparse.ArgumentParser):
+    """Add the book's protocol as options: weight scales, ``--epochs``, ``--batch-size``, ``--lr``.
+
+    Args:
+      p: the parser.
+
+    Returns:
+      the argument group, for an experiment's own protocol options.
+    """
+    g = p.add_argument_group("protocol (defaults: the book's)")
+    add_scale_args(g)
+    add_epochs_arg(g)
+    g.add_argument("--batch-size", type=int_in(1, 100_000), default=100,
+                   help="mini-batch size, drawn with replacement (default: 100)")
+    g.add_argument("--lr", type=positive_float, default=0.01, help="learning rate (default: 0.01)")
+    return g
+
+
 def add_common_args(p: argparse.ArgumentParser, *, train_size: int = 1000, num_seeds: int = 1) -> None:
     """Add the options every experiment has: randomness, data, output, devices and processes.
 

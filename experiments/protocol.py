@@ -231,3 +231,23 @@ def main(experiment: Experiment, argv: Sequence[str] | None = None) -> int:
     figures = {f.file: functools.partial(f.draw, run) for f in experiment.figures if f.when is None or f.when(run)}
     results.finish(args, record, figures, experiment.render, started_at)
     return 0
+
+
+def command(experiment: Experiment) -> Callable[[Sequence[str] | None], int]:
+    """The ``main(argv=None) -> int`` of an experiment module: ``main(experiment, argv)``.
+
+    Every experiment module ends with ``main = protocol.command(EXPERIMENT)`` and
+    ``if __name__ == "__main__": sys.exit(runtime.main_wrapper(main))``.
+
+    Args:
+      experiment: the experiment.
+
+    Returns:
+      a function of the arguments (``None``: ``sys.argv[1:]``) returning the exit status.
+    """
+
+    def run_command(argv: Sequence[str] | None = None) -> int:
+        return main(experiment, argv)
+
+    run_command.__doc__ = f"``python -m experiments.{experiment.name}`` (see the module docstring)."
+    return run_command

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 # The library's one way to write a file (atomically, umask permissions); every experiment writes through it.
-from bnjax._files import atomic_file, atomic_write_text
+from bnjax.files import atomic_file, atomic_write_text
 from experiments.runtime import finish_prefetch, say
 
 __all__ = ["atomic_file", "atomic_write_text", "jsonable", "dumps", "write_json", "environment", "results_record",

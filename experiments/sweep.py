@@ -38,12 +38,7 @@ def add_options(p: argparse.ArgumentParser) -> None:
     Args:
       p: the parser.
     """
-    g = p.add_argument_group("protocol (defaults: the book's)")
-    cli.add_scale_args(g)
-    cli.add_epochs_arg(g)
-    g.add_argument("--batch-size", type=cli.int_in(1, 100_000), default=100,
-                   help="mini-batch size, drawn with replacement (default: 100)")
-    g.add_argument("--lr", type=cli.positive_float, default=0.01, help="learning rate (default: 0.01)")
+    g = cli.add_book_protocol(p)
     g.add_argument("--optimizer", choices=options.OPTIMIZERS, default="sgd", help="optax optimizer (default: sgd)")
     g.add_argument("--dtype", choices=options.DTYPES, default="float32",
                    help="parameter/activation dtype; BN statistics stay float32 (default: float32)")
@@ -204,16 +199,7 @@ EXPERIMENT = protocol.Experiment(
 )
 
 
-def main(argv=None) -> int:
-    """``python -m experiments.sweep``: ``protocol.main`` of ``EXPERIMENT`` (see the module docstring).
-
-    Args:
-      argv: the arguments (``None``: ``sys.argv[1:]``).
-
-    Returns:
-      The exit status (0; failures exit through ``SystemExit``).
-    """
-    return protocol.main(EXPERIMENT, argv)
+main = protocol.command(EXPERIMENT)
 
 
 if __name__ == "__main__":

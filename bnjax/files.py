@@ -8,6 +8,8 @@ import tempfile
 from pathlib import Path
 from typing import IO, Iterator
 
+__all__ = ["atomic_file", "atomic_write_text"]
+
 
 def _umask_mode() -> int:
     # os.umask can only be read by setting it; put it straight back.
@@ -23,6 +25,17 @@ def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
     On any exception (an interrupt included) the temporary file is removed and ``path`` is untouched, so a
     reader sees the old file or the whole new one. The file gets the umask's mode (``mkstemp`` alone would
     leave it 0600, unreadable to others).
+
+    Args:
+      path: the file to write.
+      mode: ``'w'`` (text) or ``'wb'`` (bytes).
+
+    Returns:
+      a context manager yielding the open temporary file.
+
+    Raises:
+      ValueError: another mode.
+      OSError: the folder cannot be written (nothing is left behind).
     """
     if mode not in ("w", "wb"):
         raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}")
@@ -41,7 +54,18 @@ def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically (see ``atomic_file``)."""
+    """Write ``text`` to ``path`` atomically (see ``atomic_file``).
+
+    Args:
+      path: the file to write.
+      text: its whole content.
+
+    Returns:
+      ``path`` as a ``Path``.
+
+    Raises:
+      OSError: the folder cannot be written (``path`` is then untouched).
+    """
     with atomic_file(path, "w") as f:
         f.write(text)
     return Path(path)
