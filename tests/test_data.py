@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from bnjax import data
+from helpers import run_cli
 
 # From the data README: RandomState(0).permutation(5000)[:1000] holds these many of digits 0..9.
 REFERENCE_COUNTS = [99, 106, 102, 92, 82, 117, 89, 107, 105, 101]
@@ -302,12 +303,11 @@ def test_write_failure_mid_download_blames_the_cache_not_the_network(fake_mnist,
     _assert_cache_advice(exc.value, tmp_path / "cache")
 
 
+@pytest.mark.slow  # a command in a fresh process (imports jax)
 def test_cli_with_unusable_cache_exits_1_without_traceback(tmp_path):
-    from test_experiments import _run
-
     cache = tmp_path / "a-file"
     cache.write_text("not a directory")
-    proc = _run("experiments.sweep", "--data", "mnist", "--scales", "0.1", "--epochs", "1", "--no-plot",
+    proc = run_cli("experiments.sweep", "--data", "mnist", "--scales", "0.1", "--epochs", "1", "--no-plot",
                 "--no-cache", "--out", str(tmp_path / "out"), timeout=120, BNJAX_DATA_DIR=str(cache))
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr

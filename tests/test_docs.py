@@ -97,8 +97,25 @@ def _check_for(page: str, block: str):
 
 EXAMPLES = [(page.relative_to(ROOT).as_posix(), i, block) for page in PAGES for i, block in enumerate(_blocks(page))]
 
+# Each example costs seconds of JAX compiles. The quick tier (-m "not slow") runs every README example and one
+# example per docs page (its cheapest); the others are marked slow.
+QUICK_EXAMPLE = {"docs/norms.md": "conv_general_dilated"}
 
-@pytest.mark.parametrize("page,index,block", EXAMPLES, ids=[f"{p}[{i}]" for p, i, _ in EXAMPLES])
+
+def _is_quick(page: str, index: int, block: str) -> bool:
+    if page == "README.md":
+        return True
+    if page in QUICK_EXAMPLE:
+        return QUICK_EXAMPLE[page] in block
+    return index == 0
+
+
+def _example_params():
+    return [pytest.param(p, i, b, id=f"{p}[{i}]", marks=() if _is_quick(p, i, b) else pytest.mark.slow)
+            for p, i, b in EXAMPLES]
+
+
+@pytest.mark.parametrize("page,index,block", _example_params())
 def test_example_runs_and_prints_what_the_text_says(page, index, block, capsys):
     check = _check_for(page, block)
     exec(compile(block, f"{page} (python block {index})", "exec"), {"__name__": "docs_example"})
@@ -108,6 +125,9 @@ def test_example_runs_and_prints_what_the_text_says(page, index, block, capsys):
 def test_every_check_has_its_example():
     for page, needle in CHECKS:
         assert any(p == page and needle in b for p, _, b in EXAMPLES), f"no python block of {page} contains {needle!r}"
+    # and every page with examples keeps one in the quick tier
+    for page in {p for p, _, _ in EXAMPLES}:
+        assert any(_is_quick(p, i, b) for p, i, b in EXAMPLES if p == page), f"{page}: no example in the quick tier"
 
 
 def test_readme_research_example_comes_first():

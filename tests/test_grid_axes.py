@@ -25,14 +25,18 @@ def test_bn_momentum_axis_equals_models_trained_one_by_one(bundled):
                            keep_final=True)
     together = grid.run_grid(base, x, t, xh, th)
     assert together.metrics["train_loss"]["bn"].shape == (2, 2, 4, 3)
+    # One model per momentum, the momentum in its norm value, each drawing the "bn" arm's initial weights (stream
+    # 0); arms of one run are independent models (test_grid_run checks them against one-arm runs), so one run
+    # holds them all (one engine compile instead of one per momentum).
+    alone_arms = {f"m{k}": grid.Arm(norm=layers.batch_norm(momentum=m, eps=1e-6, init_var=0.0), init_stream=0)
+                  for k, m in enumerate(MOMENTA)}
+    alone = grid.run_grid(base.replace(arms=alone_arms, axes={"weight_scale": scales}), x, t, xh, th)
     for k, m in enumerate(MOMENTA):
-        arm = grid.Arm(norm=layers.batch_norm(momentum=m, eps=1e-6, init_var=0.0))
-        alone = grid.run_grid(base.replace(arms={"bn": arm}, axes={"weight_scale": scales}), x, t, xh, th)
         for metric, values in alone.metrics.items():
-            np.testing.assert_allclose(together.metrics[metric]["bn"][:, :, k], values["bn"], rtol=1e-5, atol=1e-6,
-                                       err_msg=f"{metric} at momentum {m}")
+            np.testing.assert_allclose(together.metrics[metric]["bn"][:, :, k], values[f"m{k}"], rtol=1e-5,
+                                       atol=1e-6, err_msg=f"{metric} at momentum {m}")
         for got, want in zip(jax.tree_util.tree_leaves(together.final["bn"]),
-                             jax.tree_util.tree_leaves(alone.final["bn"])):
+                             jax.tree_util.tree_leaves(alone.final[f"m{k}"])):
             np.testing.assert_allclose(np.asarray(got)[:, :, k], want, rtol=1e-5, atol=1e-6)
     # The momentum reaches the running statistics only: evaluation differs, training does not.
     final_bn = together.final["bn"]

@@ -17,12 +17,22 @@ import pytest
 from bnjax import data, grid, layers, model, train
 from bnjax.grid import driver
 from conftest import x64
-from numpy_book import Net
+from experiments.numpy_book import Net
 
 
 @pytest.fixture(scope="module")
 def bundled():
     return data.load_bundled(1000, 500)
+
+
+# The references below train and score one model at a time; compiled once per network (run eagerly, op by op, each
+# new shape compiles dozens of small programs: most of a test's time).
+_accuracy = jax.jit(model.accuracy, static_argnums=0)
+
+
+def _jit_step(net, opt, **kw):
+    """``train.train_step(net, ts, x, t, opt, key=key, **kw)`` compiled once."""
+    return jax.jit(lambda ts, x, t, key=None: train.train_step(net, ts, x, t, opt, key=key, **kw))
 
 
 def reference_keys(seed, num_arms, num_scales, num_updates, batch, num_train):
@@ -45,12 +55,17 @@ def test_seed_keys_are_the_documented_scheme():
                                   jax.random.key_data(init_keys[0]))
 
 
-@pytest.mark.slow
-def test_vmapped_grid_equals_models_trained_alone(bundled):
+@pytest.fixture(scope="module")
+def small_grid(bundled):
+    """A 2 seeds x 2 scales grid of the two book arms, trained on 100 images (no held-out set)."""
     cfg = grid.GridConfig(axes={"weight_scale": (0.3, 0.02)}, num_records=3, batch_size=25, num_seeds=2, seed=3,
-                          hidden_sizes=(16, 16), optimizer="momentum", keep_final=True)
+                          hidden_sizes=(8, 8), optimizer="momentum", keep_final=True)
+    return cfg, grid.run_grid(cfg, bundled.x_train[:100], bundled.t_train[:100])
+
+
+def test_vmapped_grid_equals_models_trained_alone(bundled, small_grid):
+    cfg, result = small_grid
     x, t = bundled.x_train[:100], bundled.t_train[:100]
-    result = grid.run_grid(cfg, x, t)
     assert result.metrics["train_accuracy"]["batchnorm"].shape == (2, 2, 3)
     opt = train.make_optimizer(cfg.optimizer, cfg.learning_rate)
     steps_at = grid.record_steps(cfg, 100)
@@ -58,7 +73,7 @@ def test_vmapped_grid_equals_models_trained_alone(bundled):
         init_keys, batch_idx = reference_keys(cfg.seed + s, 2, 2, steps_at[-1], 25, 100)
         for v, (name, use_bn) in enumerate((("batchnorm", True), ("plain", False))):
             net = model.MLPConfig(784, cfg.hidden_sizes, 10, norm=use_bn)
-            step = jax.jit(functools.partial(train.train_step, net, optimizer=opt))
+            step = _jit_step(net, opt)
             for i, scale in enumerate(cfg.axes["weight_scale"]):
                 params, state = model.init(net, init_keys[v, i], weight_init=None,
                                            weight_scale=jnp.float32(scale))
@@ -67,7 +82,7 @@ def test_vmapped_grid_equals_models_trained_alone(bundled):
                 for u in range(steps_at[-1]):
                     _, ts = step(ts, x[batch_idx[u]], t[batch_idx[u]])
                     if u + 1 in steps_at:
-                        accs.append(float(model.accuracy(net, ts.params, ts.state, x, t)))
+                        accs.append(float(_accuracy(net, ts.params, ts.state, x, t)))
                 np.testing.assert_allclose(result.metrics["train_accuracy"][name][s, i], accs, atol=1e-6)
                 np.testing.assert_allclose(np.asarray(result.final[name].params.affine[0].W[s, i]),
                                            np.asarray(ts.params.affine[0].W), rtol=1e-4, atol=1e-6)
@@ -178,10 +193,11 @@ def test_arms_as_a_dict_equal_one_arm_runs(bundled):
     # Each arm draws its own weights by default; a shared stream pairs two arms' initial weights.
     w = {name: together.final[name].params.affine[2].W for name in arms}
     assert not np.allclose(w["plain"], w["dropout"], atol=1e-3)
-    paired = grid.run_grid(base.replace(arms={"plain": arms["plain"], "dropout": arms["dropout"]._replace(
-        init_stream=0)}, num_records=1, batch_size=1, learning_rate=1e-12), x, t)
-    np.testing.assert_allclose(paired.final["plain"].params.affine[2].W, paired.final["dropout"].params.affine[2].W,
-                               rtol=1e-6)
+    # (the initial weights themselves: init_models is what run_grid starts from, see
+    # test_init_models_are_the_models_run_grid_starts_from)
+    paired = grid.init_models(base.replace(arms={"plain": arms["plain"], "dropout": arms["dropout"]._replace(
+        init_stream=0)}))
+    np.testing.assert_allclose(paired["plain"].params.affine[2].W, paired["dropout"].params.affine[2].W, rtol=1e-6)
 
 
 @pytest.mark.slow
@@ -206,13 +222,13 @@ def test_each_arm_equals_a_model_trained_alone_with_its_structure(bundled):
         if arm.weight_init:
             params = params._replace(affine=tuple(p._replace(W=p.W * 0.5) for p in params.affine))
         ts = train.train_state_init(params, state, opt)
+        step = _jit_step(net, opt)
         for u in range(4):
-            _, ts = train.train_step(net, ts, x[batch_idx[u]], t[batch_idx[u]], opt,
-                                     key=jax.random.fold_in(dropout_key, u))
+            _, ts = step(ts, x[batch_idx[u]], t[batch_idx[u]], key=jax.random.fold_in(dropout_key, u))
         np.testing.assert_allclose(result.final[name].params.affine[1].W[0, 0], ts.params.affine[1].W,
                                    rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(result.metrics["train_accuracy"][name][0, 0, -1],
-                                   model.accuracy(net, ts.params, ts.state, x, t), atol=1e-6)
+                                   _accuracy(net, ts.params, ts.state, x, t), atol=1e-6)
 
 
 @pytest.mark.slow
@@ -313,14 +329,11 @@ def test_one_device_is_unchanged_and_several_devices_are_really_used(bundled):
 
 
 @pytest.mark.slow
-def test_heldout_accuracy_and_progress(bundled):
-    cfg = grid.GridConfig(axes={"weight_scale": (0.05,)}, num_records=3, hidden_sizes=(20,))
-    seen = []
-    result = grid.run_grid(cfg, bundled.x_train, bundled.t_train, bundled.x_heldout, bundled.t_heldout,
-                           progress=lambda done, total: seen.append((done, total)))
-    assert seen == [(0, 3), (1, 3), (2, 3), (3, 3)]
+def test_heldout_accuracy_and_progress(heldout_grid):
+    cfg, result, seen = heldout_grid
+    assert seen == [(0, 2), (1, 2), (2, 2)]  # one chunk of 2 records
     held = result.metrics["heldout_accuracy"]
-    assert held["plain"].shape == (1, 1, 3)
+    assert held["plain"].shape == (2, 2, 2)  # [seeds, scales, records]
     assert np.all((held["batchnorm"] >= 0) & (held["batchnorm"] <= 1))
     assert "heldout_loss" in result.metrics
 
@@ -364,6 +377,11 @@ def test_an_arms_own_weight_scale_equals_the_scale_axis(bundled):
 # --------------------------------------------------------------------------------------------------
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _loss_grad(net, params, state, x, t):
+    return jax.grad(lambda p: model.loss(net, p, state, x, t, train=True)[0])(params)
+
+
 def _batch_counts(net, before, after, x, t, lr, batch_size):
     """How often each training image was in the batch of one SGD update from ``before`` to ``after``.
 
@@ -371,7 +389,7 @@ def _batch_counts(net, before, after, x, t, lr, batch_size):
     and every copy of it in the batch adds the same gradient G_i to that row: ``dW0[i] = -lr / B * count_i * G_i``.
     ``G_i`` is image i's own gradient, i.e. row i of ``N *`` the gradient of the mean loss over all N images.
     """
-    grads = jax.grad(lambda p: model.loss(net, p, before.state, x, t, train=True)[0])(before.params)
+    grads = _loss_grad(net, before.params, before.state, x, t)
     g = np.asarray(grads.affine[0].W, np.float64) * x.shape[0]  # [N, H]: row i is image i's gradient
     delta = np.asarray(after.params.affine[0].W, np.float64) - np.asarray(before.params.affine[0].W, np.float64)
     step = -lr / batch_size * g
@@ -425,18 +443,22 @@ def test_batches_are_drawn_with_replacement_and_change_every_step_and_seed():
     assert not np.array_equal(counts[0, 1], counts[1, 1]) and not np.array_equal(counts[0, 2], counts[1, 2])
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _logits_and_accuracy(net, params, state, x, t):
+    return model.apply(net, params, state, x, train=False)[0], model.accuracy(net, params, state, x, t)
+
+
 def _eval_scores(net, ts, x, t):
     """Accuracy and mean cross-entropy of one model in evaluation mode, straight from bnjax.model."""
-    logits, _ = model.apply(net, ts.params, ts.state, jnp.asarray(x), train=False)
-    acc = float(model.accuracy(net, ts.params, ts.state, jnp.asarray(x), jnp.asarray(t)))
+    logits, acc = _logits_and_accuracy(net, ts.params, ts.state, jnp.asarray(x), jnp.asarray(t))
+    acc = float(acc)
     logp = jax.nn.log_softmax(np.asarray(logits, np.float64), axis=-1)
     return acc, float(-np.mean(np.asarray(logp)[np.arange(len(t)), t]))
 
 
-@pytest.mark.slow
-def test_recorded_metrics_are_the_final_models_scores_on_each_set(bundled):
-    """Every recorded number against ``model.accuracy`` of the returned final model on the set it names; a net
-    predicting one class scores exactly that class's share, on each set its own share."""
+@pytest.fixture(scope="module")
+def heldout_grid(bundled):
+    """Three arms, 2 seeds x 2 scales, with a held-out set; the progress calls it made."""
     x, t = bundled.x_train[:200], bundled.t_train[:200]
     xh, th = bundled.x_heldout[:150], bundled.t_heldout[:150]
     # the dropout arm starts from the plain arm's weights (stream 1): only dropout tells them apart
@@ -445,7 +467,19 @@ def test_recorded_metrics_are_the_final_models_scores_on_each_set(bundled):
     cfg = grid.GridConfig(arms=arms, axes={"weight_scale": (0.3, 1e-4)}, num_records=2, updates_per_record=3,
                           batch_size=50, hidden_sizes=(16, 16), num_seeds=2, seed=2, learning_rate=0.1,
                           eval_batch_size=64, keep_final=True)
-    result = grid.run_grid(cfg, x, t, xh, th)
+    seen = []
+    result = grid.run_grid(cfg, x, t, xh, th, progress=lambda done, total: seen.append((done, total)))
+    return cfg, result, seen
+
+
+@pytest.mark.slow
+def test_recorded_metrics_are_the_final_models_scores_on_each_set(bundled, heldout_grid):
+    """Every recorded number against ``model.accuracy`` of the returned final model on the set it names; a net
+    predicting one class scores exactly that class's share, on each set its own share."""
+    x, t = bundled.x_train[:200], bundled.t_train[:200]
+    xh, th = bundled.x_heldout[:150], bundled.t_heldout[:150]
+    cfg, result, _ = heldout_grid
+    arms = cfg.arms
     sets = {"train": (x, t), "heldout": (xh, th)}
     for name, arm in arms.items():
         net = cfg.network(arm, 784)
@@ -474,11 +508,9 @@ def test_recorded_metrics_are_the_final_models_scores_on_each_set(bundled):
 
 
 @pytest.mark.slow
-def test_book_arms_return_each_sets_own_accuracy(bundled):
-    cfg = grid.GridConfig(axes={"weight_scale": (0.2, 0.05)}, num_records=2, hidden_sizes=(12,), batch_size=50,
-                          seed=4, keep_final=True)
-    x, t, xh, th = bundled.x_train[:200], bundled.t_train[:200], bundled.x_heldout[:120], bundled.t_heldout[:120]
-    result = grid.run_grid(cfg, x, t, xh, th)
+def test_book_arms_return_each_sets_own_accuracy(bundled, heldout_grid, small_grid):
+    x, t, xh, th = bundled.x_train[:200], bundled.t_train[:200], bundled.x_heldout[:150], bundled.t_heldout[:150]
+    cfg, result, _ = heldout_grid
     metrics = result.metrics
     for name, use_bn in (("batchnorm", True), ("plain", False)):
         net = model.MLPConfig(784, cfg.hidden_sizes, 10, norm=use_bn)
@@ -488,7 +520,8 @@ def test_book_arms_return_each_sets_own_accuracy(bundled):
                                                                               abs=1e-6)
             assert metrics["heldout_accuracy"][name][0, j, -1] == pytest.approx(_eval_scores(net, ts, xh, th)[0],
                                                                                 abs=1e-6)
-    assert set(grid.run_grid(cfg, x, t).metrics) == {"train_accuracy", "train_loss"}
+    # without a held-out set: the training numbers only
+    assert set(small_grid[1].metrics) == {"train_accuracy", "train_loss"}
 
 
 @pytest.mark.slow
@@ -569,8 +602,9 @@ def test_fixed_hyper_parameters_and_batch_norm_conventions_reach_every_model(bun
     params, state = model.init(net, init_keys[0, 0], weight_init=None, weight_scale=jnp.float32(0.3))
     opt = optax.sgd(0.2)
     ts = train.train_state_init(params, state, opt)
+    step = _jit_step(net, opt, weight_decay=0.05)
     for u in range(3):
-        _, ts = train.train_step(net, ts, x[batch_idx[u]], t[batch_idx[u]], opt, weight_decay=0.05)
+        _, ts = step(ts, x[batch_idx[u]], t[batch_idx[u]])
     got = _model_at(result.final["bn"], 0, 0)
     np.testing.assert_allclose(got.params.affine[0].W, ts.params.affine[0].W, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(got.state.batch_norm[0].mean, ts.state.batch_norm[0].mean, rtol=1e-4, atol=1e-6)
@@ -606,15 +640,16 @@ def test_norm_values_and_an_arms_own_batch_size_and_lr_scale_equal_models_traine
         opt = optax.sgd(lr)
         params, state = model.init(net, init_keys[a, 0], weight_init=None, weight_scale=0.3)
         ts = train.train_state_init(params, state, opt)
+        step = _jit_step(net, opt)
         for u in range(len(batches)):
-            _, ts = train.train_step(net, ts, x[batches[u]], t[batches[u]], opt)
+            _, ts = step(ts, x[batches[u]], t[batches[u]])
         np.testing.assert_allclose(result.final[name].params.affine[1].W[0, 0], ts.params.affine[1].W,
                                    rtol=1e-4, atol=1e-6)
         for got, want in zip(jax.tree_util.tree_leaves(result.final[name].state),
                              jax.tree_util.tree_leaves(ts.state)):
             np.testing.assert_allclose(np.asarray(got)[0, 0], want, rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(result.metrics["train_accuracy"][name][0, 0, -1],
-                                   model.accuracy(net, ts.params, ts.state, x, t), atol=1e-6)
+                                   _accuracy(net, ts.params, ts.state, x, t), atol=1e-6)
     assert int(result.final["renorm10"].state.batch_norm[0].step[0, 0]) == 25
     # a norm value equal to the boolean's, with the grid's batch size given explicitly: the same program
     for m in ("train_accuracy", "train_loss"):

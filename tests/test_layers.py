@@ -7,7 +7,7 @@ import pytest
 
 from bnjax import layers
 from conftest import x64
-from numpy_book import SoftmaxWithLoss, softmax
+from experiments.numpy_book import SoftmaxWithLoss, softmax
 
 
 def test_softmax_cross_entropy_value_and_gradient_match_reference():

@@ -7,7 +7,7 @@ import pytest
 
 from bnjax import layers, model
 from conftest import x64
-from numpy_book import Net
+from experiments.numpy_book import Net
 
 SIZES = (12, (9, 7, 8), 5)
 
@@ -32,9 +32,10 @@ def test_loss_and_gradients_match_numpy_reference_float64(use_bn, decay):
         params, state = model.init(cfg, jax.random.key(0), weight_init=0.5, dtype=jnp.float64)
         ref = Net([np.asarray(a.W) for a in params.affine], use_bn, weight_decay_lambda=decay)
         x, t = _data(rng)
-        (value, new_state), grads = jax.value_and_grad(model.loss, argnums=1, has_aux=True)(
-            cfg, params, state, jnp.asarray(x), jnp.asarray(t), train=True, weight_decay=decay
-        )
+        # compiled once (run eagerly, op by op, it takes seconds)
+        (value, new_state), grads = jax.jit(lambda p, s, xx, tt: jax.value_and_grad(
+            model.loss, argnums=1, has_aux=True)(cfg, p, s, xx, tt, train=True, weight_decay=decay))(
+            params, state, jnp.asarray(x), jnp.asarray(t))
         ref_value = ref.gradient(x, t)
         np.testing.assert_allclose(float(value), ref_value, rtol=1e-10)
         for g, a in zip(grads.affine, ref.affines):
@@ -139,6 +140,7 @@ def test_flop_count():
     assert model.num_flops([784, 100, 10], 1, backward=True) == 2 * 79400 * 2 + 2 * 1000
 
 
+@pytest.mark.slow  # sigmoid layers: also test_hidden_returns_what_each_layer_feeds_forward[True-sigmoid]
 def test_sigmoid_network_and_layers_compose():
     cfg = net(6, (5,), 3, activation="sigmoid")
     params, state = model.init(cfg, jax.random.key(8), weight_init="xavier")
@@ -225,6 +227,7 @@ def test_evaluation_has_no_dropout_and_the_books_dropout_scales_each_layer(use_b
                                atol=1e-6)
 
 
+@pytest.mark.slow  # a key per layer: also test_dropout_uses_its_own_key_in_each_hidden_layer
 def test_training_dropout_masks_each_layer_with_its_own_key_and_the_books_keeps_the_scale():
     # Oracle: layers.dropout_apply with the per-layer split keys; the book's dropout keeps units unscaled.
     cfg = model.MLPConfig(5, (40, 40), 4, dropout_ratio=0.5, dropout_inverted=False)

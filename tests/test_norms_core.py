@@ -1,4 +1,4 @@
-"""bnjax.norms.core (the functional batch norm) against the NumPy oracle (tests/numpy_book.py), finite
+"""bnjax.norms.core (the functional batch norm) against the NumPy oracle (experiments/numpy_book.py), finite
 differences and invariants."""
 
 import functools
@@ -13,7 +13,7 @@ from jax.test_util import check_grads
 
 from bnjax import layers
 from conftest import x64
-from numpy_book import BatchNorm as RefBatchNorm
+from experiments.numpy_book import BatchNorm as RefBatchNorm
 
 
 def _random_bn_case(rng, n=8, c=5, dtype=np.float64):
@@ -27,6 +27,19 @@ def _random_bn_case(rng, n=8, c=5, dtype=np.float64):
 # --------------------------------------------------------------------------------------------------
 # Against the NumPy reference
 # --------------------------------------------------------------------------------------------------
+
+
+@jax.jit  # compiled once per shape (run eagerly, op by op, the forward and backward pass take seconds)
+def _forward_backward(params, state, x, dout):
+    """Training-mode output, new state, and the gradients of ``sum(y * dout)`` w.r.t. the parameters and ``x``."""
+
+    def f(p, xx):
+        return layers.batch_norm_apply(p, state, xx, train=True)
+
+    (y, new_state), vjp = jax.vjp(f, params, x)
+    zero_state = jax.tree_util.tree_map(jnp.zeros_like, new_state)
+    dparams, dx = vjp((dout, zero_state))
+    return y, new_state, dparams, dx
 
 
 @pytest.mark.parametrize("dtype,tol", [pytest.param("float64", 1e-10, marks=pytest.mark.slow), ("float32", 1e-5)])
@@ -46,12 +59,8 @@ def test_batch_norm_matches_numpy_reference_forward_backward_and_running_stats(d
             y_ref = ref.forward(x, train_flg=True)
             dx_ref = ref.backward(dout)
 
-            def f(p, xx):
-                return layers.batch_norm_apply(p, state, xx, train=True)
-
-            (y, new_state), vjp = jax.vjp(f, params, jnp.asarray(x, dtype))
-            zero_state = jax.tree_util.tree_map(jnp.zeros_like, new_state)
-            dparams, dx = vjp((jnp.asarray(dout, dtype), zero_state))
+            y, new_state, dparams, dx = _forward_backward(params, state, jnp.asarray(x, dtype),
+                                                          jnp.asarray(dout, dtype))
             scale = 1.0 if dtype == "float64" else np.abs(y_ref).max()
             np.testing.assert_allclose(np.asarray(y), y_ref, atol=tol * scale, rtol=0)
             np.testing.assert_allclose(np.asarray(dx), dx_ref, atol=tol * np.abs(dx_ref).max(), rtol=0)
@@ -77,7 +86,9 @@ def test_check_grads_float64():
         def f(g, b, xx):
             return layers.batch_norm_apply(layers.BatchNormParams(g, b), state, xx, train=True)[0]
 
-        check_grads(f, (jnp.asarray(gamma), jnp.asarray(beta), jnp.asarray(x)), order=2, modes=("fwd", "rev"))
+        # jit: the finite differences evaluate f many times (each call, run eagerly op by op, is slow)
+        check_grads(jax.jit(f), (jnp.asarray(gamma), jnp.asarray(beta), jnp.asarray(x)), order=2,
+                    modes=("fwd", "rev"))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -137,7 +137,8 @@ def test_renorm_gradients_treat_r_and_d_as_constants(clipped):
 # --- Batch Renorm with r_max=1, d_max=0 is batch norm ---------------------------------------------------
 
 
-@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+# eager is the slower of the two (each op compiled on its own): quick tier keeps jit
+@pytest.mark.parametrize("jit", [pytest.param(False, marks=pytest.mark.slow), True], ids=["eager", "jit"])
 def test_renorm_with_unit_limits_is_batch_norm_bit_for_bit(jit):
     rng = np.random.default_rng(102)
     bn = layers.batch_norm(0.8, 1e-5, init_var=1.0)

@@ -307,7 +307,8 @@ def test_train_is_required_and_keyword_only():
         assert y.shape == x.shape
 
 
-@pytest.mark.parametrize("name", ["batch_norm", "batch_renorm", "ghost_batch_norm"])
+@pytest.mark.parametrize("name", ["batch_norm", "batch_renorm",
+                                  pytest.param("ghost_batch_norm", marks=pytest.mark.slow)])  # the slowest of three
 def test_norm_values_pass_through_jit_as_ordinary_arguments(name):
     make = {"batch_norm": lambda m: layers.batch_norm(m, 1e-5),
             "batch_renorm": lambda m: layers.batch_renorm(m, 1e-5, r_max=1.5, d_max=0.5),

@@ -10,7 +10,7 @@ import pytest
 
 from bnjax import data, layers, model, options, train
 from conftest import x64
-from numpy_book import Net
+from experiments.numpy_book import Net
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +18,9 @@ def bundled():
     return data.load_bundled(1000, 500)
 
 
-@pytest.mark.parametrize("name", sorted(train.OPTIMIZERS))
+# Each optimizer is its own compiled step (~1 s): the quick tier keeps plain SGD.
+@pytest.mark.parametrize("name", [n if n == "sgd" else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in sorted(train.OPTIMIZERS)])
 def test_every_optimizer_lowers_the_loss(name, bundled):
     opt = train.make_optimizer(name, 0.01)
     net = model.MLPConfig(784, (32,), 10, norm=True)
@@ -41,9 +43,10 @@ def test_sgd_step_with_weight_decay_matches_numpy_reference(float64):
     params, state = model.init(net, jax.random.key(2), weight_init=0.7, dtype=jnp.float64)
     ref = Net([np.asarray(a.W) for a in params.affine], True, weight_decay_lambda=0.3)
     ts = train.train_state_init(params, state, optax.sgd(0.1))
+    step = jax.jit(lambda ts, x, t: train.train_step(net, ts, x, t, optax.sgd(0.1), weight_decay=0.3))
     for _ in range(3):
         x, t = rng.normal(size=(8, 6)), rng.integers(0, 3, 8)
-        _, ts = train.train_step(net, ts, jnp.asarray(x), jnp.asarray(t), optax.sgd(0.1), weight_decay=0.3)
+        _, ts = step(ts, jnp.asarray(x), jnp.asarray(t))
         ref.sgd_step(x, t, 0.1)
     for a, a_ref in zip(ts.params.affine, ref.affines):
         np.testing.assert_allclose(np.asarray(a.W), a_ref.W, rtol=1e-10, atol=1e-12)
@@ -104,19 +107,20 @@ def test_step_size_probe_follows_the_first_order_taylor_expansion(use_bn):
         x = jnp.asarray(rng.normal(size=(30, 6)))
         t = jnp.asarray(rng.integers(0, 3, 30))
         etas = jnp.asarray([0.0, 1e-6, 1e-5, 30.0])
-        ratios = np.asarray(train.step_size_probe(config, params, state, x, t, etas))
+        # compiled once (run eagerly, op by op, it takes seconds)
+        ratios = np.asarray(jax.jit(functools.partial(train.step_size_probe, config))(params, state, x, t, etas))
 
         def value(p):
             return model.loss(config, p, state, x, t, train=True)[0]
 
-        L, g = jax.value_and_grad(value)(params)
-        g2 = sum(float(jnp.sum(leaf ** 2)) for leaf in jax.tree_util.tree_leaves(g))
+        L, g = jax.jit(jax.value_and_grad(value))(params)
+        g2 = sum(float(np.sum(np.asarray(leaf) ** 2)) for leaf in jax.tree_util.tree_leaves(g))
         assert ratios[0] == pytest.approx(1.0, abs=1e-15)
         # L(theta - eta g) ~ L - eta |g|^2: the slope at 0 is -|g|^2 / L
         np.testing.assert_allclose((1 - ratios[1:3]) / np.asarray(etas[1:3]), g2 / float(L), rtol=1e-5)
         # a large step: compare with the loss computed directly
         stepped = jax.tree_util.tree_map(lambda p, d: p - 30.0 * d, params, g)
-        assert ratios[3] == pytest.approx(float(value(stepped)) / float(L), rel=1e-12)
+        assert ratios[3] == pytest.approx(float(jax.jit(value)(stepped)) / float(L), rel=1e-12)
         assert abs(ratios[3] - 1) > 1e-3  # the large step really moves the loss
 
 
@@ -130,9 +134,11 @@ def test_train_step_is_one_sgd_step_on_the_dropout_loss_with_its_key():
     key = jax.random.key(5)
     opt = train.make_optimizer("sgd", 0.3)
     ts = train.train_state_init(params, state, opt)
-    value, new = train.train_step(net, ts, x, t, opt, key=key, weight_decay=0.2)
-    (want_value, want_state), grads = jax.value_and_grad(model.loss, argnums=1, has_aux=True)(
-        net, params, state, x, t, train=True, key=key, weight_decay=0.2)
+    # compiled once each (run eagerly, op by op, they take seconds)
+    step = jax.jit(lambda ts, key: train.train_step(net, ts, x, t, opt, key=key, weight_decay=0.2))
+    value, new = step(ts, key)
+    (want_value, want_state), grads = jax.jit(lambda p, key: jax.value_and_grad(model.loss, argnums=1, has_aux=True)(
+        net, p, state, x, t, train=True, key=key, weight_decay=0.2))(params, key)
     assert float(value) == pytest.approx(float(want_value), rel=1e-6)
     for got, p, g in zip(jax.tree_util.tree_leaves(new.params), jax.tree_util.tree_leaves(params),
                          jax.tree_util.tree_leaves(grads)):
@@ -140,7 +146,7 @@ def test_train_step_is_one_sgd_step_on_the_dropout_loss_with_its_key():
     for got, want in zip(jax.tree_util.tree_leaves(new.state), jax.tree_util.tree_leaves(want_state)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
     # another key drops other units: another step
-    _, other = train.train_step(net, ts, x, t, opt, key=jax.random.key(6), weight_decay=0.2)
+    _, other = step(ts, jax.random.key(6))
     assert not np.allclose(np.asarray(other.params.affine[0].W), np.asarray(new.params.affine[0].W))
 
 
@@ -181,17 +187,19 @@ def test_train_step_returns_the_loss_before_the_step_then_the_new_state():
     ts = train.train_state_init(params, state, opt)
     assert isinstance(ts, train.TrainState) and ts.params is params and ts.state is state
     x, labels = jnp.asarray(rng.normal(size=(8, 5)), jnp.float32), jnp.asarray(rng.integers(0, 3, 8))
-    out = train.train_step(net, ts, x, labels, opt)
+    # compiled once each (run eagerly, op by op, they take seconds)
+    step = jax.jit(functools.partial(train.train_step, net, optimizer=opt))
+    loss = jax.jit(functools.partial(model.loss, net, train=True))
+    out = step(ts, x, labels)
     assert isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], train.TrainState)
     value, new_ts = out
-    want, want_state = model.loss(net, params, state, x, labels, train=True)
+    want, want_state = loss(params, state, x, labels)
     assert value.shape == () and float(value) == pytest.approx(float(want), rel=1e-6)
     for a, b in zip(jax.tree_util.tree_leaves(new_ts.state), jax.tree_util.tree_leaves(want_state)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
     # the next step's loss is the loss of the stepped parameters (lower, on the same batch)
-    value2, _ = train.train_step(net, new_ts, x, labels, opt)
-    assert float(value2) == pytest.approx(float(model.loss(net, new_ts.params, new_ts.state, x, labels,
-                                                           train=True)[0]), rel=1e-6)
+    value2, _ = step(new_ts, x, labels)
+    assert float(value2) == pytest.approx(float(loss(new_ts.params, new_ts.state, x, labels)[0]), rel=1e-6)
     assert float(value2) < float(value)
     with pytest.raises(TypeError):
         train.train_step(net, ts, x, labels, opt, jax.random.key(0))  # key is keyword-only
@@ -208,10 +216,11 @@ def test_train_step_norm_kwargs_momentum_is_a_network_built_with_that_momentum()
     opt = train.make_optimizer("sgd", 0.1)
     ts = train.train_state_init(params, state, opt)
     x, labels = jnp.asarray(rng.normal(size=(8, 5)), jnp.float32), jnp.asarray(rng.integers(0, 3, 8))
-    got_value, got = train.train_step(net, ts, x, labels, opt, norm_kwargs={"momentum": m})
-    want_value, want = train.train_step(oracle, ts, x, labels, opt)
+    # each compiled once (eagerly, op by op, three steps take seconds)
+    got_value, got = jax.jit(lambda ts: train.train_step(net, ts, x, labels, opt, norm_kwargs={"momentum": m}))(ts)
+    want_value, want = jax.jit(lambda ts: train.train_step(oracle, ts, x, labels, opt))(ts)
     assert float(got_value) == float(want_value)
     for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    _, book = train.train_step(net, ts, x, labels, opt)
+    _, book = jax.jit(lambda ts: train.train_step(net, ts, x, labels, opt))(ts)
     assert not np.allclose(np.asarray(book.state.batch_norm[0].mean), np.asarray(got.state.batch_norm[0].mean))

@@ -11,6 +11,7 @@ import numpy as np
 
 from bnjax.norms._checks import _is_bool
 from bnjax.norms.base import Norm, _common_fields, _start_apply
+from bnjax.norms.batch_norm import BatchNorm
 from bnjax.norms.core import (CONVENTIONS, BatchNormState, _batch_stats, _check_state, _normalize, _psum,
                               _running_update, batch_norm_init)
 
@@ -37,21 +38,8 @@ class GhostBatchNorm(Norm):
         object.__setattr__(self, "virtual_batch_size", int(k))
         _common_fields(self, who)
 
-    def init(self, num_features, dtype=jnp.float32):
-        """``batch_norm_init`` with this value's settings.
-
-        Args:
-          num_features: feature size ``C`` or a shape tuple.
-          dtype: parameter dtype.
-
-        Returns:
-          ``(BatchNormParams, BatchNormState)``.
-
-        Raises:
-          TypeError, ValueError: as ``batch_norm_init``.
-        """
-        return batch_norm_init(num_features, use_scale=self.use_scale, use_offset=self.use_offset,
-                               init_mean=self.init_mean, init_var=self.init_var, dtype=dtype)
+    # The same parameters and running state as batch norm (only the statistics differ).
+    init = BatchNorm.init
 
     def apply(self, params, state, x, *, train, momentum=None, mask=None, axis_name=None, update_stats=None,
               feature_axes=-1):
