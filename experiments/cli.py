@@ -16,6 +16,7 @@ from typing import Callable
 
 from bnjax import options
 from bnjax.data import SOURCES as DATA_SOURCES  # bnjax.data imports no jax
+from bnjax.files import atomic_file
 
 __all__ = ["MAX_RECORDS", "MAX_SIZE", "FLOAT32_TINY", "FLOAT32_MAX", "EXIT_STATUS", "int_in", "positive_float",
            "float_in", "out_dir", "float_list", "new_parser", "add_scale_args", "add_epochs_arg", "add_common_args",
@@ -358,8 +359,6 @@ def check_writable(directory: str | os.PathLike) -> Path:
     Raises:
       OSError: with a one-line message naming the folder, when it cannot be created or written.
     """
-    from experiments.results import atomic_file  # imported here: results imports this module
-
     directory = Path(directory)
     missing = [d for d in (directory, *directory.parents) if not d.exists()]
     try:

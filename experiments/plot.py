@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from experiments.results import atomic_file
+from bnjax.files import atomic_file
 
 # Every figure and table names and draws an arm (a kind of net) the same way. The book's legend for its two
 # arms; an arm not listed here is drawn with its own name.
