@@ -406,7 +406,7 @@ EXPERIMENT = protocol.Experiment(
             run.config.axes["weight_scale"], run.data["part2"], flat_std=FLAT_STD),
             when=lambda run: run.result is not None),
     ),
-    quick=("--train-size", "200", "--epochs", "2", "--num-scales", "3"),
+    quick=("--train-size", "200", "--epochs", "2", "--num-scales", "3", "--num-inputs", "200"),
 )
 
 

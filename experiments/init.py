@@ -209,7 +209,7 @@ EXPERIMENT = protocol.Experiment(
     render=render,
     notes=NOTES,
     figures=(protocol.Figure("init.png", _accuracy_figure), protocol.Figure("init_panels.png", _panels_figure)),
-    quick=("--scales", "0.1,0.01", "--epochs", "3", "--num-seeds", "2", "--train-size", "200"),
+    quick=("--scales", "0.3,0.01", "--epochs", "3", "--num-seeds", "2", "--train-size", "200"),
 )
 
 

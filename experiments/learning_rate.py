@@ -425,7 +425,7 @@ EXPERIMENT = protocol.Experiment(
     figures=(protocol.Figure("learning_rate.png", _accuracy_figure),
              protocol.Figure("learning_rate_curves.png", _curves_figure),
              protocol.Figure("step_size_probe.png", _probe_figure, when=lambda run: run.data["probe"] is not None)),
-    quick=("--lrs", "0.01,1", "--epochs", "3", "--num-seeds", "2", "--train-size", "200", "--probe-steps", "4"),
+    quick=("--lrs", "0.01,3", "--epochs", "3", "--num-seeds", "2", "--train-size", "200", "--probe-steps", "4"),
 )
 
 

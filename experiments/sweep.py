@@ -195,7 +195,8 @@ EXPERIMENT = protocol.Experiment(
     render=render,
     notes=NOTES,
     figures=(protocol.Figure("sweep.png", draw_sweep),),
-    quick=("--scales", "0.1,0.01", "--epochs", "3", "--train-size", "200"),
+    quick=("--scales", "0.08,0.05,0.03,0.02,0.01", "--epochs", "2", "--num-seeds", "2", "--train-size", "300",
+           "--heldout-size", "100"),
 )
 
 

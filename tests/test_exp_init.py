@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from experiments import init as init_exp
-from experiments import protocol
+from experiments import protocol, registry
 from helpers import read_results, run_cli
 
 
@@ -37,23 +37,46 @@ def test_verdict_on_hand_made_records():
     assert same["plain_better_scales"] == [] and same["sign_test"]["p_value"] == 1.0
 
 
+QUICK = registry.experiment("init").quick  # scales 0.3 and 0.01, 3 epochs, 2 seeds, 200 training images
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """``python -m experiments.init`` at the registry's quick options (figures drawn), run once for this module."""
+    out = tmp_path_factory.mktemp("init") / "run"
+    proc = run_cli("experiments.init", *QUICK, "--data", "bundled", "--no-cache", "--cpu-devices", "2", "--out", out)
+    return proc, out
+
+
 @pytest.mark.slow
-def test_cli_seed_zero_is_the_books_sweep(tmp_path):
-    common = ["--scales", "0.3,0.01", "--epochs", "3", "--train-size", "200", "--data", "bundled", "--no-cache",
-              "--quiet"]
-    r = run_cli("experiments.init", *common, "--num-seeds", "2", "--out", str(tmp_path / "init"))
-    assert r.returncode == 0, r.stderr
-    r2 = run_cli("experiments.sweep", *common, "--no-plot", "--out", str(tmp_path / "sweep"))
+def test_quick_run_records_a_verdict_and_prints_its_rendering(quick_run):
+    proc, out = quick_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = read_results(out)
+    assert res["verdict"]
+    rendered = init_exp.render(res)
+    assert rendered.strip() and rendered.strip() in proc.stdout  # the console shows what the report quotes
+    assert f"wrote results.json, {', '.join(init_exp.EXPERIMENT.figure_files)} to {out}" in proc.stdout
+    assert sorted(p.name for p in out.iterdir()) == sorted(["results.json", *init_exp.EXPERIMENT.figure_files])
+
+
+@pytest.mark.slow
+def test_cli_seed_zero_is_the_books_sweep(quick_run, tmp_path):
+    _, out = quick_run
+    r2 = run_cli("experiments.sweep", *QUICK[:QUICK.index("--num-seeds")], *QUICK[QUICK.index("--num-seeds") + 2:],
+                 "--data", "bundled", "--no-cache", "--cpu-devices", "2", "--quiet", "--no-plot",
+                 "--out", str(tmp_path / "sweep"))
     assert r2.returncode == 0, r2.stderr
-    res = read_results(tmp_path / "init")
+    res = read_results(out)
     book = read_results(tmp_path / "sweep")
+    assert res["seeds"] == [0, 1] and book["seeds"] == [0]
     for arm in ("batchnorm", "plain"):
         np.testing.assert_array_equal(np.asarray(res["train_accuracy"][arm])[:1], book["train_accuracy"][arm])
     assert [row["scale"] for row in res["verdict"]["per_scale"]] == [0.3, 0.01]
     final = np.asarray(res["train_accuracy"]["batchnorm"])[:, :, -1]
     assert res["verdict"]["per_scale"][1]["batchnorm"]["mean"] == pytest.approx(final[:, 1].mean())
     for png in init_exp.EXPERIMENT.figure_files:
-        assert (tmp_path / "init" / png).stat().st_size > 10_000
+        assert (out / png).stat().st_size > 10_000
     assert "| w | BN mean" in init_exp.render(res)
 
 

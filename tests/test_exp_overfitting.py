@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from experiments import overfitting, protocol
+from experiments import overfitting, protocol, registry
 from helpers import read_results, run_cli
 
 SUMMARY_KEYS = {"final_train", "final_heldout", "gap", "best_heldout", "best_heldout_epoch", "epoch_train_100",
@@ -100,11 +100,33 @@ def test_verdict_on_hand_made_curves():
         "batchnorm+dropout+weight_decay (not in the book) (1 seed(s) diverged)"]
 
 
+QUICK = registry.experiment("overfitting").quick  # 100 images, 7 epochs recorded every 3, 2 seeds
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """``python -m experiments.overfitting`` at the registry's quick options (figure drawn), run once."""
+    out = tmp_path_factory.mktemp("overfitting") / "run"
+    proc = run_cli("experiments.overfitting", *QUICK, "--data", "bundled", "--no-cache", "--cpu-devices", "2",
+                   "--out", out)
+    return proc, out
+
+
 @pytest.mark.slow
-def test_cli_tiny_run_end_to_end(tmp_path):
-    out = tmp_path / "run"
-    proc = run_cli("experiments.overfitting", "--train-size", "100", "--epochs", "7", "--record-every", "3", "--num-seeds", "2",
-                    "--data", "bundled", "--no-cache", "--out", str(out))
+def test_quick_run_records_a_verdict_and_prints_its_rendering(quick_run):
+    proc, out = quick_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = read_results(out)
+    assert res["verdict"]
+    rendered = overfitting.render(res)
+    assert rendered.strip() and rendered.strip() in proc.stdout  # the console shows what the report quotes
+    assert f"wrote results.json, overfitting.png to {out}" in proc.stdout
+    assert sorted(p.name for p in out.iterdir()) == sorted(["results.json", *overfitting.EXPERIMENT.figure_files])
+
+
+@pytest.mark.slow
+def test_cli_tiny_run_end_to_end(quick_run):
+    proc, out = quick_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "combination" in proc.stdout and "wrote results.json, overfitting.png" in proc.stdout
     res = read_results(out)
@@ -183,20 +205,18 @@ def test_defaults_are_the_books_protocol(tmp_path):
 
 
 @pytest.mark.slow
-def test_protocol_matches_the_engine_alone(tmp_path):
-    """Two epochs recorded at every epoch: records after 1 and 4 updates; the arms are what they say (the plain
-    arm and the book's dropout equal the engine run alone, inverted dropout does not), and the held-out images
-    are exactly the bundled images never trained on."""
+def test_protocol_matches_the_engine_alone(quick_run):
+    """The quick run, 7 epochs recorded every 3: records after 1, 4 and 7 updates; the arms are what they say
+    (the plain arm and the book's dropout equal the engine run alone, inverted dropout does not), and the
+    held-out images are exactly the bundled images never trained on."""
     from bnjax import data, grid
 
-    out = tmp_path / "run"
-    assert overfitting.main(["--epochs", "2", "--record-every", "1", "--num-seeds", "1", "--data", "bundled",
-                             "--quiet", "--no-plot", "--no-cache", "--out", str(out)]) == 0
+    _, out = quick_run
     res = read_results(out)
-    assert res["record_steps"] == [1, 4] and res["epochs"] == [0, 1]
+    assert res["record_steps"] == [1, 4, 7] and res["epochs"] == [0, 3, 6]
 
-    ds = data.load_bundled(300, None, split_seed=0)
-    assert res["data"]["train_sha256"] == ds.source["train_sha256"] and res["data"]["num_heldout"] == 4700
+    ds = data.load_bundled(100, None, split_seed=0)
+    assert res["data"]["train_sha256"] == ds.source["train_sha256"] and res["data"]["num_heldout"] == 4900
     trained = {row.tobytes() for row in ds.x_train}
     assert not any(row.tobytes() in trained for row in ds.x_heldout)  # never trained on
 
@@ -204,12 +224,13 @@ def test_protocol_matches_the_engine_alone(tmp_path):
     config = grid.GridConfig(
         arms={"plain": grid.Arm(**he), "book": grid.Arm(dropout_ratio=0.2, dropout_inverted=False, **he),
               "inverted": grid.Arm(dropout_ratio=0.2, dropout_inverted=True, **he)},
-        axes={}, weight_scale=1.0, num_records=2, updates_per_record=3, hidden_sizes=(100,) * 6, seed=0)
+        axes={}, weight_scale=1.0, num_records=3, updates_per_record=3, hidden_sizes=(100,) * 6, seed=0,
+        num_seeds=2)
     alone = grid.run_grid(config, ds.x_train, ds.t_train, ds.x_heldout, ds.t_heldout)
     for cli_arm, engine_arm in (("plain", "plain"), ("plain+dropout", "book")):
         for metric in ("train_loss", "heldout_loss", "train_accuracy", "heldout_accuracy"):
             got = np.array(res[metric][cli_arm], float)[:, 0]  # weight decay 0; the engine alone has no axis
-            tol = 1e-4 if "loss" in metric else 2 / 300 + 1e-6
+            tol = 1e-4 if "loss" in metric else 2 / 100 + 1e-6  # two training images
             np.testing.assert_allclose(got, alone.metrics[metric][engine_arm], rtol=1e-4, atol=tol,
                                        err_msg=f"{cli_arm} {metric}")
     held = np.array(res["heldout_loss"]["plain+dropout"], float)[0, 0]

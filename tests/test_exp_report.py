@@ -11,12 +11,33 @@ from helpers import ROOT, cli_env, run_cli
 
 
 @pytest.fixture(scope="module")
-def quick_report(tmp_path_factory):
-    out = tmp_path_factory.mktemp("report")
-    r = run_cli("experiments.report", "--quick", "--data", "bundled", "--no-cache", "--quiet", "--out", str(out),
-             timeout=600)
-    assert r.returncode == 0, r.stderr
-    return out
+def notebook(tmp_path_factory):
+    """The Colab notebook run top to bottom in its quick mode, once: its second half is ``report.main(["--out",
+    OUT/report, "--quick"])``, the report every test here reads. Returns (the executed notebook, OUT)."""
+    import nbclient
+    import nbformat
+
+    out = tmp_path_factory.mktemp("colab")
+    nb = nbformat.read(ROOT / "experiments" / "colab.ipynb", as_version=4)
+    # XDG_CACHE_HOME: the compilation cache in this test's folder, not the user's home (and the MNIST folder
+    # "auto" looks in, unless BNJAX_DATA_DIR is set, empty: the bundled images).
+    env = cli_env(BNJAX_NOTEBOOK_QUICK="1", BNJAX_NOTEBOOK_OUT=str(out), XDG_CACHE_HOME=str(out / "cache"))
+    old = dict(os.environ)
+    os.environ.update(env)  # the kernel inherits this process's environment
+    try:
+        client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                                         resources={"metadata": {"path": str(ROOT)}})
+        client.execute()
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+    return nb, out
+
+
+@pytest.fixture(scope="module")
+def quick_report(notebook):
+    """The folder of the notebook's ``experiments.report --quick``: report.md, and each experiment's folder."""
+    return notebook[1] / "report"
 
 
 @pytest.mark.slow
@@ -51,11 +72,11 @@ def test_reuse_reads_results_without_running_again(quick_report):
 
 @pytest.mark.slow
 def test_rerun_without_reuse_and_what_each_experiment_is_given(quick_report):
-    before = (quick_report / "activations" / "results.json").stat().st_mtime_ns
-    r = run_cli("experiments.report", "--quick", "--only", "activations", "--data", "bundled", "--no-cache", "--quiet",
-             "--out", str(quick_report))
+    before = (quick_report / "init" / "results.json").stat().st_mtime_ns
+    r = run_cli("experiments.report", "--quick", "--only", "init", "--data", "bundled", "--no-cache", "--quiet",
+                "--out", str(quick_report))
     assert r.returncode == 0, r.stderr
-    assert (quick_report / "activations" / "results.json").stat().st_mtime_ns != before  # ran again
+    assert (quick_report / "init" / "results.json").stat().st_mtime_ns != before  # ran again
     args = report.parse_args(["--seed", "7", "--data", "bundled", "--no-cache", "--out", str(quick_report)])
     argv = report.experiment_argv(args, "init")
     assert argv[argv.index("--seed") + 1] == "7" and argv[argv.index("--out") + 1] == str(quick_report / "init")
@@ -74,23 +95,10 @@ def test_bad_options_exit_2(capsys):
 
 
 @pytest.mark.slow
-def test_colab_notebook_runs_top_to_bottom(tmp_path):
-    import nbclient
-    import nbformat
-
-    nb = nbformat.read(ROOT / "experiments" / "colab.ipynb", as_version=4)
+def test_colab_notebook_runs_top_to_bottom(notebook):
+    nb, out = notebook
     assert "REPO_URL = " in nb.cells[1].source  # the one variable to change
-    env = cli_env(BNJAX_NOTEBOOK_QUICK="1", BNJAX_NOTEBOOK_OUT=str(tmp_path))
-    old = dict(os.environ)
-    os.environ.update(env)  # the kernel inherits this process's environment
-    try:
-        client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                                         resources={"metadata": {"path": str(ROOT)}})
-        client.execute()
-    finally:
-        os.environ.clear()
-        os.environ.update(old)
     outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "backend: cpu" in outputs
     assert "training accuracy" in outputs
-    assert (tmp_path / "report" / "report.md").exists() and (tmp_path / "sweep" / "sweep.png").exists()
+    assert (out / "report" / "report.md").exists() and (out / "sweep" / "sweep.png").exists()

@@ -1,5 +1,6 @@
-"""The command-line experiments end to end (tiny configurations): the registry (every experiment's --help, quick
-run and rendering; the README's table), devices, processes, seeds, files, errors."""
+"""The command-line experiments end to end (tiny configurations): the registry (every experiment's --help; the
+sweep's quick run and rendering here, each other experiment's in its own test module; the README's table),
+devices, processes, seeds, files, errors."""
 
 import json
 import os
@@ -17,8 +18,9 @@ import pytest
 from experiments import cli, protocol, registry, results, sweep
 from helpers import ROOT, cli_env, read_results, run_cli
 
-TINY = ["--scales", "0.08,0.05,0.03,0.02,0.01", "--epochs", "2", "--num-seeds", "2", "--train-size", "300",
-        "--data", "bundled", "--no-plot", "--no-cache", "--heldout-size", "100"]
+# The sweep's quick configuration (5 scales, 2 epochs, 2 seeds, 300 training and 100 held-out images): the
+# registry's quick run on 2 CPU devices is also the single-chunk, single-process run the tests below compare with.
+TINY = [*registry.experiment("sweep").quick, "--data", "bundled", "--no-cache", "--no-plot"]
 
 
 _results = read_results
@@ -94,28 +96,40 @@ def test_readme_table_lists_exactly_the_registry():
 
 
 @pytest.fixture(scope="module")
-def quick_runs(tmp_path_factory):
-    """Every registered experiment's quick configuration, run once from its command line (figures left out)."""
-    out = tmp_path_factory.mktemp("quick")
+def tiny_run(tmp_path_factory):
+    """The sweep's TINY configuration from its command line, run once per option set and shared by every test
+    that reads it: ``tiny_run(*extra)`` -> (completed process, output folder)."""
     runs = {}
-    for name in registry.NAMES:
-        proc = run_cli(f"experiments.{name}", *registry.experiment(name).quick, "--data", "bundled", "--no-cache",
-                       "--no-plot", "--cpu-devices", "2", "--out", out / name, timeout=600)
-        runs[name] = (proc, out / name)
-    return runs
+
+    def run(*extra: str):
+        if extra not in runs:
+            out = tmp_path_factory.mktemp("tiny") / "run"
+            runs[extra] = (run_cli("experiments.sweep", *TINY, *extra, "--out", out), out)
+        return runs[extra]
+
+    return run
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", registry.NAMES)
-def test_every_registered_experiment_records_a_verdict_and_prints_its_rendering(quick_runs, name):
-    proc, out = quick_runs[name]
+def test_every_registered_experiment_records_a_verdict_and_prints_its_rendering(tiny_run):
+    """The sweep's quick configuration from its command line (each other experiment's quick run is its test
+    module's CLI test: ``test_every_registered_experiment_has_a_cli_test_of_its_quick_configuration``)."""
+    proc, out = tiny_run("--cpu-devices", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = read_results(out)
-    assert res[VERDICT_FIELD.get(name, "verdict")]
-    rendered = registry.experiment(name).render(res)
+    assert res[VERDICT_FIELD["sweep"]]
+    rendered = registry.experiment("sweep").render(res)
     assert rendered.strip() and rendered.strip() in proc.stdout  # the console shows what the report quotes
     assert f"wrote results.json to {out}" in proc.stdout
     assert sorted(p.name for p in out.iterdir()) == ["results.json"]  # --no-plot
+
+
+@pytest.mark.parametrize("name", [n for n in registry.NAMES if n != "sweep"])
+def test_every_registered_experiment_has_a_cli_test_of_its_quick_configuration(name):
+    # Each runs ``python -m experiments.<name>`` at the registry's quick options once, and checks the verdict, the
+    # console's rendering and the files there.
+    text = (ROOT / "tests" / f"test_exp_{name}.py").read_text()
+    assert f'registry.experiment("{name}").quick' in text and "rendered.strip() in proc.stdout" in text
 
 
 def test_help_explains_itself():
@@ -199,12 +213,12 @@ def _compare(a: dict, b: dict, tol: float = 1e-4, accuracy_tol: float | None = N
 
 
 @pytest.mark.slow
-def test_one_three_and_eight_cpu_devices_give_the_same_results(tmp_path):
+def test_one_three_and_eight_cpu_devices_give_the_same_results(tiny_run):
     runs = {}
     for n in (1, 3, 8):
-        proc = run_cli("experiments.sweep", *TINY, "--cpu-devices", str(n), "--quiet", "--out", str(tmp_path / str(n)))
+        proc, out = tiny_run("--cpu-devices", str(n))
         assert proc.returncode == 0, proc.stderr[-2000:]
-        runs[n] = _results(tmp_path / str(n))
+        runs[n] = _results(out)
         assert runs[n]["environment"]["device_count"] == n
         assert runs[n]["environment"]["devices_used"] == n  # read from the arrays' shardings
     assert runs[3]["environment"]["layout"]["padded_models"] > 0
@@ -220,11 +234,12 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one_and_only_process_0_writes(tmp_path):
+def test_two_processes_equal_one_and_only_process_0_writes(tmp_path, tiny_run):
+    # Two processes of one CPU device each against one process of two devices: the same mesh.
     port = _free_port()
     procs = []
     for pid in (0, 1):
-        cmd = [sys.executable, "-m", "experiments.sweep", *TINY, "--cpu-devices", "2", "--coordinator",
+        cmd = [sys.executable, "-m", "experiments.sweep", *TINY, "--cpu-devices", "1", "--coordinator",
                f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(pid), "--out", str(tmp_path / f"p{pid}")]
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True))
@@ -234,21 +249,20 @@ def test_two_processes_equal_one_and_only_process_0_writes(tmp_path):
     assert "in 2 processes" in outs[0][0] and "wrote" in outs[0][0]
     assert "wrote" not in outs[1][0] and not (tmp_path / "p1").exists()
     two = _results(tmp_path / "p0")
-    assert two["environment"]["processes"] == 2 and two["environment"]["devices_used"] == 4
-    proc = run_cli("experiments.sweep", *TINY, "--cpu-devices", "4", "--quiet", "--out", str(tmp_path / "one"))
+    assert two["environment"]["processes"] == 2 and two["environment"]["devices_used"] == 2
+    proc, out = tiny_run("--cpu-devices", "2")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    one = _results(tmp_path / "one")
-    assert one["environment"]["processes"] == 1
+    one = _results(out)
+    assert one["environment"]["processes"] == 1 and one["environment"]["devices_used"] == 2
     _compare(one, two, tol=1e-6)
 
 
 @pytest.mark.slow
-def test_chunked_cli_run_equals_one_chunk(tmp_path):
-    args = TINY + ["--quiet", "--cpu-devices", "2"]
-    assert run_cli("experiments.sweep", *args, "--out", str(tmp_path / "one")).returncode == 0
-    proc = run_cli("experiments.sweep", *args, "--max-models-per-chunk", "4", "--out", str(tmp_path / "chunks"))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    one, chunks = _results(tmp_path / "one"), _results(tmp_path / "chunks")
+def test_chunked_cli_run_equals_one_chunk(tiny_run):
+    (proc, one_out), (chunked, chunks_out) = (tiny_run("--cpu-devices", "2"),
+                                              tiny_run("--cpu-devices", "2", "--max-models-per-chunk", "4"))
+    assert proc.returncode == 0 and chunked.returncode == 0, (proc.stderr + chunked.stderr)[-2000:]
+    one, chunks = _results(one_out), _results(chunks_out)
     assert one["environment"]["layout"]["num_chunks"] == 1 and chunks["environment"]["layout"]["num_chunks"] == 5
     _compare(one, chunks, accuracy_tol=1 / 100 + 1e-6)
 
@@ -355,8 +369,9 @@ def test_json_writer_turns_non_finite_numbers_into_null(tmp_path):
 
 @pytest.mark.slow
 def test_benchmark_quick_runs(tmp_path):
-    proc = run_cli("experiments.benchmark", "--quick", "--skip", "d", "--out", str(tmp_path / "bench.json"),
-                timeout=600)
+    # No layer section ("l"): test_benchmark_layers.py runs it.
+    proc = run_cli("experiments.benchmark", "--quick", "--skip", "d,l", "--out", str(tmp_path / "bench.json"),
+                   timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads((tmp_path / "bench.json").read_text())
     names = [v["name"] for v in res["variants"]]

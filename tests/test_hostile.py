@@ -5,6 +5,7 @@ line; interrupts at compile time and mid-run leave earlier results byte-identica
 import importlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -188,15 +189,28 @@ def test_matplotlib_gets_a_writable_config_dir():
     assert "bnjax-matplotlib-" in r.stdout and "Traceback" not in r.stderr and "Matplotlib" not in r.stderr
 
 
+INIT = ["experiments.init", "--scales", "0.1,0.01", "--epochs", "2", "--num-seeds", "2", "--train-size", "200",
+        "--data", "bundled", "--no-cache"]
+
+
+@pytest.fixture(scope="module")
+def earlier_results(tmp_path_factory):
+    """A finished init run's folder (results.json and figures), made once; each test works on a copy."""
+    out = tmp_path_factory.mktemp("earlier") / "run"
+    r = run_cli(*INIT, "--out", str(out), "--quiet")
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("when", ["compile", "run"])
 @pytest.mark.parametrize("sig,status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_interrupt_keeps_earlier_results_byte_identical(tmp_path, when, sig, status):
+def test_interrupt_keeps_earlier_results_byte_identical(tmp_path, earlier_results, when, sig, status):
     out = tmp_path / "run"
-    base = ["experiments.init", "--scales", "0.1,0.01", "--epochs", "2", "--num-seeds", "2", "--train-size", "200",
-            "--data", "bundled", "--no-cache", "--out", str(out)]
-    assert run_cli(*base, "--quiet").returncode == 0
+    shutil.copytree(earlier_results, out)
+    base = [*INIT, "--out", str(out)]
     before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(before) == sorted(["results.json", *registry.experiment("init").figure_files])
     proc = subprocess.Popen([sys.executable, "-m", *base[:1], "--num-seeds", "64", "--epochs", "200", *base[7:]],
                             cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
@@ -250,6 +264,7 @@ def test_a_closed_pipe_ends_quietly(tmp_path):
     assert proc.returncode in (0, 1) and "Traceback" not in err and "BrokenPipe" not in err
 
 
+@pytest.mark.slow
 def test_library_refuses_values_its_float32_statistics_cannot_hold():
     import numpy as np
 
