@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import sys
+from pathlib import Path
 
+from bnjax.files import atomic_write_text
 from experiments import protocol
 
-__all__ = ["Entry", "ENTRIES", "NAMES", "REPORTED", "OTHER_COMMANDS", "experiment", "readme_table"]
+__all__ = ["Entry", "ENTRIES", "NAMES", "REPORTED", "OTHER_COMMANDS", "experiment", "readme_table", "write_readme_table"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,3 +81,34 @@ def readme_table() -> str:
         rows.append(f"| `{entry.name}` | {experiment(entry.name).question} | {entry.time} |")
     rows += [f"| `{name}` | {what} | {time} |" for name, what, time in OTHER_COMMANDS]
     return "\n".join(rows) + "\n"
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+BEGIN, END = "<!-- experiments:begin -->\n", "<!-- experiments:end -->"
+
+
+def write_readme_table(readme: Path = README) -> bool:
+    """Write ``readme_table()`` between the README's markers (after adding or renaming an experiment).
+
+    Args:
+      readme: the README to rewrite.
+
+    Returns:
+      Whether the table changed.
+
+    Raises:
+      ValueError: the README lacks the markers.
+    """
+    text = readme.read_text()
+    if BEGIN not in text or END not in text:
+        raise ValueError(f"{readme} has no {BEGIN.strip()} ... {END} markers")
+    head, rest = text.split(BEGIN, 1)
+    new = head + BEGIN + readme_table() + END + rest.split(END, 1)[1]
+    if new != text:
+        atomic_write_text(readme, new)
+    return new != text
+
+
+if __name__ == "__main__":  # python -m experiments.registry: refresh the README's table of experiments
+    print("README.md table " + ("updated" if write_readme_table() else "already up to date"))
+    sys.exit(0)

@@ -87,10 +87,22 @@ def test_registry_lists_each_experiment_once_and_the_report_reads_it():
         registry.experiment("harness")
 
 
+def test_registry_writes_the_readme_table_between_its_markers(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- experiments:begin -->\n| old |\n<!-- experiments:end -->\nrest\n")
+    assert registry.write_readme_table(readme) is True
+    assert readme.read_text() == ("intro\n<!-- experiments:begin -->\n" + registry.readme_table()
+                                  + "<!-- experiments:end -->\nrest\n")
+    assert registry.write_readme_table(readme) is False  # idempotent
+    readme.write_text("no markers")
+    with pytest.raises(ValueError, match="markers"):
+        registry.write_readme_table(readme)
+
+
 def test_readme_table_lists_exactly_the_registry():
     text = (ROOT / "README.md").read_text()
     table = text.split("<!-- experiments:begin -->\n", 1)[1].split("<!-- experiments:end -->", 1)[0]
-    assert table == registry.readme_table()
+    assert table == registry.readme_table(), "run `python -m experiments.registry` to refresh README.md's table"
     names = [line.split("`")[1] for line in table.splitlines()[2:]]
     assert names == [*registry.NAMES, *(name for name, _, _ in registry.OTHER_COMMANDS)]
 
