@@ -85,7 +85,14 @@ def updates_to_threshold(record_steps: Any, accuracy: Any, threshold: float = 0.
 
 
 def ratio(numerator: float | None, denominator: float | None) -> float | None:
-    """``numerator / denominator``, or ``None`` when either is missing or the denominator is 0."""
+    """``numerator / denominator``, or ``None`` when either is missing or the denominator is 0.
+
+    Args:
+      numerator, denominator: numbers or ``None``.
+
+    Returns:
+      The ratio as a float, or ``None``.
+    """
     if numerator is None or denominator is None or denominator == 0:
         return None
     return float(numerator) / float(denominator)
@@ -126,7 +133,14 @@ def paired_counts(a: Any, b: Any, tolerance: float = 0.0) -> tuple[np.ndarray, n
 
 def sign_test(wins: int, losses: int) -> float:
     """Two-sided exact sign test: the probability of a split at least this uneven if each non-tied pair were a
-    fair coin. Ties are left out before calling. Returns 1.0 with no pairs."""
+    fair coin. Ties are left out before calling. Returns 1.0 with no pairs.
+
+    Args:
+      wins, losses: counts of pairs (non-negative integers).
+
+    Returns:
+      The two-sided p-value, computed in exact integers.
+    """
     wins, losses = int(wins), int(losses)
     if wins < 0 or losses < 0:
         raise ValueError(f"sign_test: counts must be >= 0, got {wins} wins and {losses} losses")
@@ -149,6 +163,10 @@ def trainable_width(scales: Any, mean_accuracy: Any, threshold: float = 0.9) -> 
     Args:
       scales: ``[S]`` positive, in any order.
       mean_accuracy: ``[S]``.
+      threshold: the accuracy a scale must reach.
+
+    Returns:
+      The width in decades (0.0 when no scale qualifies).
     """
     logs = np.log10(np.asarray(scales, float))
     acc = np.asarray(mean_accuracy, float)
@@ -220,6 +238,10 @@ def largest_step_below(step_sizes: Any, ratios: Any, bound: float = 1.0) -> floa
     Args:
       step_sizes: ``[E]``.
       ratios: ``[seeds, E]`` from ``bnjax.train.step_size_probe``.
+      bound: the ratio a step must stay below.
+
+    Returns:
+      The step size, or ``None``.
     """
     r = np.asarray(ratios, float)
     r = np.where(np.isfinite(r), r, np.inf)

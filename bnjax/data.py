@@ -157,6 +157,17 @@ def load_bundled(num_train: int = 1000, num_heldout: int | None = None, split_se
     ``num_heldout`` (default: all the rest). A seeded ``RandomState`` is used (not the global NumPy RNG) because
     its permutation is fixed across NumPy versions; with ``split_seed=0`` the 1000 training images hold
     [99, 106, 102, 92, 82, 117, 89, 107, 105, 101] of digits 0..9.
+
+    Args:
+      num_train: training images.
+      num_heldout: held-out images (``None``: the rest of the 5,000).
+      split_seed: the permutation's seed.
+
+    Returns:
+      A ``Dataset`` (see ``load``).
+
+    Raises:
+      ValueError: more images than the subset holds.
     """
     num_heldout = _check_counts(num_train, num_heldout, BUNDLED_SIZE, "the bundled subset")
     ref = _bundled_path()
@@ -186,6 +197,15 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
 
     Raises ``ValueError`` naming the file when it is not a well-formed unsigned-byte idx file (or not valid
     gzip), and ``DataUnavailableError`` when it cannot be read at all.
+
+    Args:
+      path: the file.
+
+    Returns:
+      The uint8 array.
+
+    Raises:
+      ValueError, DataUnavailableError: as above.
     """
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
@@ -227,7 +247,11 @@ def _read_mnist_idx(path: Path, labels: bool) -> np.ndarray:
 
 
 def default_cache_dir() -> Path:
-    """``$BNJAX_DATA_DIR``, else ``$XDG_CACHE_HOME/bnjax/mnist``, else ``~/.cache/bnjax/mnist``."""
+    """``$BNJAX_DATA_DIR``, else ``$XDG_CACHE_HOME/bnjax/mnist``, else ``~/.cache/bnjax/mnist``.
+
+    Returns:
+      The folder (not created here).
+    """
     if os.environ.get("BNJAX_DATA_DIR"):
         return Path(os.environ["BNJAX_DATA_DIR"])
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -311,6 +335,18 @@ def download_mnist(
     same directory, is verified, then renamed into place, so an interrupted or corrupt download never leaves a
     file behind. Raises ``ChecksumError`` on a mismatch and ``DataUnavailableError`` when the server cannot be
     reached within ``timeout`` seconds or the cache directory cannot be created or written.
+
+    Args:
+      cache_dir: the folder (``None``: ``default_cache_dir()``).
+      base_url: where the four files are.
+      checksums: file name -> expected sha256.
+      timeout: seconds per request.
+
+    Returns:
+      file name -> path of the verified file.
+
+    Raises:
+      ChecksumError, DataUnavailableError: as above.
     """
     if cache_dir is None:
         cache = default_cache_dir()
@@ -371,6 +407,17 @@ def load_mnist_idx(
         MNIST's shape (images ``[N, 28, 28]``, labels ``[N]`` in 0..9, as many labels as images); the source
         record's ``files_sha256`` names the files actually read.
       base_url, checksums, timeout: where to download from, the expected sha256 per file, seconds per request.
+      num_train: the first training images to keep.
+      num_heldout: the first test images to keep (``None``: all 10,000).
+      download: fetch missing files into the cache.
+
+    Returns:
+      A ``Dataset`` (see ``load``).
+
+    Raises:
+      DataUnavailableError: files missing and not downloadable, or unreadable.
+      ChecksumError: a ``.gz`` file is not the original.
+      ValueError: impossible sizes or a malformed file.
     """
     if data_dir is not None:
         directory = Path(data_dir)
@@ -489,6 +536,19 @@ def load_tfds(
 
     First ``num_train`` training and first ``num_heldout`` test examples, like ``load_mnist_idx``.
     Raises ``DataUnavailableError`` when tensorflow-datasets is missing, or loading takes longer than ``timeout``.
+
+    Args:
+      num_train: training examples.
+      num_heldout: test examples (``None``: all).
+      data_dir: tfds's data folder.
+      name: the tfds dataset name.
+      timeout: seconds for preparing and reading.
+
+    Returns:
+      A ``Dataset`` (see ``load``).
+
+    Raises:
+      DataUnavailableError: as above.
     """
     try:
         import tensorflow_datasets as tfds
@@ -546,6 +606,23 @@ def load(
     ``auto`` uses full MNIST when ``data_dir`` is given or verified idx files are already in the cache, and the
     bundled subset otherwise; it never downloads. ``split_seed`` only splits the bundled subset
     (the training seeds never change the data).
+
+    Args:
+      source: ``'auto'``, ``'bundled'``, ``'mnist'`` (idx files) or ``'tfds'``.
+      num_train: training images.
+      num_heldout: held-out images (``None``: all that remain).
+      data_dir: a folder holding the MNIST idx files (or tfds data); ``None``: the cache.
+      split_seed: the split of the bundled subset.
+      timeout: seconds per download request or tfds load.
+
+    Returns:
+      A ``Dataset``: ``x_train [num_train, 784]`` float32 in [0, 1], ``t_train [num_train]`` int32 labels, the
+      held-out pair alike, and ``source`` (provenance: name, files, sha256, class counts).
+
+    Raises:
+      ValueError: an unknown source or impossible sizes.
+      DataUnavailableError: the source cannot be read here (one line saying what to do instead).
+      ChecksumError: a file is not the original MNIST file.
     """
     if source not in SOURCES:
         raise ValueError(f"unknown data source {source!r}; choose one of {', '.join(SOURCES)}")
