@@ -148,7 +148,9 @@ def test_readme_names_the_commands_ci_uses():
         assert needle in command and 'pip install -e "' in command
     # CI runs the full suite, not a tier of it.
     test_command = re.search(r"```bash\n(.*?)\n```", text.split("<!-- ci:test-command -->", 1)[1], flags=re.S).group(1)
-    assert test_command.endswith("python -m pytest"), test_command
+    runner = test_command.split("python -m pytest", 1)[1].split()
+    assert runner in ([], ["-n", "auto", "--dist", "loadfile"]), test_command  # every test, on every core
+    assert "pytest-xdist" in (ROOT / "pyproject.toml").read_text()
 
 
 def test_readme_stays_short():
