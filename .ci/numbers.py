@@ -93,7 +93,7 @@ def _count(value) -> int:
 
 
 def compare(dir_a: Path, dir_b: Path) -> int:
-    print(f"| run | fields compared | numbers compared | differences |\n|---|---|---|---|")
+    print("| run | fields compared | numbers compared | differences |\n|---|---|---|---|")
     failed = 0
     for name in RUNS:
         a = json.loads((dir_a / name / "results.json").read_text())

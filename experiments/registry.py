@@ -110,5 +110,7 @@ def write_readme_table(readme: Path = README) -> bool:
 
 
 if __name__ == "__main__":  # python -m experiments.registry: refresh the README's table of experiments
+    if sys.argv[1:]:
+        sys.exit("usage: python -m experiments.registry  (rewrites README.md's table of experiments; no options)")
     print("README.md table " + ("updated" if write_readme_table() else "already up to date"))
     sys.exit(0)

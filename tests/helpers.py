@@ -37,3 +37,27 @@ def run_cli(module: str, *args: str, timeout: float = 300, cwd: str | os.PathLik
 def read_results(directory: str | os.PathLike) -> dict:
     """The ``results.json`` an experiment wrote into ``directory``."""
     return json.loads((Path(directory) / "results.json").read_text())
+
+
+def run_quick(name: str, out: str | os.PathLike) -> subprocess.CompletedProcess:
+    """``python -m experiments.<name>`` at the registry's quick options (figures drawn) into ``out``, on 2 devices."""
+    from experiments import registry
+
+    return run_cli(f"experiments.{name}", *registry.experiment(name).quick, "--data", "bundled", "--no-cache",
+                   "--cpu-devices", "2", "--out", out)
+
+
+def assert_quick_run(name: str, proc: subprocess.CompletedProcess, out: str | os.PathLike) -> dict:
+    """What every experiment's quick run must do: exit 0, record a verdict, print its rendering (what the report
+    quotes) and the files written, and write exactly results.json and its figures. Returns the results."""
+    from experiments import registry
+
+    experiment = registry.experiment(name)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = read_results(out)
+    assert res["verdict"]
+    rendered = experiment.render(res)
+    assert rendered.strip() and rendered.strip() in proc.stdout  # the console shows what the report quotes
+    assert f"wrote results.json, {', '.join(experiment.figure_files)} to {out}" in proc.stdout
+    assert sorted(p.name for p in Path(out).iterdir()) == sorted(["results.json", *experiment.figure_files])
+    return res

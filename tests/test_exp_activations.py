@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from experiments import activations, activations_figures, protocol, registry, results
+from experiments import activations, activations_figures, protocol, results
 from experiments import activations_part1 as A
-from helpers import read_results, run_cli
+from helpers import assert_quick_run, read_results, run_quick
 
 
 # --------------------------------------------------------------------------------------------------
@@ -308,28 +308,16 @@ def test_figures_have_the_books_layout(part1):
     plot.pyplot().close(fig)
 
 
-QUICK = registry.experiment("activations").quick  # 200 images, 3 scales, 2 epochs, 200 part-1 inputs
-
-
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     """``python -m experiments.activations`` at the registry's quick options (figures drawn), run once."""
     out = tmp_path_factory.mktemp("activations") / "run"
-    proc = run_cli("experiments.activations", *QUICK, "--data", "bundled", "--no-cache", "--cpu-devices", "2",
-                   "--out", out)
-    return proc, out
+    return run_quick("activations", out), out
 
 
 @pytest.mark.slow
 def test_quick_run_records_a_verdict_and_prints_its_rendering(quick_run):
-    proc, out = quick_run
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = read_results(out)
-    assert res["verdict"]
-    rendered = activations.render(res)
-    assert rendered.strip() and rendered.strip() in proc.stdout  # the console shows what the report quotes
-    assert f"wrote results.json, {', '.join(activations.EXPERIMENT.figure_files)} to {out}" in proc.stdout
-    assert sorted(p.name for p in out.iterdir()) == sorted(["results.json", *activations.EXPERIMENT.figure_files])
+    assert_quick_run("activations", *quick_run)
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ import pytest
 
 from experiments import init as init_exp
 from experiments import protocol, registry
-from helpers import read_results, run_cli
+from helpers import assert_quick_run, run_quick, read_results, run_cli
 
 
 def test_verdict_on_hand_made_records():
@@ -44,20 +44,12 @@ QUICK = registry.experiment("init").quick  # scales 0.3 and 0.01, 3 epochs, 2 se
 def quick_run(tmp_path_factory):
     """``python -m experiments.init`` at the registry's quick options (figures drawn), run once for this module."""
     out = tmp_path_factory.mktemp("init") / "run"
-    proc = run_cli("experiments.init", *QUICK, "--data", "bundled", "--no-cache", "--cpu-devices", "2", "--out", out)
-    return proc, out
+    return run_quick("init", out), out
 
 
 @pytest.mark.slow
 def test_quick_run_records_a_verdict_and_prints_its_rendering(quick_run):
-    proc, out = quick_run
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = read_results(out)
-    assert res["verdict"]
-    rendered = init_exp.render(res)
-    assert rendered.strip() and rendered.strip() in proc.stdout  # the console shows what the report quotes
-    assert f"wrote results.json, {', '.join(init_exp.EXPERIMENT.figure_files)} to {out}" in proc.stdout
-    assert sorted(p.name for p in out.iterdir()) == sorted(["results.json", *init_exp.EXPERIMENT.figure_files])
+    assert_quick_run("init", *quick_run)
 
 
 @pytest.mark.slow

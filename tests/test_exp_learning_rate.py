@@ -6,8 +6,8 @@ import pytest
 
 from bnjax import grid
 from experiments import learning_rate as lr_exp
-from experiments import protocol, registry
-from helpers import read_results, run_cli
+from experiments import protocol
+from helpers import assert_quick_run, read_results, run_quick
 
 INITS = ["w=0.1", "he"]
 
@@ -69,28 +69,16 @@ def test_arms_pair_bn_and_plain_of_one_init_and_the_inits_have_their_scales():
     assert start["plain he"].params.affine[1].W.std() == pytest.approx(np.sqrt(2 / 100), rel=0.02)
 
 
-QUICK = registry.experiment("learning_rate").quick  # lrs 0.01 and 3, 3 epochs, 2 seeds, 200 images, 4 probe steps
-
-
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     """``python -m experiments.learning_rate`` at the registry's quick options (figures drawn), run once."""
     out = tmp_path_factory.mktemp("learning_rate") / "lr"
-    proc = run_cli("experiments.learning_rate", *QUICK, "--data", "bundled", "--no-cache", "--cpu-devices", "2",
-                   "--out", out)
-    return proc, out
+    return run_quick("learning_rate", out), out
 
 
 @pytest.mark.slow
 def test_quick_run_records_a_verdict_and_prints_its_rendering(quick_run):
-    proc, out = quick_run
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = read_results(out)
-    assert res["verdict"]
-    rendered = lr_exp.render(res)
-    assert rendered.strip() and rendered.strip() in proc.stdout  # the console shows what the report quotes
-    assert f"wrote results.json, {', '.join(lr_exp.EXPERIMENT.figure_files)} to {out}" in proc.stdout
-    assert sorted(p.name for p in out.iterdir()) == sorted(["results.json", *lr_exp.EXPERIMENT.figure_files])
+    assert_quick_run("learning_rate", *quick_run)
 
 
 @pytest.mark.slow

@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from experiments import overfitting, protocol, registry
-from helpers import read_results, run_cli
+from experiments import overfitting, protocol
+from helpers import assert_quick_run, read_results, run_quick
 
 SUMMARY_KEYS = {"final_train", "final_heldout", "gap", "best_heldout", "best_heldout_epoch", "epoch_train_100",
                 "diverged_seeds", "headline", "vs_unregularised", "vs_plain"}
@@ -100,28 +100,16 @@ def test_verdict_on_hand_made_curves():
         "batchnorm+dropout+weight_decay (not in the book) (1 seed(s) diverged)"]
 
 
-QUICK = registry.experiment("overfitting").quick  # 100 images, 7 epochs recorded every 3, 2 seeds
-
-
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     """``python -m experiments.overfitting`` at the registry's quick options (figure drawn), run once."""
     out = tmp_path_factory.mktemp("overfitting") / "run"
-    proc = run_cli("experiments.overfitting", *QUICK, "--data", "bundled", "--no-cache", "--cpu-devices", "2",
-                   "--out", out)
-    return proc, out
+    return run_quick("overfitting", out), out
 
 
 @pytest.mark.slow
 def test_quick_run_records_a_verdict_and_prints_its_rendering(quick_run):
-    proc, out = quick_run
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = read_results(out)
-    assert res["verdict"]
-    rendered = overfitting.render(res)
-    assert rendered.strip() and rendered.strip() in proc.stdout  # the console shows what the report quotes
-    assert f"wrote results.json, overfitting.png to {out}" in proc.stdout
-    assert sorted(p.name for p in out.iterdir()) == sorted(["results.json", *overfitting.EXPERIMENT.figure_files])
+    assert_quick_run("overfitting", *quick_run)
 
 
 @pytest.mark.slow

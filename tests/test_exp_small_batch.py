@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from bnjax import data, grid, layers, model
-from experiments import protocol, registry, small_batch
-from helpers import read_results, run_cli
+from experiments import protocol, small_batch
+from helpers import assert_quick_run, read_results, run_quick
 
 
 def _hand_made():
@@ -126,28 +126,16 @@ def test_measurements_after_training_are_the_models_own(tmp_path):
 
 
 # batch sizes 2 and 10 (the reference), 2 epochs, 2 seeds, 100 images, the renorm warm-up half the updates
-QUICK = registry.experiment("small_batch").quick
-
-
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     """``python -m experiments.small_batch`` at the registry's quick options (figures drawn), run once."""
     out = tmp_path_factory.mktemp("small_batch") / "sb"
-    proc = run_cli("experiments.small_batch", *QUICK, "--data", "bundled", "--no-cache", "--cpu-devices", "2",
-                   "--out", out)
-    return proc, out
+    return run_quick("small_batch", out), out
 
 
 @pytest.mark.slow
 def test_quick_run_records_a_verdict_and_prints_its_rendering(quick_run):
-    proc, out = quick_run
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = read_results(out)
-    assert res["verdict"]
-    rendered = small_batch.render(res)
-    assert rendered.strip() and rendered.strip() in proc.stdout  # the console shows what the report quotes
-    assert f"wrote results.json, {', '.join(small_batch.EXPERIMENT.figure_files)} to {out}" in proc.stdout
-    assert sorted(p.name for p in out.iterdir()) == sorted(["results.json", *small_batch.EXPERIMENT.figure_files])
+    assert_quick_run("small_batch", *quick_run)
 
 
 @pytest.mark.slow

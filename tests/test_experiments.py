@@ -138,10 +138,12 @@ def test_every_registered_experiment_records_a_verdict_and_prints_its_rendering(
 
 @pytest.mark.parametrize("name", [n for n in registry.NAMES if n != "sweep"])
 def test_every_registered_experiment_has_a_cli_test_of_its_quick_configuration(name):
-    # Each runs ``python -m experiments.<name>`` at the registry's quick options once, and checks the verdict, the
-    # console's rendering and the files there.
+    # Each runs ``python -m experiments.<name>`` at the registry's quick options once (helpers.run_quick), and
+    # checks the verdict, the console's rendering and the files there (helpers.assert_quick_run).
     text = (ROOT / "tests" / f"test_exp_{name}.py").read_text()
-    assert f'registry.experiment("{name}").quick' in text and "rendered.strip() in proc.stdout" in text
+    assert f'run_quick("{name}", ' in text and f'assert_quick_run("{name}", *quick_run)' in text
+    helpers_text = (ROOT / "tests" / "helpers.py").read_text()
+    assert ".quick" in helpers_text and "rendered.strip() in proc.stdout" in helpers_text
 
 
 def test_help_explains_itself():

@@ -4,7 +4,6 @@ line; interrupts at compile time and mid-run leave earlier results byte-identica
 
 import importlib
 import json
-import os
 import shutil
 import signal
 import subprocess

@@ -13,7 +13,7 @@ from bnjax.norms._checks import _is_bool
 from bnjax.norms.base import Norm, _common_fields, _start_apply
 from bnjax.norms.batch_norm import BatchNorm
 from bnjax.norms.core import (CONVENTIONS, BatchNormState, _batch_stats, _check_state, _normalize, _psum,
-                              _running_update, batch_norm_init)
+                              _running_update)
 
 
 @dataclasses.dataclass(frozen=True)
