@@ -5,10 +5,10 @@ A grid (``GridConfig``; its defaults are the book's ch. 6.3 weight-scale sweep) 
 * **arms**: a ``dict[str, Arm]`` of static variants of the network (the norm: none, the book's batch norm or
   any norm value of ``bnjax.layers``; activation, dropout, initialisation, batch size, a learning-rate factor);
   each arm is its own traced program, all arms run in the same compiled call;
-* **axes**: a ``dict[str, values]`` of numeric hyper-parameters that are *vmapped* (``bnjax.options.AXES``:
-  ``weight_scale``, ``learning_rate``, ``weight_decay``, ``bn_momentum``); the grid is their product. Each
-  reaches one consumer (the initial weights, the optimizer, the loss, the norms' running statistics); a
-  hyper-parameter without an axis stays a Python constant of the traced program;
+* **axes**: a ``dict[str, values]`` of numeric hyper-parameters that are *vmapped* (the names and ranges of
+  ``bnjax.options.AXES``: the weight scale, learning rate, weight decay and batch-norm momentum); the grid is
+  their product. Each reaches the one consumer its ``options.Axis`` names (the initial weights, the optimizer,
+  the train step, the norms); a hyper-parameter without an axis stays a Python constant of the traced program;
 * **seeds**: ``num_seeds`` seeds from ``seed`` on; seed ``i`` of a run equals a one-seed run at ``seed + i``.
 
 Every model of a seed sees the same mini-batches (paired comparisons, and one wide first-layer matmul for all

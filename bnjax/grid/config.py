@@ -187,9 +187,12 @@ class GridConfig:
             if vals.ndim != 1 or vals.size == 0:
                 raise ValueError(f"axis {name!r} needs a non-empty 1-D list of numbers, got {values!r}")
             _check_values(name, vals)
-        for name in options.AXES:
-            if not (name == "bn_momentum" and self.bn_momentum is None):  # None: each norm's own momentum
-                _check_values(name, np.asarray([getattr(self, name)], dtype=float))
+        for name, axis in options.AXES.items():
+            fixed = getattr(self, name)
+            if fixed is None and not axis.optional:
+                raise ValueError(f"{name} must be a number, got None")
+            if fixed is not None:  # None (an optional axis): the consumer keeps its own default
+                _check_values(name, np.asarray([fixed], dtype=float))
         for name in ("num_records", "batch_size", "num_seeds", "eval_batch_size", "seed", "num_classes",
                      "updates_per_record", "max_models_per_chunk", "memory_budget_bytes"):
             value = getattr(self, name)
@@ -270,14 +273,9 @@ def _valid_weight_init(value: Any) -> bool:
 
 
 def _check_values(name: str, vals: np.ndarray) -> None:
-    if not np.all(np.isfinite(vals)):
-        raise ValueError(f"{name} values must be finite, got {vals.tolist()}")
-    if name in ("weight_scale", "learning_rate") and np.any(vals <= 0):
-        raise ValueError(f"{name} values must be > 0, got {vals.tolist()}")
-    if name == "weight_decay" and np.any(vals < 0):
-        raise ValueError(f"weight_decay values must be >= 0, got {vals.tolist()}")
-    if name == "bn_momentum" and np.any((vals < 0) | (vals > 1)):
-        raise ValueError(f"bn_momentum values must lie in [0, 1], got {vals.tolist()}")
+    problem = options.AXES[name].problem(vals.tolist())
+    if problem:
+        raise ValueError(f"{name} values {problem}, got {vals.tolist()}")
 
 
 def arm_batch_size(config: GridConfig, arm: Arm) -> int:
@@ -337,8 +335,8 @@ def grid_points(config: GridConfig) -> dict[str, np.ndarray]:
     """Every hyper-parameter's value at each flattened grid point.
 
     The grid is the product of ``config.axes`` in their order (the last axis varies fastest, as
-    ``np.reshape``); hyper-parameters without an axis repeat their fixed value (NaN for a ``bn_momentum`` of
-    ``None``: each norm keeps its own).
+    ``np.reshape``); hyper-parameters without an axis repeat their fixed value (NaN for an optional one left at
+    ``None``: its consumer keeps its own default).
 
     Args:
       config: the grid.

@@ -34,8 +34,7 @@ class ChunkInputs(NamedTuple):
       seeds: int32 ``[sb]``.
       scale_index: int32 ``[gb]``: each grid point's weight-scale index (its initial-weight key).
       hyper: one ``[gb]`` array per name of ``bnjax.options.AXES`` (in ``hyper_dtypes``), the fixed value where
-        the grid has no such axis; each is read by one consumer (``weight_scale``: ``model.init``,
-        ``learning_rate``: the optimizer, ``weight_decay``: the loss, ``bn_momentum``: the norms).
+        the grid has no such axis; each is read by its one consumer (``options.Axis.consumer``).
     """
 
     seeds: Array
@@ -84,12 +83,12 @@ def hyper_dtypes(config: GridConfig) -> dict[str, np.dtype]:
       config: the grid.
 
     Returns:
-      name (every name of ``bnjax.options.AXES``) -> dtype: weight scales in the model's dtype, the rest in at
-      least float32 (float64 models get float64 hyper-parameters).
+      name (every name of ``bnjax.options.AXES``) -> dtype: what ``model.init`` reads (the weight scale) in the
+      model's dtype, the rest in at least float32 (float64 models get float64 hyper-parameters).
     """
     dtype = np.dtype(jnp.dtype(config.dtype))
     hp_dtype = np.dtype(jnp.promote_types(dtype, jnp.float32))
-    return {name: dtype if name == "weight_scale" else hp_dtype for name in options.AXES}
+    return {name: dtype if axis.consumer == "init" else hp_dtype for name, axis in options.AXES.items()}
 
 
 def make_programs(config: GridConfig, num_train: int, input_size: int, eval_sizes: dict[str, int]):
@@ -117,20 +116,27 @@ def make_programs(config: GridConfig, num_train: int, input_size: int, eval_size
     per_record = {b: updates_per_record(config, num_train, b) for b in groups}
     total_updates = {b: num_updates(config, num_train, b) for b in groups}
     # Hyper-parameters without an axis stay Python constants: the book's program is unchanged by the engine.
-    traced = {name: name in config.axes for name in ("learning_rate", "weight_decay", "bn_momentum")}
+    # What model.init reads is traced anyway: the initial weights are made per grid point.
+    traced = {name: name in config.axes or axis.consumer == "init" for name, axis in options.AXES.items()}
 
-    def value(name, hyper):
-        return hyper[name] if traced[name] else getattr(config, name)
+    def consumed_by(consumer, hyper):
+        """The keyword arguments of one consumer (an optional hyper-parameter left at None is not passed)."""
+        kwargs = {}
+        for name, axis in options.AXES.items():
+            if axis.consumer == consumer:
+                v = hyper[name] if traced[name] else getattr(config, name)
+                if v is not None:
+                    kwargs[axis.keyword] = v
+        return kwargs
 
     def optimizer(hyper, arm):
-        lr = value("learning_rate", hyper)
+        kwargs = consumed_by("optimizer", hyper)
         if arm.learning_rate_scale != 1:  # e.g. the linear scaling rule for an arm's own batch size
-            lr = lr * arm.learning_rate_scale
-        return train.make_optimizer(config.optimizer, lr)
+            kwargs["learning_rate"] = kwargs["learning_rate"] * arm.learning_rate_scale
+        return train.make_optimizer(config.optimizer, **kwargs)
 
     def init_one(net, arm, key, hyper):
-        params, state = model.init(net, key, weight_init=arm.weight_init, weight_scale=hyper["weight_scale"],
-                                   dtype=dtype)
+        params, state = model.init(net, key, weight_init=arm.weight_init, dtype=dtype, **consumed_by("init", hyper))
         return train.train_state_init(params, state, optimizer(hyper, arm))
 
     streams = init_streams(config)
@@ -157,10 +163,9 @@ def make_programs(config: GridConfig, num_train: int, input_size: int, eval_size
         return ChunkCarry(models, diverged), batch_idx, dropout_keys
 
     def step_one(net, arm, ts, xb, lb, key, hyper):
-        momentum = value("bn_momentum", hyper)
-        norm_kwargs = None if net.norm is None or momentum is None else {"momentum": momentum}
-        return train.train_step(net, ts, xb, lb, optimizer(hyper, arm), key=key,
-                                weight_decay=value("weight_decay", hyper), norm_kwargs=norm_kwargs)[1]
+        norm_kwargs = consumed_by("norm", hyper) if net.norm is not None else {}
+        return train.train_step(net, ts, xb, lb, optimizer(hyper, arm), key=key, norm_kwargs=norm_kwargs or None,
+                                **consumed_by("train_step", hyper))[1]
 
     def evaluate(net, ts, eval_set, count):
         """Accuracy and mean loss ``[sb, gb]`` on one padded evaluation set, batch by batch."""
