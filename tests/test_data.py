@@ -173,7 +173,7 @@ def test_auto_never_downloads_and_falls_back_to_bundled(tmp_path, monkeypatch):
 def test_tfds_adapter_under_mock_data(monkeypatch):
     tfds = pytest.importorskip("tensorflow_datasets")
     # mock_data replaces the data, not the builder's on-disk state: skip the "is it prepared?" check here.
-    monkeypatch.setattr(data, "_tfds_precheck", lambda *args: None)
+    monkeypatch.setattr(data.tfds, "_tfds_precheck", lambda *args: None)
     with tfds.testing.mock_data(num_examples=40):
         ds = data.load_tfds(num_train=25, num_heldout=7, timeout=60)
     assert ds.x_train.shape == (25, 784) and ds.x_train.dtype == np.float32
@@ -200,8 +200,8 @@ def test_timeout_wrapper_gives_up():
     import time
 
     with pytest.raises(data.DataUnavailableError, match="did not finish within"):
-        data._with_timeout(lambda: time.sleep(5), 0.2, "slow thing")
-    assert data._with_timeout(lambda: 3, 1.0, "fast thing") == 3
+        data.tfds._with_timeout(lambda: time.sleep(5), 0.2, "slow thing")
+    assert data.tfds._with_timeout(lambda: 3, 1.0, "fast thing") == 3
 
 
 # --------------------------------------------------------------------------------------------------
@@ -296,7 +296,7 @@ def test_write_failure_mid_download_blames_the_cache_not_the_network(fake_mnist,
         def write(self, chunk):
             raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(data, "atomic_file", lambda *args: contextlib.nullcontext(Full()))
+    monkeypatch.setattr(data.idx, "atomic_file", lambda *args: contextlib.nullcontext(Full()))
     with pytest.raises(data.DataUnavailableError, match="No space left on device") as exc:
         data.download_mnist(tmp_path / "cache", base_url=fake_mnist["url"], checksums=fake_mnist["checksums"])
     assert "could not download" not in str(exc.value)
@@ -483,7 +483,7 @@ def test_messages_name_the_command_line_options(tmp_path, monkeypatch):
     messages.append(str(exc.value))
     assert "--data mnist" in messages[-1] and "--data-dir" in messages[-1]
     with pytest.raises(data.DataUnavailableError) as exc:
-        data._with_timeout(lambda: __import__("time").sleep(2), 0.05, "slow tfds")
+        data.tfds._with_timeout(lambda: __import__("time").sleep(2), 0.05, "slow tfds")
     messages.append(str(exc.value))
     assert "--data bundled" in messages[-1] and "--data mnist" in messages[-1]
     for message in messages:

@@ -233,3 +233,19 @@ def test_every_public_name_is_in_the_api_page(name):
     text = _text(ROOT / "docs" / "api.md")
     missing = [n for n in getattr(module, "__all__", ()) if f"`{n}" not in text]
     assert not missing, f"bnjax.{name} exports {missing}, which docs/api.md does not mention"
+
+
+def test_an_installed_copy_ships_every_package_and_the_data():
+    """``pip install .`` (not only ``-e``) must carry every subpackage (``bnjax.norms``, ``bnjax.grid``,
+    ``bnjax.data``) and the bundled subset: setuptools' discovery, as pyproject.toml configures it, against the
+    folders on disk."""
+    setuptools = pytest.importorskip("setuptools")
+    text = _text(ROOT / "pyproject.toml")
+    include = re.search(r'packages\.find = \{ include = \[([^\]]*)\] \}', text)
+    assert include, "pyproject.toml must let setuptools find the packages (a fixed list forgets new ones)"
+    patterns = [p.strip().strip('"') for p in include.group(1).split(",") if p.strip()]
+    found = set(setuptools.find_packages(str(ROOT), include=patterns))
+    on_disk = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "bnjax").rglob("__init__.py")}
+    assert on_disk <= found, f"not shipped: {sorted(on_disk - found)}"
+    assert not {p for p in found if not p.startswith("bnjax")}, found
+    assert '"assets/*.npz"' in text and (ROOT / "bnjax" / "assets" / "mnist_5k.npz").is_file()
