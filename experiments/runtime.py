@@ -390,6 +390,21 @@ def main_wrapper(main: Callable[[list[str] | None], int], argv: list[str] | None
         raise _Terminated()
 
     previous = signal.signal(signal.SIGTERM, on_term) if _main_thread() else None
+    previous_hook = sys.unraisablehook
+
+    def redeliver(unraisable):
+        # An interrupt that lands inside a garbage-collection callback or a __del__ (JAX runs one on every
+        # collection) is swallowed there ("Exception ignored in ..."), and the run would go on. Send the signal
+        # again, from a thread a moment later (sent from here, it would be handled inside this callback again).
+        if unraisable.exc_type is not None and issubclass(unraisable.exc_type, (KeyboardInterrupt, _Terminated)):
+            import threading
+
+            signum = signal.SIGINT if issubclass(unraisable.exc_type, KeyboardInterrupt) else signal.SIGTERM
+            threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
+            return
+        previous_hook(unraisable)
+
+    sys.unraisablehook = redeliver
     try:
         return main(argv)
     except KeyboardInterrupt:
@@ -409,6 +424,7 @@ def main_wrapper(main: Callable[[list[str] | None], int], argv: list[str] | None
                        "--max-models-per-chunk", 1)
         raise
     finally:
+        sys.unraisablehook = previous_hook
         remove_empty_outputs()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

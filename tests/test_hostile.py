@@ -223,6 +223,36 @@ def test_interrupt_keeps_earlier_results_byte_identical(tmp_path, earlier_result
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no temporary file, nothing changed
 
 
+SWALLOWED = """
+import gc, os, signal, sys, time
+from experiments import runtime
+
+class Collected:
+    def __del__(self):  # as JAX's callback on every garbage collection: an exception here is only printed
+        os.kill(os.getpid(), signal.{sig})
+        time.sleep(0.05)  # the handler runs here, inside __del__
+
+def main(argv):
+    Collected()
+    for _ in range(40):
+        time.sleep(0.05)
+    print("ran to the end")
+    return 0
+
+runtime.main_wrapper(main, [])
+"""
+
+
+@pytest.mark.parametrize("sig,status", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_an_interrupt_landing_in_a_gc_callback_still_ends_the_run(sig, status):
+    """Seen when Ctrl-C arrived during a compile: the KeyboardInterrupt was raised inside JAX's gc callback,
+    printed as "Exception ignored" and lost, and the run went on for minutes."""
+    proc = subprocess.run([sys.executable, "-c", SWALLOWED.format(sig=sig)], cwd=ROOT, env=cli_env(),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == status, proc.stderr[-2000:]
+    assert "ran to the end" not in proc.stdout and "Traceback" not in proc.stderr
+
+
 @pytest.mark.slow
 def test_failed_report_leaves_no_nested_directory(tmp_path):
     r = run_cli("experiments.report", "--quick", "--no-cache", "--out", str(tmp_path / "r" / "deep"), JAX_PLATFORMS="cuda")
