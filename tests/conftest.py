@@ -7,6 +7,19 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+# One compilation cache (and an empty MNIST cache) for the whole session, in a temporary folder: every command a
+# test runs shares it, so a program that several commands compile is compiled once (xdist's workers inherit this
+# environment from the process that starts them). Never the user's own cache.
+if "BNJAX_TEST_SESSION_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    _session_dir = tempfile.mkdtemp(prefix="bnjax-tests-")
+    os.environ["BNJAX_TEST_SESSION_DIR"] = _session_dir
+    os.environ["XDG_CACHE_HOME"] = _session_dir
+    atexit.register(shutil.rmtree, _session_dir, ignore_errors=True)
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 

@@ -40,10 +40,11 @@ def read_results(directory: str | os.PathLike) -> dict:
 
 
 def run_quick(name: str, out: str | os.PathLike) -> subprocess.CompletedProcess:
-    """``python -m experiments.<name>`` at the registry's quick options (figures drawn) into ``out``, on 2 devices."""
+    """``python -m experiments.<name>`` at the registry's quick options (figures drawn) into ``out``, on 2 devices,
+    with the session's compilation cache (conftest.py)."""
     from experiments import registry
 
-    return run_cli(f"experiments.{name}", *registry.experiment(name).quick, "--data", "bundled", "--no-cache",
+    return run_cli(f"experiments.{name}", *registry.experiment(name).quick, "--data", "bundled",
                    "--cpu-devices", "2", "--out", out)
 
 

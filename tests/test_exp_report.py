@@ -19,9 +19,9 @@ def notebook(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("colab")
     nb = nbformat.read(ROOT / "experiments" / "colab.ipynb", as_version=4)
-    # XDG_CACHE_HOME: the compilation cache in this test's folder, not the user's home (and the MNIST folder
-    # "auto" looks in, unless BNJAX_DATA_DIR is set, empty: the bundled images).
-    env = cli_env(BNJAX_NOTEBOOK_QUICK="1", BNJAX_NOTEBOOK_OUT=str(out), XDG_CACHE_HOME=str(out / "cache"))
+    # XDG_CACHE_HOME is the session's (conftest.py): the compilation cache the quick runs share, never the user's
+    # home (and the MNIST folder "auto" looks in, unless BNJAX_DATA_DIR is set, empty: the bundled images).
+    env = cli_env(BNJAX_NOTEBOOK_QUICK="1", BNJAX_NOTEBOOK_OUT=str(out))
     old = dict(os.environ)
     os.environ.update(env)  # the kernel inherits this process's environment
     try:

@@ -20,7 +20,7 @@ from helpers import ROOT, cli_env, read_results, run_cli
 
 # The sweep's quick configuration (5 scales, 2 epochs, 2 seeds, 300 training and 100 held-out images): the
 # registry's quick run on 2 CPU devices is also the single-chunk, single-process run the tests below compare with.
-TINY = [*registry.experiment("sweep").quick, "--data", "bundled", "--no-cache", "--no-plot"]
+TINY = [*registry.experiment("sweep").quick, "--data", "bundled", "--no-plot"]  # the session's compile cache
 
 
 _results = read_results
