@@ -21,6 +21,7 @@ out); docs/benchmark.md ("Layer speed") has a measured table.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 
@@ -35,6 +36,8 @@ LAYER_VARIANTS = (  # key, printed name; the ratios divide by the first
     ("flax_fast", "Flax nn.BatchNorm, fast variance (default)"),
     ("flax_two_pass", "Flax nn.BatchNorm, use_fast_variance=False"),
 )
+# 1 GiB per float32 array: 20 times the default's largest shape; the section holds several such arrays per variant.
+MAX_LAYER_ELEMENTS = 2**28
 ACCURACY_MEAN = 1e4  # x = 1e4 + N(0, 1): mean / std = 1e4
 FLAX_MISSING = "Flax columns skipped: flax is not installed (pip install -e '.[bench]')"
 
@@ -46,7 +49,8 @@ def parse_shapes(text: str) -> tuple[tuple[int, ...], ...]:
       text: comma-separated shapes, dimensions joined by ``x``, channels last.
 
     Returns:
-      The shapes, each with at least two positive dimensions.
+      The shapes, each with at least two positive dimensions, a batch (the first) of at least 2 (a batch
+      variance needs two rows) and at most ``MAX_LAYER_ELEMENTS`` elements.
 
     Raises:
       argparse.ArgumentTypeError: text that is not such a list.
@@ -57,6 +61,13 @@ def parse_shapes(text: str) -> tuple[tuple[int, ...], ...]:
         shapes = ()
     if not shapes or any(len(s) < 2 or min(s) < 1 for s in shapes):
         raise argparse.ArgumentTypeError(f"expected shapes like '128x32x32x64,1024x512', got {text!r}")
+    for s in shapes:
+        name = "x".join(map(str, s))
+        if s[0] < 2:
+            raise argparse.ArgumentTypeError(f"the batch (first dimension) must be >= 2, got {name}")
+        if math.prod(s) > MAX_LAYER_ELEMENTS:
+            raise argparse.ArgumentTypeError(f"at most {MAX_LAYER_ELEMENTS} elements per shape (2^28), got {name} "
+                                             f"= {math.prod(s)}")
     return shapes
 
 
@@ -125,8 +136,14 @@ def time_interleaved(steps: dict, repeats: int) -> dict:
 
     Returns:
       Variant name -> median seconds per call.
+
+    Raises:
+      ValueError: ``repeats`` < 1 (no time to take a median of).
     """
     import jax
+
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
 
     for fn, args in steps.values():
         jax.block_until_ready(fn(*args))
