@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -58,6 +59,9 @@ def run(rev: str, out: Path) -> None:
                                         if "xla_force_host_platform_device_count" not in f)
             for name, (module, opts) in RUNS.items():
                 print(f"{rev[:12]}: {name} ...", file=sys.stderr, flush=True)
+                # A folder that holds a run is refused (the output-folder contract): start each run afresh, in a
+                # way every revision understands (older ones have no --overwrite).
+                shutil.rmtree(out / name, ignore_errors=True)
                 r = subprocess.run([sys.executable, "-m", module, *opts, *COMMON, "--out", str(out / name)],
                                    cwd=tree, env=env, capture_output=True, text=True)
                 if r.returncode != 0:

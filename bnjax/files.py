@@ -35,7 +35,8 @@ def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
 
     Raises:
       ValueError: another mode.
-      OSError: the folder cannot be written (nothing is left behind).
+      OSError: the folder cannot be written, or the disk is full (nothing is left behind); its ``filename`` is
+        ``path``, never the temporary name.
     """
     if mode not in ("w", "wb"):
         raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}")
@@ -48,6 +49,11 @@ def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
             f.flush()
         os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
+    except OSError as err:
+        if err.errno is None or err.filename not in (None, tmp):
+            raise
+        # A write that fails (a full disk) names no file, or the temporary one: name the file being written.
+        raise OSError(err.errno, err.strerror, str(path)) from err
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -1,5 +1,5 @@
 """The command line every experiment shares: argparse types, the parser, the common options and their checks,
-usage errors, and the output folders (created on demand, removed again while empty).
+usage errors, and the output folders' checks at parse time (``experiments.outputs`` holds their contract).
 
 Nothing here imports JAX, so ``--help`` stays instant.
 """
@@ -17,10 +17,12 @@ from typing import Callable
 from bnjax import options
 from bnjax.data import SOURCES as DATA_SOURCES  # bnjax.data imports no jax
 from bnjax.files import atomic_file
+from experiments import outputs
 
 __all__ = ["MAX_RECORDS", "MAX_SIZE", "FLOAT32_TINY", "FLOAT32_MAX", "EXIT_STATUS", "int_in", "positive_float",
            "float_in", "out_dir", "float_list", "new_parser", "add_scale_args", "add_epochs_arg", "add_common_args",
-           "check_common_args", "usage_error", "default_out", "check_writable", "remove_empty_outputs"]
+           "check_common_args", "usage_error", "default_out", "is_default_out", "check_writable", "check_out",
+           "remove_empty_outputs"]
 
 
 # Sizes beyond these are typing mistakes, not experiments (a 1e9-record run would never end).
@@ -141,7 +143,7 @@ def out_dir(text: str) -> Path:
 
 
 def float_list(text: str) -> tuple[float, ...]:
-    """An argparse type: comma-separated positive numbers (each as ``positive_float``).
+    """An argparse type: comma-separated distinct positive numbers (each as ``positive_float``).
 
     Args:
       text: the option's text, e.g. ``"0.1,0.01"``.
@@ -150,12 +152,18 @@ def float_list(text: str) -> tuple[float, ...]:
       The numbers, in the order given.
 
     Raises:
-      argparse.ArgumentTypeError: no number, or one that ``positive_float`` refuses.
+      argparse.ArgumentTypeError: no number, one that ``positive_float`` refuses, or one given twice (every
+        list option refuses repeats: a repeated value would train the same models twice).
     """
     parts = [p for p in text.replace(" ", "").split(",") if p]
     if not parts:
         raise argparse.ArgumentTypeError("expected a comma-separated list of positive numbers")
-    return tuple(positive_float(p) for p in parts)
+    values = tuple(positive_float(p) for p in parts)
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:
+        raise argparse.ArgumentTypeError(f"each value must appear once, got {', '.join(f'{v:g}' for v in repeated)} "
+                                         f"more than once in {text!r}")
+    return values
 
 
 EXIT_STATUS = "Exit status: 0 done, 1 data or backend unavailable, 2 bad option, 130/143 interrupted."
@@ -251,7 +259,10 @@ def add_common_args(p: argparse.ArgumentParser, *, train_size: int = 1000, num_s
     d.add_argument("--train-size", type=int_in(1, MAX_SIZE), default=train_size,
                    help=f"training images (default: {train_size})")
     o = p.add_argument_group("output")
-    o.add_argument("--out", type=out_dir, metavar="DIR", help="output directory (default: runs/<name>-<date>-<time>)")
+    o.add_argument("--out", type=out_dir, metavar="DIR",
+                   help="output directory (default: runs/<name>-<date>-<time>); one that already holds a run's files "
+                        "is refused unless --overwrite or --resume")
+    add_out_mode_args(o)
     o.add_argument("--quiet", action="store_true", help="no progress bar or table; print only the output directory")
     o.add_argument("--no-cache", action="store_true", help="do not use JAX's persistent compilation cache")
     o.add_argument("--no-plot", action="store_true", help="write results.json only, no figure")
@@ -271,8 +282,23 @@ def add_common_args(p: argparse.ArgumentParser, *, train_size: int = 1000, num_s
     x.add_argument("--process-id", type=int_in(0, 65_535), metavar="I", help="this process, 0..N-1 (with --coordinator)")
 
 
+def add_out_mode_args(group) -> None:
+    """Add ``--overwrite`` and ``--resume`` (mutually exclusive): what to do with an output folder that already
+    holds a run's files.
+
+    Args:
+      group: the parser or argument group to add them to.
+    """
+    mode = group.add_mutually_exclusive_group()
+    mode.add_argument("--overwrite", action="store_true",
+                      help="remove the files of the run already in --out (results, figures, chunks), then run")
+    mode.add_argument("--resume", action="store_true",
+                      help="continue the interrupted run in --out: its finished chunks are kept, the rest is "
+                           "computed (same options needed; the results equal an uninterrupted run's)")
+
+
 def check_common_args(parser: argparse.ArgumentParser, args: argparse.Namespace, name: str,
-                      num_heldout: int = 0) -> argparse.Namespace:
+                      num_heldout: int = 0, figures: tuple[str, ...] = ()) -> argparse.Namespace:
     """The cross-option checks of the common options, and the default output directory.
 
     Args:
@@ -280,9 +306,11 @@ def check_common_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
       args: the parsed options; ``args.out`` is filled in when not given.
       name: the experiment's name, for the default ``runs/<name>-<date>-<time>``.
       num_heldout: held-out images the experiment takes from the data beside ``--train-size``.
+      figures: the experiment's figure file names (a run's files, for the output-folder checks).
 
     Returns:
-      ``args``, checked. Process 0 has proven that ``args.out`` is writable.
+      ``args``, checked. Process 0 has proven that ``args.out`` is writable and may be used as asked (it is
+      created only later, by ``outputs.claim``).
 
     Raises:
       SystemExit: status 2 with a message naming the option.
@@ -305,50 +333,81 @@ def check_common_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
         host, _, port = args.coordinator.rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
             parser.error(f"--coordinator must be HOST:PORT, got {args.coordinator!r}")
+    if args.resume and args.coordinator is not None:
+        parser.error("--resume runs in one process only (not with --coordinator): the other processes cannot "
+                     "read process 0's chunk files")
     if args.out is None:
         args.out = default_out(name)
-    if args.process_id in (None, 0):
-        try:
-            check_writable(args.out)
-        except OSError as err:
-            parser.error(f"--out: {err}")
+    if args.process_id in (None, 0) and os.environ.get("TPU_WORKER_ID", "0") == "0":  # process 0 alone writes
+        check_out(parser, args, figures)
     return args
 
 
-# Output directories this process created: removed again at exit while still empty (a run that fails after
-# parsing leaves nothing behind).
-_CREATED: list[Path] = []
+def check_out(parser: argparse.ArgumentParser, args: argparse.Namespace, figures: tuple[str, ...] = ()) -> None:
+    """Check ``args.out`` at parse time: writable, not in use, and usable as ``--overwrite``/``--resume`` ask.
+
+    Args:
+      parser: the parser (its ``error`` exits 2).
+      args: the parsed options (``out``, ``overwrite``, ``resume``).
+      figures: the experiment's figure file names.
+
+    Raises:
+      SystemExit: status 2 naming ``--out`` (a folder refused or in use: one line, without the usage).
+    """
+    try:
+        check_writable(args.out)
+    except OSError as err:
+        parser.error(f"--out: {err}")
+    if not is_default_out(args.out):
+        try:
+            outputs.check_folder(args.out, overwrite=args.overwrite, resume=args.resume, figures=figures)
+        except outputs.OutputError as err:
+            usage_error(str(err))
+
+
+# Default output folders chosen by this process: ``outputs.claim`` creates them, taking the next free name if
+# another run took the name first.
+_DEFAULTS: set[Path] = set()
 
 
 def default_out(name: str) -> Path:
-    """A fresh output folder ``runs/<name>-<date>-<time>``, created here.
+    """A fresh output folder ``runs/<name>-<date>-<time>`` (created later, by ``outputs.claim``).
 
     Args:
       name: the experiment's name.
 
     Returns:
-      The folder, with ``-2``, ``-3``, ... appended when a run started in the same second already claimed it
-      (two runs must never share a folder). Removed again at exit while empty (``remove_empty_outputs``).
+      The folder, with ``-2``, ``-3``, ... appended when it exists already (two runs never share a folder:
+      ``outputs.claim`` creates it atomically, moving on to the next name if another run was first).
     """
     base = Path("runs") / datetime.now().strftime(f"{name}-%Y%m%d-%H%M%S")
-    for i in range(1, 1000):
-        candidate = base if i == 1 else base.with_name(f"{base.name}-{i}")
-        try:
-            candidate.parent.mkdir(parents=True, exist_ok=True)
-            candidate.mkdir()  # atomic: exactly one process creates it
-        except FileExistsError:
-            continue
-        except OSError:
-            return candidate  # check_writable reports the problem
-        _CREATED.append(candidate)
-        return candidate
-    return base
+    candidate = base
+    for i in range(2, 1000):
+        if not candidate.exists():
+            break
+        candidate = base.with_name(f"{base.name}-{i}")
+    _DEFAULTS.add(candidate)
+    return candidate
+
+
+def is_default_out(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` is a default output folder this process chose (``default_out``).
+
+    Args:
+      folder: an output folder.
+
+    Returns:
+      ``True`` for a folder ``default_out`` returned.
+    """
+    return Path(folder) in _DEFAULTS
 
 
 def check_writable(directory: str | os.PathLike) -> Path:
-    """Create ``directory`` and prove a file can be written there.
+    """Prove a file can be written in ``directory``, leaving nothing behind.
 
-    Directories created here are removed again at exit if nothing was written into them.
+    The folder and its missing parents are created for the test and removed again at once: a folder is
+    created for good only when the run has started (``outputs.claim``), so a run that dies before (a garbage
+    ``XLA_FLAGS`` ends the process from C++) leaves none.
 
     Args:
       directory: the output folder.
@@ -363,26 +422,24 @@ def check_writable(directory: str | os.PathLike) -> Path:
     missing = [d for d in (directory, *directory.parents) if not d.exists()]
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        _CREATED.extend(missing)
         with atomic_file(directory / ".write-test", "w"):
             pass
         os.unlink(directory / ".write-test")
     except OSError as err:
-        remove_empty_outputs()
         raise OSError(f"cannot write to output directory {directory}: {err.strerror or err}") from err
+    finally:
+        for d in missing:  # deepest first
+            try:
+                d.rmdir()
+            except OSError:
+                pass
     return directory
 
 
 def remove_empty_outputs() -> None:
-    """Remove the directories ``check_writable`` created that are still empty, deepest first."""
-    # Deepest first: a report's folder holds the folders of the experiments it ran.
-    _CREATED.sort(key=lambda d: len(Path(d).absolute().parts), reverse=True)
-    while _CREATED:
-        directory = _CREATED.pop(0)
-        try:
-            directory.rmdir()  # only succeeds when empty
-        except OSError:
-            pass
+    """Release this process's output-folder locks and remove the folders it created that are still empty
+    (``outputs.release_all``)."""
+    outputs.release_all()
 
 
 def usage_error(message: str) -> None:

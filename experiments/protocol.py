@@ -11,8 +11,10 @@ An experiment module describes itself in an ``EXPERIMENT`` and hands it to ``mai
     if __name__ == "__main__":
         sys.exit(runtime.main_wrapper(main))
 
-``main`` parses and checks the options, starts JAX, loads the data, runs the grid through the engine with a
-progress bar, measures (every process), analyses, records, draws the figures and prints the rendered verdict
+``main`` parses and checks the options, starts JAX, claims the output folder (``experiments.outputs``: refused
+when it holds another run's files, unless ``--overwrite`` or ``--resume``; locked against a concurrent run),
+loads the data, runs the grid through the engine with a progress bar (each finished chunk saved for
+``--resume``), measures (every process), analyses, records, draws the figures and prints the rendered verdict
 (process 0 alone). Adding the module's name to ``experiments/registry.py`` puts it in the report, the README's
 table and the tests. Nothing here imports JAX at module level, so ``--help`` stays instant.
 """
@@ -25,7 +27,7 @@ import functools
 import time
 from typing import Any, Callable, Sequence
 
-from experiments import cli, results, runtime
+from experiments import chunks, cli, outputs, results, runtime
 
 __all__ = ["Run", "Figure", "Experiment", "build_parser", "parse_args", "num_heldout", "main"]
 
@@ -180,15 +182,18 @@ def parse_args(experiment: Experiment, argv: Sequence[str] | None = None) -> arg
     args = parser.parse_args(argv)
     if experiment.check is not None:
         experiment.check(parser, args)
-    return cli.check_common_args(parser, args, experiment.name, num_heldout(experiment, args) or 0)
+    return cli.check_common_args(parser, args, experiment.name, num_heldout(experiment, args) or 0,
+                                 experiment.figure_files)
 
 
 def main(experiment: Experiment, argv: Sequence[str] | None = None) -> int:
     """Run an experiment from its command line, end to end.
 
-    Parse and check the options; start JAX; unless ``skip_engine``, load the data and run the grid through the
-    engine with a progress bar; ``measure`` on every process; then on process 0 alone: ``analyse``, record
-    (results.json), draw the figures and print the rendered verdict and the files written.
+    Parse and check the options; start JAX; claim the output folder (process 0: created, locked, the old run's
+    files removed with ``--overwrite``); unless ``skip_engine``, load the data and run the grid through the
+    engine with a progress bar, each finished chunk written to the folder (``--resume`` skips those already
+    there); ``measure`` on every process; then on process 0 alone: ``analyse``, record (results.json), draw the
+    figures, print the rendered verdict and the files written, and remove the chunk files.
 
     Args:
       experiment: the experiment.
@@ -198,13 +203,24 @@ def main(experiment: Experiment, argv: Sequence[str] | None = None) -> int:
       0 when done (every process).
 
     Raises:
-      SystemExit: status 2 for a bad option, 1 when the data, the backend or the memory is not there (one
-        line on stderr each).
+      SystemExit: status 2 for a bad option (an output folder refused or in use included), 1 when the data,
+        the backend or the memory is not there (one line on stderr each).
     """
     started_at = _IMPORTED if _FIRST_CALL[0] else time.perf_counter()
     _FIRST_CALL[0] = False
     args = parse_args(experiment, argv)
     started = runtime.start(args, x64=getattr(args, "dtype", None) == "float64")
+    if not started["is_main"]:
+        return _run(experiment, args, started, started_at)
+    args.out = runtime.claim_out(args, experiment.figure_files)
+    try:
+        return _run(experiment, args, started, started_at)
+    finally:
+        outputs.release(args.out)
+
+
+def _run(experiment: Experiment, args: argparse.Namespace, started: dict, started_at: float) -> int:
+    """``main`` once the output folder is claimed."""
     run = Run(args=args, started=started)
     if experiment.grid is not None and not (experiment.skip_engine and experiment.skip_engine(args)):
         heldout = num_heldout(experiment, args)
@@ -230,6 +246,7 @@ def main(experiment: Experiment, argv: Sequence[str] | None = None) -> int:
                   "environment": dict(results.environment(), compilation_cache=started["cache_dir"])}
     figures = {f.file: functools.partial(f.draw, run) for f in experiment.figures if f.when is None or f.when(run)}
     results.finish(args, record, figures, experiment.render, started_at)
+    chunks.remove(args.out)  # results.json holds everything they held
     return 0
 
 

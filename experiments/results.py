@@ -115,7 +115,7 @@ def dumps(obj: Any) -> str:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Write ``obj`` as a results file, atomically.
+    """Write ``obj`` as a results file, atomically, creating its folder if needed.
 
     Args:
       path: the file.
@@ -123,8 +123,18 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 
     Returns:
       ``path`` as a ``Path``.
+
+    Raises:
+      OSError: the file cannot be written (nothing partial is left; a folder created here and left empty is
+        removed at exit).
     """
-    return atomic_write_text(path, dumps(obj))
+    from experiments import outputs
+
+    path = Path(path)
+    text = dumps(obj)  # before any folder is created: a value JSON cannot hold fails here
+    outputs.note_created(path.parent)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write_text(path, text)
 
 
 def environment(layout: dict | None = None) -> dict:

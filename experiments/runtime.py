@@ -1,6 +1,7 @@
 """Start-up and the run itself, shared by every experiment: XLA flags, several processes, the backend check, the
-compilation cache, data loading, progress, running a grid through the engine (after the memory pre-flight of
-``experiments.memory``), and the signals (Ctrl-C, SIGTERM) that end a run in one line.
+compilation cache, claiming the output folder, data loading, progress, running a grid through the engine (after
+the memory pre-flight of ``experiments.memory``; each finished chunk saved for ``--resume`` by
+``experiments.chunks``), and what ends a run in one line: the signals (Ctrl-C, SIGTERM) and a full disk.
 
 JAX is imported inside the functions only, so ``--help`` stays instant.
 """
@@ -9,17 +10,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-from experiments.cli import remove_empty_outputs, usage_error
+from experiments import chunks, outputs
+from experiments.cli import is_default_out, remove_empty_outputs, usage_error
+from experiments.endings import main_wrapper  # every experiment ends with sys.exit(runtime.main_wrapper(main))
 from experiments.memory import memory_problem
 
-__all__ = ["set_xla_flags", "start", "check_backend", "enable_compilation_cache", "prefetch", "finish_prefetch",
-           "load_data", "load_timed", "Progress", "say", "FIELD_OPTIONS", "run_engine", "main_wrapper"]
+__all__ = ["set_xla_flags", "start", "check_backend", "enable_compilation_cache", "claim_out", "prefetch",
+           "finish_prefetch", "load_data", "load_timed", "Progress", "say", "FIELD_OPTIONS", "run_engine",
+           "main_wrapper"]
 
 
 def set_xla_flags(cpu_devices: int | None = None) -> None:
@@ -162,6 +165,31 @@ def _watch_cache(directory: str) -> None:
     warnings.showwarning = show
     # Every occurrence must reach the hook (the default shows a warning once per code location).
     warnings.filterwarnings("always", message=_CACHE_WARNING)
+
+
+def claim_out(args: argparse.Namespace, figures: tuple[str, ...] = ()) -> Path:
+    """Create, lock and (with ``--overwrite``) clear ``args.out``, once JAX has started (``outputs.claim``).
+
+    Args:
+      args: the parsed options (``out``, ``overwrite``, ``resume``).
+      figures: the experiment's figure file names.
+
+    Returns:
+      The folder, locked until ``outputs.release`` (a default folder may have moved on to the next free name).
+
+    Raises:
+      SystemExit: status 2 when the folder holds a run's files or another run holds it (one line), 1 when it
+        cannot be created.
+    """
+    try:
+        return outputs.claim(args.out, overwrite=getattr(args, "overwrite", False),
+                             resume=getattr(args, "resume", False), figures=figures, fresh=is_default_out(args.out))
+    except outputs.OutputError as err:
+        usage_error(str(err))
+    except OSError as err:
+        remove_empty_outputs()
+        print(f"error: cannot write to output directory {args.out}: {err.strerror or err}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 _PREFETCH: list = []
@@ -312,12 +340,17 @@ def run_engine(args: argparse.Namespace, started: dict, config, dataset, *, name
       heldout: also score the held-out images.
       unit: the progress bar's unit.
 
+    Each finished chunk is written to ``args.out/chunks`` (process 0); with ``--resume`` the chunks already
+    there are checked against this run (``chunks.config_hash``) and skipped.
+
     Returns:
-      ``(GridResult, timing)``, timing the engine's (compile, run) plus ``import_s``.
+      ``(GridResult, timing)``, timing the engine's (compile, run) plus ``import_s`` (and ``resumed_chunks``
+      when some were skipped).
 
     Raises:
-      SystemExit: status 2 for options the engine refuses (naming the option), 1 when the run cannot fit in
-        memory (before compiling, or out of device memory while running).
+      SystemExit: status 2 for options the engine refuses (naming the option) or chunks made with other
+        options (``--resume``), 1 when the run cannot fit in memory (before compiling, or out of device memory
+        while running) or a chunk file cannot be read.
     """
     import jax
 
@@ -334,17 +367,21 @@ def run_engine(args: argparse.Namespace, started: dict, config, dataset, *, name
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         raise SystemExit(1)
+    layout = grid.plan_layout(config, jax.device_count(), input_size)
+    digest = chunks.config_hash(config, dataset, layout, heldout)
+    done = _resume_from(args, digest, config, input_size, layout, quiet) if getattr(args, "resume", False) else []
     if not quiet:
         held = f" + {dataset.x_heldout.shape[0]} held-out" if heldout else ""
         print(f"bnjax {name}: {config.num_models} models ({what}), {grid.num_updates(config, num_train)} updates "
               f"each, on {dataset.source['name']} MNIST ({num_train} training images{held}), "
               f"{jax.default_backend()} x{jax.device_count()}"
               + (f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""), flush=True)
-        layout = grid.plan_layout(config, jax.device_count(), input_size)
         if layout.num_chunks > 1:
-            print(f"{layout.num_chunks} chunks of {layout.models_per_chunk(len(config.arms))} models, to bound memory",
-                  flush=True)
-        print("compiling...", flush=True)
+            print(f"{layout.num_chunks} chunks of {layout.models_per_chunk(len(config.arms))} models, to bound memory; "
+                  f"each is saved in {args.out / outputs.CHUNKS} as it finishes (--resume continues an interrupted "
+                  "run)", flush=True)
+        if len(done) < layout.num_chunks:
+            print("compiling...", flush=True)
     from experiments import plot
 
     progress = Progress(not quiet, unit=unit,
@@ -352,8 +389,10 @@ def run_engine(args: argparse.Namespace, started: dict, config, dataset, *, name
     held_data = (dataset.x_heldout, dataset.t_heldout) if heldout else (None, None)
     # Without a bar or a prefetch, no callback: the records then need no host sync one by one.
     callback = progress if (progress.enabled or progress.prefetch) else None
+    writer = chunks.ChunkWriter(args.out, digest, resumed=len(done)) if started["is_main"] else None
     try:
-        result = grid.run_grid(config, dataset.x_train, dataset.t_train, *held_data, progress=callback)
+        result = grid.run_grid(config, dataset.x_train, dataset.t_train, *held_data, progress=callback,
+                               on_chunk=writer, done_chunks=done)
     except Exception as err:  # XLA's out-of-memory errors have no class of their own
         if "RESOURCE_EXHAUSTED" not in str(err) and "out of memory" not in str(err).lower():
             raise
@@ -363,88 +402,28 @@ def run_engine(args: argparse.Namespace, started: dict, config, dataset, *, name
         raise SystemExit(1) from None
     finally:
         progress.close()
-    return result, dict(result.timing, import_s=started["import_s"])
+    timing = dict(result.timing, import_s=started["import_s"])
+    if done:
+        timing["resumed_chunks"] = len(done)
+    return result, timing
 
 
-# --------------------------------------------------------------------------------------------------
-# Interrupts
-# --------------------------------------------------------------------------------------------------
+def _resume_from(args: argparse.Namespace, digest: str, config, input_size: int, layout, quiet: bool) -> list:
+    """The finished chunks ``--resume`` reuses, after saying how many (status 2/1 for ones it cannot)."""
+    import jax
 
-
-def main_wrapper(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
-    """Run ``main`` as a command: Ctrl-C or SIGTERM end in one line and status 130/143 (never 0).
-
-    Temporary files are removed by the ``atomic_file`` blocks the interrupt unwinds through; then the process
-    ends at once (``os._exit``), because a normal interpreter exit with device work still in flight can crash.
-
-    Args:
-      main: the command's ``main(argv) -> status``.
-      argv: its arguments (``None``: ``sys.argv[1:]``).
-
-    Returns:
-      ``main``'s status; 130 (Ctrl-C), 143 (SIGTERM) or 1 (out of memory, a closed pipe) end the process
-      directly instead.
-    """
-
-    def on_term(signum, frame):
-        raise _Terminated()
-
-    previous = signal.signal(signal.SIGTERM, on_term) if _main_thread() else None
-    previous_hook = sys.unraisablehook
-
-    def redeliver(unraisable):
-        # An interrupt that lands inside a garbage-collection callback or a __del__ (JAX runs one on every
-        # collection) is swallowed there ("Exception ignored in ..."), and the run would go on. Send the signal
-        # again, from a thread a moment later (sent from here, it would be handled inside this callback again).
-        if unraisable.exc_type is not None and issubclass(unraisable.exc_type, (KeyboardInterrupt, _Terminated)):
-            import threading
-
-            signum = signal.SIGINT if issubclass(unraisable.exc_type, KeyboardInterrupt) else signal.SIGTERM
-            threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
-            return
-        previous_hook(unraisable)
-
-    sys.unraisablehook = redeliver
+    if jax.process_count() > 1:
+        usage_error("--resume runs in one process only: the other processes cannot read process 0's chunk files")
     try:
-        return main(argv)
-    except KeyboardInterrupt:
-        _hard_exit("\ninterrupted; no partial file was written", 130)
-    except _Terminated:
-        _hard_exit("terminated; no partial file was written", 143)
-    except MemoryError:
-        _hard_exit("error: out of host memory; use fewer models (--num-seeds, scales) or "
-                   "--max-models-per-chunk, or a smaller --batch-size", 1)
-    except BrokenPipeError:
-        # The reader of our output went away (``| head``): nothing more to say, and nowhere to say it.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        _hard_exit("", 1)
-    except Exception as err:
-        if "RESOURCE_EXHAUSTED" in str(err):  # XLA's out-of-memory has no class of its own
-            _hard_exit(f"error: out of memory ({str(err).strip().splitlines()[0][:120]}); use smaller sizes or "
-                       "--max-models-per-chunk", 1)
-        raise
-    finally:
-        sys.unraisablehook = previous_hook
-        remove_empty_outputs()
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-    return 1  # not reached
-
-
-def _hard_exit(message: str, status: int) -> None:
-    remove_empty_outputs()
-    if message:
-        print(message, file=sys.stderr)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
-
-
-class _Terminated(BaseException):
-    pass
-
-
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
+        done = chunks.load(args.out, digest, config, input_size)
+    except chunks.ResumeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(err.status) from None
+    if not quiet:
+        if done:
+            models = sum(c.seeds[1] * c.grid_points[1] for c in done) * len(config.arms)
+            print(f"resuming from {args.out / outputs.CHUNKS}: {len(done)} of {layout.num_chunks} chunks finished "
+                  f"({models} of {config.num_models} models; config hash {digest})", flush=True)
+        else:
+            print(f"--resume: no finished chunk in {args.out}; starting from the first", flush=True)
+    return done

@@ -3,6 +3,12 @@
 import json
 import os
 import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -70,18 +76,103 @@ def test_reuse_reads_results_without_running_again(quick_report):
     assert registry.experiment("overfitting").title not in text
 
 
+def _tree(folder: Path) -> dict:
+    """Every file under ``folder`` (hidden ones included) -> its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_an_interrupted_report_leaves_the_previous_one_whole_and_resume_finishes_it(quick_report, tmp_path):
+    """Finding 3: a report stopped after some experiments left their new results beside the old report.md."""
+    out = tmp_path / "report"
+    shutil.copytree(quick_report, out)
+    before = _tree(out)
+    refused = run_cli("experiments.report", "--quick", "--only", "init,activations", "--out", str(out))
+    assert refused.returncode == 2 and "already holds a report" in refused.stderr and "--overwrite" in refused.stderr
+    argv = ["experiments.report", "--quick", "--only", "init,activations", "--data", "bundled", "--quiet"]
+    proc = subprocess.Popen([sys.executable, "-m", *argv, "--overwrite", "--out", str(out)], cwd=ROOT,
+                            env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    staged = out / report.STAGING / "init" / "results.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not staged.exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # init is finished, activations has started
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    after = _tree(out)
+    assert {k: v for k, v in after.items() if not k.startswith(report.STAGING)} == before  # the previous report, whole
+    assert f"{report.STAGING}/init/results.json" in after
+
+    again = run_cli(*argv, "--out", str(out))
+    assert again.returncode == 2 and "holds an interrupted report" in again.stderr and "--resume" in again.stderr
+    resumed = run_cli(*argv, "--resume", "--out", str(out))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    text = (out / "report.md").read_text()
+    assert [line[3:] for line in text.splitlines() if line.startswith("## ")] == [
+        registry.experiment(n).title for n in ("init", "activations")]
+    # The staged results were swapped in as they were; the --overwrite of the interrupted run still applies:
+    # the previous report's other experiments are gone with it.
+    assert (out / "init" / "results.json").read_bytes() == after[f"{report.STAGING}/init/results.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["activations", "init", "report.md"]
+    for name in ("init", "activations"):
+        assert registry.experiment(name).render(json.loads((out / name / "results.json").read_text())) in text
+
+
+@pytest.mark.slow
+def test_a_swap_cut_short_is_finished_by_the_next_run(quick_report, tmp_path):
+    """A report killed (-9) while swapping its staged results in: the next report run completes the swap."""
+    out = tmp_path / "report"
+    shutil.copytree(quick_report / "init", out / report.STAGING / "init")
+    (out / report.STAGING / "report.md").write_text("# staged report\n")
+    (out / report.STAGING / "complete.json").write_text('{"staged": ["init"], "removed": []}')
+    (out / "init").mkdir()
+    (out / "init" / "results.json").write_text('{"old": 1}')  # the previous report's, about to be replaced
+    r = run_cli("experiments.report", "--reuse", "--only", "init", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "completing the report staged in" in r.stdout
+    assert (out / "init" / "results.json").read_bytes() == (quick_report / "init" / "results.json").read_bytes()
+    assert sorted(p.name for p in out.iterdir()) == ["init", "report.md"]
+    assert registry.experiment("init").title in (out / "report.md").read_text()
+
+
+def test_a_folder_holding_a_report_is_refused_unless_told_what_to_do(tmp_path, capsys):
+    (tmp_path / "report.md").write_text("# an earlier report\n")
+    with pytest.raises(SystemExit) as exc:
+        report.parse_args(["--out", str(tmp_path)])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: --out {tmp_path} already holds a report (report.md); use --overwrite to replace it, --reuse to "
+        "reuse its results, or choose another --out"]
+    with pytest.raises(SystemExit):
+        report.parse_args(["--resume", "--out", str(tmp_path)])
+    assert "nothing to resume" in capsys.readouterr().err
+    for ok in (["--overwrite"], ["--reuse"]):
+        assert report.parse_args([*ok, "--out", str(tmp_path)]).out == tmp_path
+    (tmp_path / report.STAGING / "init").mkdir(parents=True)
+    (tmp_path / report.STAGING / "init" / "results.json").write_text("{}")  # an interrupted report's first stage
+    with pytest.raises(SystemExit):
+        report.parse_args(["--reuse", "--out", str(tmp_path)])
+    assert "holds an interrupted report" in capsys.readouterr().err
+    assert report.parse_args(["--resume", "--out", str(tmp_path)]).resume
+    assert sorted(p.name for p in tmp_path.iterdir()) == [report.STAGING, "report.md"]  # parsing touched nothing
+
+
 @pytest.mark.slow
 def test_rerun_without_reuse_and_what_each_experiment_is_given(quick_report):
     before = (quick_report / "init" / "results.json").stat().st_mtime_ns
     r = run_cli("experiments.report", "--quick", "--only", "init", "--data", "bundled", "--no-cache", "--quiet",
-                "--out", str(quick_report))
+                "--overwrite", "--out", str(quick_report))
     assert r.returncode == 0, r.stderr
     assert (quick_report / "init" / "results.json").stat().st_mtime_ns != before  # ran again
-    args = report.parse_args(["--seed", "7", "--data", "bundled", "--no-cache", "--out", str(quick_report)])
+    assert sorted(p.name for p in quick_report.iterdir()) == ["init", "report.md"]  # the whole report replaced
+    args = report.parse_args(["--seed", "7", "--data", "bundled", "--no-cache", "--overwrite", "--out",
+                              str(quick_report)])
     argv = report.experiment_argv(args, "init")
-    assert argv[argv.index("--seed") + 1] == "7" and argv[argv.index("--out") + 1] == str(quick_report / "init")
+    assert argv[argv.index("--seed") + 1] == "7"
+    assert argv[argv.index("--out") + 1] == str(quick_report / report.STAGING / "init")  # swapped in at the end
     assert "--no-cache" in argv and "--quiet" not in argv and "--scales" not in argv  # defaults, not quick
-    quick = report.experiment_argv(report.parse_args(["--quick", "--out", str(quick_report)]), "init")
+    assert "--resume" not in argv
+    quick = report.experiment_argv(report.parse_args(["--quick", "--overwrite", "--out", str(quick_report)]), "init")
     assert quick[-len(registry.experiment("init").quick):] == list(registry.experiment("init").quick)
 
 

@@ -68,8 +68,8 @@ def test_every_registered_experiment_explains_itself_without_jax(every_help, nam
     assert run["code"] == 0 and experiment.name == name
     text = run["help"]
     assert text.startswith(f"usage: python -m experiments.{name}") and "Exit status" in text
-    for flag in ("--seed", "--num-seeds", "--split-seed", "--data", "--train-size", "--out", "--quiet", "--no-plot",
-                 "--cpu-devices", "--max-models-per-chunk", "--coordinator"):
+    for flag in ("--seed", "--num-seeds", "--split-seed", "--data", "--train-size", "--out", "--overwrite", "--resume",
+                 "--quiet", "--no-plot", "--cpu-devices", "--max-models-per-chunk", "--coordinator"):
         assert flag in text, (name, flag)
     assert experiment.doc.split("\n\n")[0].split("\n")[0] in text  # the module docstring describes it
 
@@ -372,7 +372,11 @@ def test_interrupt_prints_one_line_and_exits_non_zero(tmp_path, sig, status, wor
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == status, err[-2000:]
     assert "Traceback" not in err and word in err
-    assert not (tmp_path / "run").exists()  # nothing was written: the empty output directory is gone too
+    out = tmp_path / "run"
+    if out.exists():  # chunks finished before the signal are kept, whole, and the last line says how to resume
+        assert [p.name for p in out.iterdir()] == ["chunks"] and "--resume" in err.strip().splitlines()[-1]
+        assert all(p.name.startswith("chunk-") and p.suffix == ".npz" for p in (out / "chunks").iterdir())
+    # else nothing was written: the empty output directory is gone too (no lock file left either)
 
 
 def test_json_writer_turns_non_finite_numbers_into_null(tmp_path):
@@ -487,3 +491,13 @@ def test_float_in_keeps_to_its_interval_and_float32():
                        (non_negative, "-1"), (non_negative, "inf"), (non_negative, "1e-40"), (non_negative, "1e39")):
         with pytest.raises(argparse.ArgumentTypeError):
             parse(bad)
+
+
+def test_list_options_refuse_repeated_values():
+    """Finding 15: ``--lrs 0.1,0.1`` trained the same models twice while ``--batch-sizes 4,4`` was refused."""
+    import argparse
+
+    assert cli.float_list("0.1, 0.01,1") == (0.1, 0.01, 1.0)
+    for text, repeated in (("0.1,0.1", "0.1"), ("1,0.5,1e0", "1"), ("0.01,1e-2,3,3", "0.01, 3")):
+        with pytest.raises(argparse.ArgumentTypeError, match=f"got {repeated} more than once"):
+            cli.float_list(text)

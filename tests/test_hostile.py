@@ -1,18 +1,22 @@
 """Hostile invocations of every experiment: each bad option exits 2 naming the option, with no traceback and
-nothing written; failures after parsing (backend, data sizes, dtype ranges, memory, a corrupt cache) end in one
-line; interrupts at compile time and mid-run leave earlier results byte-identical and no temporary file."""
+nothing written; failures after parsing (backend, data sizes, dtype ranges, memory, a corrupt cache, a full disk,
+a garbage XLA_FLAGS) end in one line and leave no folder; the output-folder contract (a folder holding a run is
+refused unless --overwrite or --resume, a concurrent run fails at once, a dead run's lock never blocks);
+interrupts at compile time and mid-run leave an interrupted run's chunks byte-identical and no temporary file."""
 
 import importlib
 import json
+import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
-from experiments import registry
+from experiments import outputs, registry
 from helpers import ROOT, cli_env, run_cli
 
 # Every experiment takes these (cli.add_common_args).
@@ -42,7 +46,9 @@ COMMON = [
 ]
 
 SPECIFIC = {
-    "sweep": [(["--lr", "1e-320"], "--lr"), (["--lr", "1e308"], "--lr"), (["--lr", "0"], "--lr"),
+    "sweep": [(["--scales", "0.1,0.01,1e-1"], "--scales"), (["--resume", "--overwrite"], "--resume"),
+              (["--resume", "--coordinator", "h:1", "--num-processes", "2", "--process-id", "0"], "--resume"),
+              (["--lr", "1e-320"], "--lr"), (["--lr", "1e308"], "--lr"), (["--lr", "0"], "--lr"),
               (["--lr", "nan"], "--lr"), (["--scales", "1e-320"], "--scales"), (["--scales", "0.1,,x"], "--scales"),
               (["--scales", "0.1", "--num-scales", "3"], "--num-scales"), (["--epochs", "0"], "--epochs"),
               (["--epochs", "1e9"], "--epochs"), (["--num-scales", "100000"], "--num-scales"),
@@ -50,10 +56,10 @@ SPECIFIC = {
               (["--optimizer", "sgdd"], "--optimizer"), (["--dtype", "int8"], "--dtype"),
               (["--heldout-size", "0"], "--heldout-size"),
               (["--data", "bundled", "--train-size", "4500", "--heldout-size", "600"], "--train-size")],
-    "learning_rate": [(["--lrs", "0.1,0"], "--lrs"), (["--init-scale", "nan"], "--init-scale"),
+    "learning_rate": [(["--lrs", "0.1,0"], "--lrs"), (["--lrs", "0.1,0.3,0.1"], "--lrs"), (["--init-scale", "nan"], "--init-scale"),
                       (["--probe-lr", "-1"], "--probe-lr"), (["--num-lrs", "100000"], "--num-lrs"),
                       (["--probe-steps", "1"], "--probe-steps"), (["--epochs", "1"], "--epochs")],
-    "init": [(["--lr", "inf"], "--lr"), (["--scales", ","], "--scales"), (["--num-scales", "0"], "--num-scales")],
+    "init": [(["--scales", "0.01,1e-2"], "--scales"), (["--lr", "inf"], "--lr"), (["--scales", ","], "--scales"), (["--num-scales", "0"], "--num-scales")],
     "overfitting": [(["--dropout-ratio", "1"], "--dropout-ratio"), (["--dropout-ratio", "nan"], "--dropout-ratio"),
                     (["--weight-decay", "0"], "--weight-decay"), (["--record-every", "500"], "--record-every"),
                     (["--epochs", "1"], "--epochs"), (["--data", "bundled", "--train-size", "5000"], "--train-size")],
@@ -71,7 +77,8 @@ SPECIFIC = {
                     (["--batch-sizes", "2,20", "--reference-batch", "10"], "--batch-sizes"),
                     (["--d-max", "nan"], "--d-max"), (["--renorm-warmup", "-0.5"], "--renorm-warmup")],
 }
-REPORT = [(["--only", "sweepz"], "--only"), (["--only", ""], "--only"), (["--seed", "-1"], "--seed"),
+REPORT = [(["--only", "sweepz"], "--only"), (["--only", ""], "--only"), (["--only", "init,init"], "--only"),
+          (["--reuse", "--overwrite"], "--overwrite"), (["--resume", "--overwrite"], "--overwrite"), (["--seed", "-1"], "--seed"),
           (["--out", ""], "--out"), (["--data", "x"], "--data"), (["--data-dir", "/nonexistent-bnjax-test"], "--data-dir"),
           (["--cpu-devices", "0"], "--cpu-devices")]
 
@@ -188,30 +195,43 @@ def test_matplotlib_gets_a_writable_config_dir():
     assert "bnjax-matplotlib-" in r.stdout and "Traceback" not in r.stderr and "Matplotlib" not in r.stderr
 
 
-INIT = ["experiments.init", "--scales", "0.1,0.01", "--epochs", "2", "--num-seeds", "2", "--train-size", "200",
-        "--data", "bundled", "--no-cache"]
+INIT = ["experiments.init", "--scales", "0.1,0.01", "--epochs", "30", "--num-seeds", "64", "--train-size", "200",
+        "--data", "bundled", "--no-cache", "--max-models-per-chunk", "16"]  # 16 chunks of 16 models, ~1-3 s each
+
+
+def _chunk_files(out) -> dict:
+    return {p.name: p.read_bytes() for p in (out / "chunks").iterdir()}
 
 
 @pytest.fixture(scope="module")
-def earlier_results(tmp_path_factory):
-    """A finished init run's folder (results.json and figures), made once; each test works on a copy."""
-    out = tmp_path_factory.mktemp("earlier") / "run"
-    r = run_cli(*INIT, "--out", str(out), "--quiet")
-    assert r.returncode == 0, r.stderr[-2000:]
+def interrupted_run(tmp_path_factory):
+    """The folder of an init run stopped (SIGTERM) once its first chunk was written; each test works on a copy."""
+    out = tmp_path_factory.mktemp("interrupted") / "run"
+    proc = subprocess.Popen([sys.executable, "-m", *INIT, "--out", str(out), "--quiet"], cwd=ROOT, env=cli_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (out / "chunks" / "chunk-0-0.npz").exists() and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert "kept in" in err and "--resume" in err  # the last line says what is left to resume from
+    assert sorted(p.name for p in out.iterdir()) == ["chunks"]  # no lock, no temporary file
     return out
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("when", ["compile", "run"])
 @pytest.mark.parametrize("sig,status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_interrupt_keeps_earlier_results_byte_identical(tmp_path, earlier_results, when, sig, status):
+def test_interrupt_keeps_earlier_chunks_byte_identical(tmp_path, interrupted_run, when, sig, status):
+    from experiments import chunks
+
     out = tmp_path / "run"
-    shutil.copytree(earlier_results, out)
-    base = [*INIT, "--out", str(out)]
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
-    assert sorted(before) == sorted(["results.json", *registry.experiment("init").figure_files])
-    proc = subprocess.Popen([sys.executable, "-m", *base[:1], "--num-seeds", "64", "--epochs", "200", *base[7:]],
-                            cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    shutil.copytree(interrupted_run, out)
+    before = _chunk_files(out)
+    assert chunks.chunk_path(out, (0, 0)).name in before
+    proc = subprocess.Popen([sys.executable, "-m", *INIT, "--out", str(out), "--resume"], cwd=ROOT, env=cli_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and "compiling" not in (proc.stdout.readline() or ""):
         pass
@@ -220,7 +240,138 @@ def test_interrupt_keeps_earlier_results_byte_identical(tmp_path, earlier_result
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == status, err[-2000:]
     assert "Traceback" not in err and len(err.strip().splitlines()[-1:]) == 1
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no temporary file, nothing changed
+    assert sorted(p.name for p in out.iterdir()) == ["chunks"]  # no temporary file, no lock, no results
+    after = _chunk_files(out)
+    assert {name: after[name] for name in before} == before  # the earlier chunks are untouched ...
+    for name in after:  # ... and any new one is whole
+        assert name.startswith("chunk-") and name.endswith(".npz")
+        with np.load(out / "chunks" / name) as z:
+            assert "head" in z.files
+
+
+def test_a_folder_holding_a_run_is_refused_in_one_line_unless_overwrite_or_resume(tmp_path, capsys):
+    """Finding 1: a run into a folder holding results silently replaced them (and kept the old figure)."""
+    from experiments import sweep
+
+    def refused(*extra: str) -> str:
+        with pytest.raises(SystemExit) as exit_info:
+            sweep.main(["--out", str(out), "--data", "bundled", *extra])
+        assert exit_info.value.code == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in lines[0]
+        return lines[0]
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "sweep.png").write_bytes(b"old figure")  # a run's figure alone is enough
+    assert refused() == (f"error: --out {out} already holds a run's files (sweep.png); use --overwrite to replace "
+                         "that run, or choose another --out")
+    (out / "results.json").write_text("{}")
+    assert "already holds a run's files (results.json, sweep.png)" in refused()
+    assert "holds a finished run (results.json); nothing to resume" in refused("--resume")
+    for name in ("results.json", "sweep.png"):
+        (out / name).unlink()
+    (out / "chunks").mkdir()
+    assert "holds an interrupted run (its finished chunks); use --resume to continue it" in refused()
+    assert sorted(p.name for p in out.iterdir()) == ["chunks"]  # nothing was touched
+
+
+def test_a_locked_folder_is_refused_at_once_and_a_dead_runs_lock_never_blocks(tmp_path, capsys):
+    from experiments import sweep
+
+    out = tmp_path / "run"
+    claimed = outputs.claim(out, overwrite=False, resume=False)  # as a run in progress does
+    try:
+        assert (out / outputs.LOCK).read_text().split()[0] == str(os.getpid())
+        t0 = time.time()
+        with pytest.raises(SystemExit) as exit_info:
+            sweep.main(["--out", str(out), "--data", "bundled", "--overwrite"])
+        assert exit_info.value.code == 2 and time.time() - t0 < 5
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"error: --out {out} is in use by another run (pid {os.getpid()} on {os.uname().nodename}); "
+                       "wait for it to end or choose another --out"]
+        with pytest.raises(outputs.OutputError, match="in use"):
+            outputs.claim(out, overwrite=False, resume=False)
+    finally:
+        outputs.release(claimed)
+    assert not (out / outputs.LOCK).exists()
+    # A run killed with -9 leaves its lock file, naming a dead process: it blocks nothing.
+    (out / outputs.LOCK).write_text("999999999 " + os.uname().nodename + "\n")
+    assert outputs.lock_holder(out) is None
+    outputs.check_folder(out, overwrite=False, resume=False)
+    claimed = outputs.claim(out, overwrite=False, resume=False)
+    assert (out / outputs.LOCK).read_text().split()[0] == str(os.getpid())
+    outputs.release(claimed)
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_overwrite_removes_the_old_runs_files_figures_included(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "results.json").write_text('{"old": true}')
+    (out / "sweep.png").write_bytes(b"old figure")
+    (out / "chunks").mkdir()
+    (out / "chunks" / "chunk-0-0.npz").write_bytes(b"old chunk")
+    (out / "notes.txt").write_text("the user's own file")
+    r = run_cli("experiments.sweep", *TINY, "--data", "bundled", "--overwrite", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "results.json"]  # --no-plot: no old figure
+    assert "train_accuracy" in json.loads((out / "results.json").read_text())
+
+
+@pytest.mark.slow
+def test_a_second_run_into_the_same_folder_fails_at_once(tmp_path):
+    out = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-m", *INIT, "--out", str(out)], cwd=ROOT, env=cli_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and "compiling" not in (first.stdout.readline() or ""):
+            pass
+        t0 = time.time()
+        second = run_cli(*INIT, "--out", str(out), "--resume")
+        assert second.returncode == 2 and time.time() - t0 < 60
+        assert second.stderr.strip().splitlines() == [
+            f"error: --out {out} is in use by another run (pid {first.pid} on {os.uname().nodename}); wait for it "
+            "to end or choose another --out"]
+        assert first.poll() is None  # the first run goes on
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=120)
+    assert first.returncode == 143
+
+
+@pytest.mark.slow
+def test_a_garbage_xla_flags_leaves_no_folder(tmp_path):
+    r = run_cli("experiments.sweep", *TINY, "--data", "bundled", "--out", str(tmp_path / "a" / "run"),
+                XLA_FLAGS="--bnjax_no_such_flag=1")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+DISK_FULL = """
+import builtins, sys
+import bnjax.files
+
+def full(path, mode="r", *args, **kwargs):  # every atomic write lands on /dev/full: the kernel says ENOSPC
+    return builtins.open("/dev/full" if "w" in mode else path, mode, *args, **kwargs)
+
+bnjax.files.open = full
+from experiments import runtime, sweep
+sys.exit(runtime.main_wrapper(sweep.main))
+"""
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_one_line_and_leaves_no_partial_file(tmp_path):
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-c", DISK_FULL, *TINY, "--data", "bundled", "--out", str(out)], cwd=ROOT,
+                       env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stderr[-2000:]
+    _no_traceback_one_error(r.stderr)
+    assert f"cannot write {out / 'chunks' / 'chunk-0-0.npz'}: No space left on device" in r.stderr
+    assert list(tmp_path.iterdir()) == []  # no partial file, no lock, no empty folder
 
 
 SWALLOWED = """
@@ -276,10 +427,12 @@ def test_default_output_folders_never_collide(tmp_path, monkeypatch):
     from experiments import cli
 
     monkeypatch.chdir(tmp_path)
-    folders = {cli.default_out("sweep") for _ in range(3)}  # within one second
-    assert len(folders) == 3 and all(f.is_dir() for f in folders)
+    chosen = [cli.default_out("sweep") for _ in range(3)]  # within one second: nothing is created yet ...
+    assert not (tmp_path / "runs").exists()
+    folders = {outputs.claim(c, overwrite=False, resume=False, fresh=cli.is_default_out(c)) for c in chosen}
+    assert len(folders) == 3 and all(f.is_dir() for f in folders)  # ... each run creates its own
     cli.remove_empty_outputs()
-    assert not any((tmp_path / "runs").iterdir())
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.slow

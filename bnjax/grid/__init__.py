@@ -9,7 +9,9 @@ A grid (``GridConfig``; its defaults are the book's ch. 6.3 weight-scale sweep) 
   ``bnjax.options.AXES``: the weight scale, learning rate, weight decay and batch-norm momentum); the grid is
   their product. Each reaches the one consumer its ``options.Axis`` names (the initial weights, the optimizer,
   the train step, the norms); a hyper-parameter without an axis stays a Python constant of the traced program;
-* **seeds**: ``num_seeds`` seeds from ``seed`` on; seed ``i`` of a run equals a one-seed run at ``seed + i``.
+* **seeds**: ``num_seeds`` seeds from ``seed`` on; seed ``i`` of a run starts exactly as a one-seed run at
+  ``seed + i`` (the same keys, initial models, mini-batches and dropout masks), and its trained numbers agree
+  with that run to rounding only (the program compiled for more models may order its arithmetic differently).
 
 Every model of a seed sees the same mini-batches (paired comparisons, and one wide first-layer matmul for all
 models of a seed); an arm with a batch size of its own (``Arm.batch_size``) draws its own batches, shared with
@@ -32,7 +34,7 @@ Modules: ``config`` (what a grid is and its schedule), ``plan`` (mesh, chunks, m
 
 from bnjax.grid.config import (BOOK_ARMS, Arm, GridConfig, arm_batch_size, book_weight_scales, grid_points,
                                num_updates, record_steps, updates_per_record)
-from bnjax.grid.driver import METRICS, GridResult, init_models, run_grid
+from bnjax.grid.driver import METRICS, Chunk, GridResult, init_models, run_grid
 from bnjax.grid.plan import (Layout, bytes_per_model, default_memory_budget, device_memory_limit, grid_flops,
                              plan_layout)
 from bnjax.grid.programs import init_streams, seed_keys
@@ -40,6 +42,7 @@ from bnjax.grid.programs import init_streams, seed_keys
 __all__ = [
     "Arm",
     "BOOK_ARMS",
+    "Chunk",
     "GridConfig",
     "GridResult",
     "Layout",
