@@ -47,7 +47,8 @@ MAX_LAYER_REPEATS = 100_000
 EPILOG = """Rules, checked before any work: --repeats and --layer-repeats are >= 1; --scaling counts are multiples of
 32, none twice; --skip takes only the letters a, b, c, d, l; --layers-only refuses --skip, --scaling and --repeats,
 and --skip l refuses --layer-shapes and --layer-repeats; --out names a JSON file (not a folder) in a folder that can
-be written. An existing --out file is replaced, atomically, when the run ends."""
+be written. An existing --out file is refused unless --overwrite; if another run writes it meanwhile, both
+are kept (this run's beside it, named with the process id)."""
 
 
 def parse_skip(text: str) -> frozenset[str]:
@@ -137,7 +138,8 @@ def _parser() -> argparse.ArgumentParser:
                         "32,256,1024,4096 on an accelerator, 32 with --quick; 'none' to skip)")
     p.add_argument("--out", type=out_file, default=None, metavar="FILE",
                    help="JSON output file (default: runs/benchmark.json; runs/benchmark_layers.json with "
-                        "--layers-only)")
+                        "--layers-only); an existing file is refused unless --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     return p
 
 
@@ -177,6 +179,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.out = Path("runs") / ("benchmark_layers.json" if args.layers_only else "benchmark.json")
     if args.out.is_dir():
         parser.error(f"--out {args.out} is a directory; name a .json file, e.g. {args.out / 'benchmark.json'}")
+    if args.out.exists() and not args.overwrite:
+        parser.error(f"--out {args.out} already holds a benchmark; pass --overwrite to replace it, or name "
+                     "another file")
     try:
         cli.check_writable(args.out.parent)  # proven writable; created only when written
     except OSError as err:
@@ -209,12 +214,34 @@ def main(argv=None) -> int:
         record = _layers_only(args, env) if args.layers_only else _everything(args, env)
     try:
         args.out.parent.mkdir(parents=True, exist_ok=True)  # created only now, with something to hold
-        results.write_json(args.out, record)
+        if args.overwrite:
+            results.write_json(args.out, record)
+        else:
+            _write_new(args.out, record)
+    except FileExistsError:  # another run wrote --out meanwhile: keep both
+        kept = args.out.with_name(f"{args.out.stem}.{os.getpid()}{args.out.suffix}")
+        results.write_json(kept, record)
+        print(f"error: {args.out} was written by another run meanwhile; this run's results are in {kept}",
+              file=sys.stderr)
+        return 1
     except OSError as err:  # a full disk: the tables above are all that is left
         print(f"error: could not write {args.out}: {err.strerror or err}", file=sys.stderr)
         return 1
     print(f"wrote {args.out}")
     return 0
+
+
+def _write_new(path: Path, record: dict) -> None:
+    """Write ``record`` to ``path`` only if no file is there, atomically: a hard link of a complete temporary file
+    (``os.link`` refuses an existing name, where a rename would replace it)."""
+    from experiments import results
+
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        results.write_json(temp, record)
+        os.link(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
 
 
 def _layers_only(args: argparse.Namespace, env: dict) -> dict:

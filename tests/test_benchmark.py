@@ -235,7 +235,7 @@ def test_results_are_written_atomically_and_a_failed_write_is_one_line(tmp_path,
     from experiments import results
 
     monkeypatch.setattr(results, "write_json", full)
-    assert benchmark.main(["--layers-only", "--out", str(out)]) == 1
+    assert benchmark.main(["--layers-only", "--out", str(out), "--overwrite"]) == 1
     captured = capsys.readouterr()
     _one_error_line(captured.err, str(out))
     assert "No space left on device" in captured.err and "wrote" not in captured.out
@@ -396,3 +396,33 @@ def test_no_experiment_reaches_into_tests():
                  for i, line in enumerate(p.read_text().splitlines(), 1)
                  if pattern.search(line) and not line.lstrip().startswith("#")]
     assert offenders == []
+
+
+def test_an_existing_out_is_refused_unless_overwrite_and_a_concurrent_write_keeps_both(tmp_path, monkeypatch,
+                                                                                      capsys):
+    _fake_layers(monkeypatch)
+    out = tmp_path / "b.json"
+    out.write_text('{"earlier": true}')
+    _refuse_work(monkeypatch)
+    with pytest.raises(SystemExit) as exc:
+        benchmark.main(["--layers-only", "--layer-shapes", "8x4", "--out", str(out)])
+    assert exc.value.code == 2
+    _one_error_line(capsys.readouterr().err, "--overwrite")
+    assert out.read_text() == '{"earlier": true}'
+    monkeypatch.undo()
+    _fake_layers(monkeypatch)
+    assert benchmark.main(["--layers-only", "--layer-shapes", "8x4", "--out", str(out), "--overwrite"]) == 0
+    assert json.loads(out.read_text())["layers"]["shapes"] == [[8, 4]]
+    # Another run writes --out while this one works: neither result is lost.
+    late = tmp_path / "late.json"
+
+    def other_run_meanwhile(shapes, repeats):
+        late.write_text('{"other": true}')
+        return {"shapes": [list(s) for s in shapes], "repeats": repeats}
+
+    monkeypatch.setattr(benchmark_layers, "bench_layers", other_run_meanwhile)
+    assert benchmark.main(["--layers-only", "--layer-shapes", "8x4", "--out", str(late)]) == 1
+    err = capsys.readouterr().err
+    kept = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("late.") and p != late)
+    assert late.read_text() == '{"other": true}' and len(kept) == 1 and kept[0] in err
+    assert json.loads((tmp_path / kept[0]).read_text())["layers"]["shapes"] == [[8, 4]]
