@@ -217,10 +217,14 @@ def activation_stats(values: Any, activation: str) -> dict:
         ``near_half`` (within 0.05 of 0.5: every unit says the same); ``'relu'``: ``zero`` (exactly 0).
 
     Returns:
-      ``{'std', ...}`` with the shares for the activation.
+      ``{'std', ...}`` with the shares for the activation; ``std`` is NaN when a value is not finite (a layer
+      that overflowed), without a NumPy warning.
     """
     v = np.asarray(values, float)
-    out = {"std": float(v.std())}
+    # A layer of a diverging or overflowing net holds inf or NaN: its std is NaN (null in results.json), which
+    # is the answer, so the 'inf - inf' of the centring is not worth a RuntimeWarning on every run.
+    with np.errstate(invalid="ignore", over="ignore"):
+        out = {"std": float(v.std())}
     if activation == "sigmoid":
         out["saturated"] = float(np.mean((v < 0.05) | (v > 0.95)))
         out["near_half"] = float(np.mean(np.abs(v - 0.5) < 0.05))

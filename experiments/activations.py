@@ -233,7 +233,7 @@ def _part1_text(p1: dict) -> str:
                      f"deviation per layer, while batch norm holds it at {_span(value_range(r['batchnorm_std']))}")
     if facts:
         text += " " + facts[0][0].upper() + facts[0][1:] + "".join(
-            ("; " if i < len(facts) - 1 else "; and ") + f for i, f in enumerate(facts[1:])) + "."
+            ("; " if i < len(facts) - 2 else "; and ") + f for i, f in enumerate(facts[1:])) + "."
     return text
 
 

@@ -150,7 +150,10 @@ def layer_stats(pre, act, activation: str) -> list[dict]:
     rows = []
     for i in range(len(act)):
         stats = claims.activation_stats(act[i], activation)
-        rows.append({"layer": i + 1, "std_pre": float(np.asarray(pre[i], float).std()), **stats})
+        # An overflowed layer's std is NaN (claims.activation_stats): no RuntimeWarning for it.
+        with np.errstate(invalid="ignore", over="ignore"):
+            std_pre = float(np.asarray(pre[i], float).std())
+        rows.append({"layer": i + 1, "std_pre": std_pre, **stats})
     return rows
 
 
@@ -186,14 +189,16 @@ def histogram(values, activation: str, bins: int = 30, top: float | None = None)
     import numpy as np
 
     v = np.asarray(values, float).ravel()
+    with np.errstate(invalid="ignore", over="ignore"):  # an overflowed layer: std NaN, no warning
+        std = float(v.std())
     if activation == "sigmoid":
         counts, edges = np.histogram(v, bins=bins, range=(0.0, 1.0))
-        return {"counts": counts, "edges": edges, "zero": None, "std": float(v.std())}
+        return {"counts": counts, "edges": edges, "zero": None, "std": std}
     positive = v[v > 0]
     if top is None:
         top = relu_top(v)
     counts, edges = np.histogram(positive, bins=bins, range=(0.0, top))
-    return {"counts": counts, "edges": edges, "zero": float(np.mean(v == 0.0)), "std": float(v.std())}
+    return {"counts": counts, "edges": edges, "zero": float(np.mean(v == 0.0)), "std": std}
 
 
 def relu_top(values) -> float:

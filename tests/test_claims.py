@@ -140,3 +140,23 @@ def test_all_right_survives_float32_rounding_of_the_accuracy():
     s = claims.overfitting_summary([0, 1], [[0.5, acc]], [[0.1, 0.2]])
     assert s["epoch_train_100"] == 1
     assert claims.overfitting_summary([0, 1], [[0.5, 1 - 1 / n]], [[0.1, 0.2]])["epoch_train_100"] is None
+
+
+def test_overfitting_summary_takes_the_first_best_epoch_on_a_tie():
+    held = np.array([[0.1, 0.7, 0.5, 0.7], [0.3, 0.7, 0.5, 0.7]])  # best mean 0.7 at epochs 5 and 15
+    s = claims.overfitting_summary([0, 5, 10, 15], held, held)
+    assert (s["best_heldout"], s["best_heldout_epoch"]) == (pytest.approx(0.7), 5)
+    assert s["gap"] == 0.0 and s["epoch_train_100"] is None
+
+
+def test_activation_stats_of_an_overflowed_layer_give_a_nan_std_without_a_warning():
+    import warnings
+
+    layer = np.array([[0.0, np.inf], [np.nan, 2.0]], np.float32)  # what a diverging net's layer holds
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        relu = claims.activation_stats(layer, "relu")
+        sigmoid = claims.activation_stats(np.array([0.5, np.inf, -np.inf]), "sigmoid")
+    assert np.isnan(relu["std"]) and relu["zero"] == 0.25
+    assert np.isnan(sigmoid["std"]) and sigmoid["saturated"] == pytest.approx(2 / 3)
+    assert sigmoid["near_half"] == pytest.approx(1 / 3)

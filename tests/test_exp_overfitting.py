@@ -116,6 +116,7 @@ def test_quick_run_records_a_verdict_and_prints_its_rendering(quick_run):
 def test_cli_tiny_run_end_to_end(quick_run):
     proc, out = quick_run
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Warning" not in proc.stderr, proc.stderr[-3000:]
     assert "combination" in proc.stdout and "wrote results.json, overfitting.png" in proc.stdout
     res = read_results(out)
     assert res["epochs"] == [0, 3, 6]
@@ -227,3 +228,100 @@ def test_protocol_matches_the_engine_alone(quick_run):
     # Weight decay (the second column) changes the losses.
     wd = np.array(res["train_loss"]["plain"], float)[0]
     assert np.abs(wd[1] - wd[0]).max() > 1e-4
+
+
+# --------------------------------------------------------------------------------------------------
+# What the reader sees: the table, the sentences and the figure, against the arrays
+# --------------------------------------------------------------------------------------------------
+
+
+def test_render_reads_every_row_and_the_runs_own_settings():
+    from presentation import markdown_tables
+
+    metrics, diverged = _hand_made()
+    v = overfitting.verdict([0, 5, 10], metrics, diverged)
+    results = {"verdict": v, "seeds": [0, 1], "epochs": [0, 5, 10], "axes": {"weight_decay": [0.0, 0.3]},
+               "data": {"name": "bundled", "num_train": 300, "num_heldout": 4700},
+               "arms": {"plain": {"dropout_ratio": 0.0, "dropout_inverted": True},
+                        "plain+dropout": {"dropout_ratio": 0.35, "dropout_inverted": True}}}
+    md = overfitting.render(json.loads(json.dumps(results)))
+    assert ("2 seed(s), 300 training images and 4700 held-out images (bundled MNIST), recorded at epochs 0 to 10 "
+            "every 5; weight decay lambda 0.3, inverted dropout at 0.35;") in md
+    (table,) = markdown_tables(md)
+    assert table[0] == ["combination", "train", "held-out", "gap", "best held-out (epoch)", "train 1.0 at epoch"]
+    for row in table[1:]:
+        name = row[0].split()[0]
+        net, _, reg = name.partition("+")
+        drop, decay = overfitting.REGULARISERS[reg or "none"]
+        arm = net + ("+dropout" if drop else "")
+        train = metrics["train_accuracy"][arm][:, int(decay)].mean(0)  # NumPy, from the arrays
+        held = metrics["heldout_accuracy"][arm][:, int(decay)].mean(0)
+        best = int(np.argmax(held))
+        perfect = np.nonzero(train >= 1 - 1e-6)[0]
+        assert [float(c) for c in row[1:4]] == pytest.approx([train[-1], held[-1], train[-1] - held[-1]], abs=5e-4)
+        assert row[4] == f"{held[best]:.3f} ({[0, 5, 10][best]})", name
+        assert row[5] == (str([0, 5, 10][perfect[0]]) if perfect.size else "never"), name
+        divs = int(diverged[arm][:, int(decay)].sum())
+        assert row[0].endswith(f"({divs} seed(s) diverged)") == bool(divs), name
+
+
+def _sentence_verdict(bn_heldout, changes):
+    """A verdict as ``sentences`` reads it: held-out accuracy and gap per combination, from the unregularised
+    nets' (plain 0.70, gap 0.30) and ``changes[combination] = (held-out change, gap change)``."""
+    v = {}
+    for net in overfitting.NETS:
+        for reg in overfitting.REGULARISERS:
+            name = overfitting.combination(net, reg)
+            base = (0.70, 0.30) if net == "plain" else (bn_heldout, 0.20)
+            change, gap = changes.get(name, (0.0, 0.0))
+            v[name] = {"final_heldout": base[0] + change, "gap": base[1] + gap,
+                       "vs_unregularised": None if reg == "none" else
+                       {"heldout_change": change, "seeds_higher": int(change > 0), "seeds_lower": int(change < 0),
+                        "seeds": 2},
+                       "vs_plain": None}
+    for reg in overfitting.REGULARISERS:
+        a, b = v[overfitting.combination("batchnorm", reg)], v[overfitting.combination("plain", reg)]
+        a["vs_plain"] = {"heldout_change": a["final_heldout"] - b["final_heldout"], "seeds": 2,
+                         "seeds_higher": int(a["final_heldout"] > b["final_heldout"])}
+    return v
+
+
+def test_sentences_tell_each_outcome_by_its_sign():
+    v = _sentence_verdict(0.65, {"plain+weight_decay": (0.02, -0.05), "batchnorm+weight_decay": (0.0, 0.01),
+                                 "plain+dropout": (-0.03, -0.10), "batchnorm+dropout": (-0.02, 0.04)})
+    text = " ".join(overfitting.sentences(v))
+    assert "Without regularisation BN ends below plain on held-out images: 0.650 against 0.700 (-5.0 points" in text
+    assert ("Weight decay: for plain it raised held-out accuracy (+2.0 points, higher in 1 of 2 seeds; gap 0.300 -> "
+            "0.250); for BN it left held-out accuracy unchanged (gap 0.200 -> 0.210).") in text
+    assert ("Dropout: for plain it only shrank the gap (0.300 -> 0.200) while held-out accuracy fell (-3.0 points, "
+            "lower in 1 of 2 seeds); for BN it lowered held-out accuracy (-2.0 points) without shrinking the gap "
+            "(0.200 -> 0.240).") in text
+    assert "Highest final held-out accuracy: plain, weight decay (0.720)" in text
+    text = " ".join(overfitting.sentences(_sentence_verdict(0.70, {})))
+    assert "BN ends equal to plain" in text
+    text = " ".join(overfitting.sentences(_sentence_verdict(0.80, {"batchnorm+dropout": (0.01, 0.0)})))
+    assert "BN ends above plain" in text and "Highest final held-out accuracy: BN, dropout (0.810)" in text
+
+
+def test_figure_panels_show_each_combinations_curves(monkeypatch):
+    from experiments import plot
+    from presentation import band_bounds, lines_of, skip_layout
+
+    skip_layout(monkeypatch)
+    metrics, _ = _hand_made()
+    fig = overfitting.figure([0, 5, 10], metrics, 2, 0.3, 0.35)
+    axes = np.array(fig.axes).reshape(2, 4)
+    titles = ["", " + weight decay 0.3", " + dropout 0.35", " + dropout + weight decay"]
+    for r, net in enumerate(overfitting.NETS):
+        for c, (reg, (drop, decay)) in enumerate(overfitting.REGULARISERS.items()):
+            ax = axes[r, c]
+            assert ax.get_title() == plot.arm_short(net) + titles[c]
+            arm = net + ("+dropout" if drop else "")
+            lines = lines_of(ax)
+            assert [(line["label"], line["linestyle"]) for line in lines] == [("train", "-"), ("held-out", "--")]
+            for line, band, metric in zip(lines, ax.collections, ("train_accuracy", "heldout_accuracy")):
+                runs = metrics[metric][arm][:, int(decay)]
+                np.testing.assert_allclose(line["x"], [0, 5, 10])
+                np.testing.assert_allclose(line["y"], runs.mean(0), err_msg=f"{net} {reg} {metric}")
+                np.testing.assert_allclose(band_bounds(band, [0, 5, 10]), (runs.min(0), runs.max(0)))
+    plot.pyplot().close(fig)

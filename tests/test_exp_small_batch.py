@@ -142,6 +142,7 @@ def test_quick_run_records_a_verdict_and_prints_its_rendering(quick_run):
 def test_cli_writes_figures_results_and_verdict(quick_run):
     r, out = quick_run
     assert r.returncode == 0, r.stderr
+    assert "Warning" not in r.stderr, r.stderr[-3000:]
     res = read_results(out)
     assert res["batch_sizes"] == [2, 10] and res["seeds"] == [0, 1]
     assert res["arm_record_steps"]["plain@2"] == [1, 51] and res["arm_record_steps"]["ghost@2"] == [1, 11]
@@ -158,3 +159,143 @@ def test_cli_writes_figures_results_and_verdict(quick_run):
         assert (out / png).stat().st_size > 10_000
     assert "Batch Renorm above BN in" in r.stdout
     assert "| B |" in small_batch.render(res) and small_batch.render(res).strip() in r.stdout
+
+
+# --------------------------------------------------------------------------------------------------
+# What the reader sees: the tables, the sentences and the figures, against the arrays
+# --------------------------------------------------------------------------------------------------
+
+
+def _interval(values):
+    """NumPy oracle: mean and Student-t 95 % interval (t = 4.303 for 3 seeds) clipped to [0, 1]."""
+    values = np.asarray(values, float)
+    half = 4.303 * values.std(ddof=1) / np.sqrt(values.size)
+    return values.mean(), max(values.mean() - half, 0.0), min(values.mean() + half, 1.0)
+
+
+def test_render_tables_and_sentences_put_each_norm_in_its_own_column():
+    import json
+    import re
+
+    from presentation import markdown_tables
+
+    heldout, post = _hand_made()
+    v = small_batch.verdict((2, 100), heldout, post)
+    md = small_batch.render(json.loads(json.dumps({"verdict": v, "config": {"epochs": 10}}, default=float)))
+    assert md.startswith("After 10 records, 3 seeds.\n")
+    accuracy, mismatch = markdown_tables(md)
+    assert accuracy[0] == ["B", "plain", "BN", "Batch Renorm", "Ghost BN"]
+    assert mismatch[0] == ["B", "BN mismatch / precise", "Batch Renorm mismatch / precise",
+                           "Ghost BN mismatch / precise"]
+    for b, row, gaps in zip((2, 100), accuracy[1:], mismatch[1:]):
+        assert row[0] == gaps[0] == str(b)
+        for cell, norm in zip(row[1:], small_batch.NORMS):
+            numbers = [float(t) for t in re.findall(r"[0-9.]+", cell)]
+            assert numbers == pytest.approx(_interval(heldout[f"{norm}@{b}"]), abs=5e-4), (b, norm)
+        for cell, norm in zip(gaps[1:], small_batch.NORMALISED):
+            p = post[f"{norm}@{b}"]
+            assert cell == f"{np.mean(p['train_mode'] - p['eval_mode']):+.3f} / {np.mean(p['heldout_precise']):.3f}"
+    for other, label in (("renorm", "Batch Renorm"), ("ghost", "Ghost BN")):
+        diff = np.stack([heldout[f"{other}@{b}"] - heldout[f"batchnorm@{b}"] for b in (2, 100)])
+        wins, losses = int(np.sum(diff > 1e-6)), int(np.sum(diff < -1e-6))
+        assert len({wins, losses, diff.size - wins - losses}) == 3  # distinct, so a swapped count shows
+        assert (f"{label} above BN in {wins} of {diff.size} (batch size, seed) pairs, below in {losses}, tied in "
+                f"{diff.size - wins - losses}; sign test p = ") in md
+    drop = np.mean(heldout["batchnorm@2"]) - np.mean(heldout["batchnorm@100"])
+    assert f"BN's held-out accuracy at B=2 minus at B=100: {drop:+.3f}" in md and drop < 0
+
+
+def test_mismatch_is_compared_by_its_size_whatever_its_sign():
+    heldout, post = _hand_made()
+    # At B=2 BN's mismatch is -0.3 (evaluation mode above training mode) and renorm's +0.1: renorm's is smaller.
+    # At B=100 BN's is +0.1 and renorm's -0.2: renorm's is larger.
+    for norm, gaps in (("batchnorm", (-0.3, 0.1)), ("renorm", (0.1, -0.2))):
+        for b, gap in zip((2, 100), gaps):
+            post[f"{norm}@{b}"]["train_mode"] = post[f"{norm}@{b}"]["eval_mode"] + gap
+    v = small_batch.verdict((2, 100), heldout, post)
+    assert v["per_batch"][0]["batchnorm"]["mismatch"] == pytest.approx(-0.3)
+    assert v["renorm_reduces_mismatch"] == [2]
+
+
+def test_figures_draw_each_norms_numbers_against_the_batch_size(monkeypatch):
+    from experiments import plot
+    from presentation import band_bounds, lines_of, skip_layout
+
+    skip_layout(monkeypatch)
+    heldout, post = _hand_made()
+    sizes = [2, 100]
+    fig = small_batch.figure(sizes, heldout, post, 3)
+    left, right = fig.axes
+    lines = lines_of(left)
+    assert [line["label"] for line in lines] == [plot.arm_label(n) for n in small_batch.NORMS]
+    for line, band, norm in zip(lines, left.collections, small_batch.NORMS):
+        runs = np.stack([heldout[f"{norm}@{b}"] for b in sizes], -1)
+        np.testing.assert_allclose(line["x"], sizes)
+        np.testing.assert_allclose(line["y"], runs.mean(0))
+        np.testing.assert_allclose(band_bounds(band, sizes), (runs.min(0), runs.max(0)))
+    lines = lines_of(right)
+    assert [line["label"] for line in lines] == [plot.arm_label(n) for n in small_batch.NORMALISED]
+    for line, band, norm in zip(lines, right.collections, small_batch.NORMALISED):
+        gap = np.stack([post[f"{norm}@{b}"]["train_mode"] - post[f"{norm}@{b}"]["eval_mode"] for b in sizes], -1)
+        np.testing.assert_allclose(line["y"], gap.mean(0))
+        np.testing.assert_allclose(band_bounds(band, sizes), (gap.min(0), gap.max(0)))
+    plot.pyplot().close(fig)
+    fig = small_batch.precise_figure(sizes, heldout, post, 3)
+    assert [ax.get_title() for ax in fig.axes] == [plot.arm_label(n) for n in small_batch.NORMALISED]
+    for ax, norm in zip(fig.axes, small_batch.NORMALISED):
+        running, precise = lines_of(ax)
+        assert (running["label"], running["linestyle"]) == ("running averages", "-")
+        assert (precise["label"], precise["linestyle"]) == ("precise statistics", "--")
+        np.testing.assert_allclose(running["y"], [np.mean(heldout[f"{norm}@{b}"]) for b in sizes])
+        np.testing.assert_allclose(precise["y"], [np.mean(post[f"{norm}@{b}"]["heldout_precise"]) for b in sizes])
+    plot.pyplot().close(fig)
+
+
+def test_analyse_and_figures_read_the_final_record_of_the_run(monkeypatch):
+    from types import SimpleNamespace
+
+    from experiments import plot
+    from presentation import lines_of, skip_layout
+
+    skip_layout(monkeypatch)
+    heldout, post = _hand_made()
+    # [seeds, records=2]: the first record is not the last, which is the hand-made final accuracy
+    curves = {name: np.stack([np.full(3, 0.05), acc], -1) for name, acc in heldout.items()}
+    run = SimpleNamespace(args=SimpleNamespace(batch_sizes=(2, 100), num_seeds=3), data={"post": post},
+                          result=SimpleNamespace(metrics={"heldout_accuracy": curves}))
+    fields = small_batch.analyse(run)
+    assert fields["batch_sizes"] == [2, 100] and fields["after_training"] is post
+    assert fields["verdict"] == small_batch.verdict((2, 100), heldout, post)
+    for figure in small_batch.EXPERIMENT.figures:
+        fig = figure.draw(run)
+        line = lines_of(fig.axes[0])[0]  # the plain net's accuracy, or BN's with its running averages
+        norm = "plain" if figure.file == "small_batch.png" else "batchnorm"
+        np.testing.assert_allclose(line["y"], [np.mean(heldout[f"{norm}@{b}"]) for b in (2, 100)], err_msg=figure.file)
+        plot.pyplot().close(fig)
+
+
+def test_notes_name_the_options_settings():
+    from types import SimpleNamespace
+
+    args = _args(lr=0.2, reference_batch=50, epochs=7, momentum=0.8, renorm_momentum=0.95, r_max=2.0, d_max=1.0,
+                 renorm_warmup=0.4)
+    text = " ".join(small_batch.notes(SimpleNamespace(args=args)))
+    assert "Learning rate 0.2 x B/50 for every arm of batch size B; every arm trains 6 epochs" in text
+    assert "Ghost BN arms train on batches of 50 normalised in groups of B rows" in text
+    assert ("Batch Renorm: momentum 0.95, r_max 2, d_max 1, reached linearly at 0.4 of each net's updates after "
+            "batch norm for the first 0.1; batch norm and Ghost BN: momentum 0.8.") in text
+    text = " ".join(small_batch.notes(SimpleNamespace(args=_args(renorm_warmup=0.0))))
+    assert "d_max 5, from the first update;" in text
+
+
+def test_bn_drop_is_the_smallest_batch_against_the_largest():
+    heldout, post = _hand_made()
+    for norm in small_batch.NORMS:  # a middle batch size, whose BN accuracy is neither end's
+        heldout[f"{norm}@10"] = np.array([0.5, 0.5, 0.5])
+    for norm in small_batch.NORMALISED:
+        post[f"{norm}@10"] = {k: v.copy() for k, v in post[f"{norm}@2"].items()}
+    v = small_batch.verdict((2, 10, 100), heldout, post)
+    assert [row["batch_size"] for row in v["per_batch"]] == [2, 10, 100]
+    assert v["bn_drop"] == pytest.approx(np.mean(heldout["batchnorm@2"]) - np.mean(heldout["batchnorm@100"]))
+    md = small_batch.render({"verdict": v, "config": {"epochs": 10}})
+    assert "BN's held-out accuracy at B=2 minus at B=100: -0.700" in md
