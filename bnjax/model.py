@@ -11,6 +11,7 @@ of models, one per scale.
 from __future__ import annotations
 
 import functools
+import itertools
 from typing import Any, NamedTuple
 
 import jax
@@ -353,19 +354,20 @@ def accuracy(config: MLPConfig, params: MLPParams, state: MLPState, x: Array, la
 
 
 def recalibrate(
-    config: MLPConfig, params: MLPParams, state: MLPState, batches: Array, *, key: Array | None = None
+    config: MLPConfig, params: MLPParams, state: MLPState, batches: Any, *, key: Array | None = None
 ) -> MLPState:
     """Precise statistics: every norm layer's running mean and variance set to the equal-weight average of its
     batch statistics over ``batches`` (``norms.recalibrate`` on this network).
 
     The network runs in training mode (each layer normalised as in training, so layer ``l`` sees the inputs
-    training gives it) without taking gradients; the parameters are unchanged. One jitted pass over the
-    batches, so memory does not grow with their number. Use it after weight averaging (SWA/EMA), pruning or
-    other surgery, or to replace running averages that lag behind training.
+    training gives it) without taking gradients; the parameters are unchanged. For an array, one jitted pass over
+    the batches, so memory does not grow with their number; any other iterable of batches (a list, a generator,
+    a data loader) is read one batch at a time. Use it after weight averaging (SWA/EMA), pruning or other
+    surgery, or to replace running averages that lag behind training (stale NaN/inf statistics included).
 
     Args:
       config, params, state: the network.
-      batches: ``[num_batches, N, input_size]``.
+      batches: ``[num_batches, N, input_size]``, or an iterable of ``[N, input_size]`` batches (sizes may differ).
       key: a ``jax.random`` key when the network has dropout (the training-mode forward drops units).
 
     Returns:
@@ -373,21 +375,49 @@ def recalibrate(
       for a network without a norm.
 
     Raises:
-      ValueError: if ``batches`` is not ``[num_batches >= 1, N, input_size]``, the network has dropout and no
-        key is given, or ``config``, ``params`` and ``state`` disagree.
+      ValueError: if ``batches`` is not ``[num_batches >= 1, N, input_size]`` (an iterable: empty, or a batch
+        not ``[N >= 1, input_size]``), the network has dropout and no key is given, or ``config``, ``params`` and
+        ``state`` disagree.
+      TypeError: ``batches`` neither an array nor an iterable of batches.
     """
     config.check()
-    batches = jnp.asarray(batches)
-    if batches.ndim != 3 or batches.shape[0] < 1 or batches.shape[-1] != config.input_size:
-        raise ValueError(f"recalibrate: batches must be [num_batches >= 1, N, {config.input_size}], got shape "
-                         f"{batches.shape}")
+    if isinstance(batches, (jax.Array, np.ndarray)) or hasattr(batches, "__array__"):
+        batches = jnp.asarray(batches)
+        if batches.ndim != 3 or batches.shape[0] < 1 or batches.shape[1] < 1 or batches.shape[-1] != config.input_size:
+            raise ValueError(f"recalibrate: batches must be [num_batches >= 1, N >= 1, {config.input_size}], got "
+                             f"shape {batches.shape}")
+        first = batches[0]
+    else:
+        if isinstance(batches, (str, bytes, dict)) or not hasattr(batches, "__iter__"):
+            raise TypeError(f"recalibrate: batches must be an array [num_batches, N, {config.input_size}] or an "
+                            f"iterable of [N, {config.input_size}] batches, got {type(batches).__name__}")
+        batches = _checked_batches(iter(batches), config.input_size)
+        first = next(batches, None)
+        if first is None:
+            raise ValueError("recalibrate: batches is empty; give at least one batch")
+        batches = itertools.chain([first], batches)
     if config.dropout_ratio > 0 and key is None:
         raise ValueError("recalibrate: the network has dropout; pass a jax.random key")
     if config.norm is None:
+        for _ in batches:  # each batch still checked
+            pass
         return state
-    _forward(config, params, state, batches[0], False, None)  # structure and shapes, before compiling
+    _forward(config, params, state, first, False, None)  # structure and shapes, before compiling
     # norms.recalibrate jits on the partial's function and (hashable) config: one compilation per network.
     return norms.recalibrate(functools.partial(apply, config), params, state, batches, key=key)
+
+
+def _checked_batches(batches: Any, input_size: int) -> Any:
+    """The batches of an iterable as arrays, each checked to be ``[N >= 1, input_size]`` as it comes."""
+    for i, xb in enumerate(batches):
+        try:
+            xb = jnp.asarray(xb)
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"recalibrate: batch {i} must be an array [N, {input_size}], got "
+                            f"{type(xb).__name__}") from err
+        if xb.ndim != 2 or xb.shape[0] < 1 or xb.shape[1] != input_size:
+            raise ValueError(f"recalibrate: batch {i} must be [N >= 1, {input_size}], got shape {xb.shape}")
+        yield xb
 
 
 def fold(config: MLPConfig, params: MLPParams, state: MLPState) -> tuple[MLPConfig, MLPParams, MLPState]:

@@ -86,3 +86,30 @@ def _shard_map():
         from jax.experimental.shard_map import shard_map
 
         return shard_map
+
+
+def _np_flags(kind, x, gamma, beta, mean, var, *, train, update_stats=None, use_batch_stats=None, momentum, eps,
+              k=None, unbiased=False, r_max=None, d_max=None, step=0):
+    """What every norm does for one combination of its flags, in float64 NumPy from the formulas: batch norm's
+    ``use_batch_stats`` / ``update_stats`` default to ``train``; Batch Renorm and Ghost BN normalise with batch
+    (or group) statistics exactly when ``train`` and update when ``update_stats`` (default ``train``).
+
+    Returns ``(y, new_mean, new_var, new_step)``; the running statistics unchanged when no update is made."""
+    x = np.asarray(x, np.float64)
+    update = train if update_stats is None else update_stats
+    batch = train if use_batch_stats is None else use_batch_stats
+    if kind == "batch_norm":
+        mu_b, var_b = x.mean(0), x.var(0)
+        n = x.shape[0]
+        y = _np_bn_eval(x, gamma, beta, mu_b, var_b, eps) if batch else _np_bn_eval(x, gamma, beta, mean, var, eps)
+        stored = var_b * n / (n - 1) if unbiased else var_b
+        new = (momentum * mean + (1 - momentum) * mu_b, momentum * var + (1 - momentum) * stored)
+        return (y, *(new if update else (mean, var)), step)
+    if kind == "batch_renorm":
+        y_t, new_mean, new_var, _, _ = _np_renorm(x, gamma, beta, mean, var, r_max=r_max, d_max=d_max,
+                                                  momentum=momentum, eps=eps)
+        y = y_t if train else _np_bn_eval(x, gamma, beta, mean, var, eps)
+        return (y, new_mean, new_var, step + 1) if update else (y, mean, var, step)
+    y_t, new_mean, new_var, _ = _np_ghost(x, k, gamma, beta, mean, var, momentum=momentum, eps=eps)
+    y = y_t if train else _np_bn_eval(x, gamma, beta, mean, var, eps)
+    return (y, new_mean, new_var, step) if update else (y, mean, var, step)

@@ -296,32 +296,8 @@ def test_accuracy_and_predict_follow_the_scores():
 
 
 # --------------------------------------------------------------------------------------------------
-# Norm values in the network, precise statistics, folding (issue 9)
+# Norm values in the network (issue 9; precise statistics and folding: test_model_precise.py)
 # --------------------------------------------------------------------------------------------------
-
-
-def _numpy_forward(params, x, stats=None, eps=1e-6):
-    """The book's network in float64 NumPy, training-mode batch norm (``stats=None``: batch statistics, recorded
-    per layer) or evaluation mode with ``stats`` [(mean, var)] per layer. Returns (logits, [(mean, var)])."""
-    h, seen = np.asarray(x, np.float64), []
-    for i, aff in enumerate(params.affine[:-1]):
-        h = h @ np.asarray(aff.W, np.float64) + np.asarray(aff.b, np.float64)
-        if params.batch_norm:
-            mu, var = (h.mean(0), h.var(0)) if stats is None else stats[i]
-            seen.append((mu, var))
-            p = params.batch_norm[i]
-            h = np.asarray(p.gamma, np.float64) * (h - mu) / np.sqrt(var + eps) + np.asarray(p.beta, np.float64)
-        h = np.maximum(h, 0.0)
-    last = params.affine[-1]
-    return h @ np.asarray(last.W, np.float64) + np.asarray(last.b, np.float64), seen
-
-
-def _perturbed(params, rng):
-    """Non-trivial gamma and beta (1 and 0 would hide a swapped or missing term)."""
-    bn = tuple(p._replace(gamma=p.gamma * jnp.asarray(rng.uniform(0.5, 2.0, p.gamma.shape), p.gamma.dtype),
-                          beta=p.beta + jnp.asarray(rng.normal(size=p.beta.shape), p.beta.dtype))
-               for p in params.batch_norm)
-    return params._replace(batch_norm=bn)
 
 
 @pytest.mark.slow
@@ -363,98 +339,6 @@ def test_a_norm_value_plugs_into_the_network_as_the_boolean_did():
     with pytest.raises(ValueError, match="norm must be a norm value"):
         model.init(net(*SIZES, norm="yes"), jax.random.key(0), weight_init=0.5)
 
-
-@pytest.mark.slow
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_recalibrate_sets_the_average_of_each_layers_batch_statistics(dtype):
-    rng = np.random.default_rng(8)
-    with x64():
-        dt = jnp.dtype(dtype)
-        cfg = net(*SIZES, norm=True)
-        params, state = model.init(cfg, jax.random.key(3), weight_init=0.5, dtype=dt)
-        params = _perturbed(params, rng)
-        batches = rng.normal(1.0, 2.0, size=(5, 7, SIZES[0]))
-        new = model.recalibrate(cfg, params, state, jnp.asarray(batches, dt))
-        per_batch = [_numpy_forward(params, xb)[1] for xb in batches]  # layer statistics of each batch
-        tol = 1e-12 if dtype == "float64" else 2e-5
-        for i, s in enumerate(new.batch_norm):
-            np.testing.assert_allclose(np.asarray(s.mean), np.mean([b[i][0] for b in per_batch], 0), rtol=tol, atol=tol)
-            np.testing.assert_allclose(np.asarray(s.var), np.mean([b[i][1] for b in per_batch], 0), rtol=tol, atol=tol)
-        # the parameters are unchanged and the state is float, of the same structure
-        assert jax.tree_util.tree_structure(new) == jax.tree_util.tree_structure(state)
-        # a renorm network keeps its update count; the statistics are its training-mode batch statistics
-        rcfg = net(*SIZES, norm=layers.batch_renorm(running_average="std"))
-        rp, rs = model.init(rcfg, jax.random.key(3), weight_init=0.5, dtype=dt)
-        rs = model.apply(rcfg, rp, rs, jnp.asarray(batches[0], dt), train=True)[1]
-        rnew = model.recalibrate(rcfg, rp, rs, jnp.asarray(batches[:1], dt))
-        assert int(rnew.batch_norm[0].step) == 1
-        first = _numpy_forward(rp, batches[0])[1][0]
-        np.testing.assert_allclose(np.asarray(rnew.batch_norm[0].mean), first[0], rtol=tol, atol=tol)
-        np.testing.assert_allclose(np.asarray(rnew.batch_norm[0].var), first[1], rtol=max(tol, 1e-9), atol=max(tol, 1e-9))
-
-
-@pytest.mark.slow
-def test_recalibrate_checks_its_input_and_needs_a_key_with_dropout():
-    cfg = net(*SIZES, norm=True)
-    params, state = model.init(cfg, jax.random.key(0), weight_init=0.5)
-    with pytest.raises(ValueError, match="num_batches"):
-        model.recalibrate(cfg, params, state, jnp.zeros((7, SIZES[0])))
-    with pytest.raises(ValueError, match="num_batches"):
-        model.recalibrate(cfg, params, state, jnp.zeros((2, 7, SIZES[0] + 1)))
-    drop = cfg._replace(dropout_ratio=0.5)
-    with pytest.raises(ValueError, match="key"):
-        model.recalibrate(drop, params, state, jnp.ones((2, 7, SIZES[0])))
-    out = model.recalibrate(drop, params, state, jnp.ones((2, 7, SIZES[0])), key=jax.random.key(1))
-    assert all(np.all(np.isfinite(np.asarray(s.var))) for s in out.batch_norm)
-    plain = net(*SIZES)
-    p, s = model.init(plain, jax.random.key(0), weight_init=0.5)
-    assert model.recalibrate(plain, p, s, jnp.ones((2, 7, SIZES[0]))) == s
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("norm", [True, layers.batch_renorm(), layers.ghost_batch_norm(4)])
-@pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("float64", 1e-12)])
-def test_fold_gives_the_evaluation_outputs_of_the_unfolded_book_network(norm, dtype, tol):
-    rng = np.random.default_rng(9)
-    with x64():
-        dt = jnp.dtype(dtype)
-        cfg = net(784, (100,) * 5, 10, norm=norm)
-        params, state = model.init(cfg, jax.random.key(4), weight_init="he", dtype=dt)
-        params = _perturbed(params, rng)
-        # trained running statistics: a few training-mode passes (momentum 0.9) on shifted, scaled data
-        for i in range(5):
-            xb = jnp.asarray(rng.normal(0.3, 1.5, size=(16, 784)), dt)
-            state = model.apply(cfg, params, state, xb, train=True)[1]
-        x = jnp.asarray(rng.normal(0.3, 1.5, size=(32, 784)), dt)
-        folded_cfg, folded, folded_state = model.fold(cfg, params, state)
-        assert folded_cfg.norm is None and folded.batch_norm == () and folded_state.batch_norm == ()
-        want = np.asarray(model.apply(cfg, params, state, x, train=False)[0], np.float64)
-        got = np.asarray(model.apply(folded_cfg, folded, folded_state, x, train=False)[0], np.float64)
-        np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
-        # an independent float64 NumPy evaluation of the unfolded network agrees too
-        ref = _numpy_forward(params, x, [(np.asarray(s.mean, np.float64), np.asarray(s.var, np.float64))
-                                         for s in state.batch_norm], eps=cfg.norm.eps)[0]
-        np.testing.assert_allclose(got, ref, rtol=tol * 10, atol=tol * 10 * np.abs(ref).max())
-        assert all(a.W.dtype == dt for a in folded.affine)
-
-
-def test_fold_of_a_network_without_norm_is_the_network():
-    cfg = net(*SIZES)
-    params, state = model.init(cfg, jax.random.key(0), weight_init=0.5)
-    folded_cfg, folded, folded_state = model.fold(cfg, params, state)
-    assert folded_cfg == cfg and folded is params and folded_state == state
-
-
-def test_recalibrate_takes_a_list_of_hidden_sizes_and_fold_checks_the_config_first():
-    cfg = model.MLPConfig(input_size=5, hidden_sizes=[4, 4], output_size=3, norm=True)
-    assert cfg.hidden_sizes == (4, 4) and hash(cfg) == hash(cfg._replace(hidden_sizes=[4, 4]))
-    params, state = model.init(cfg, jax.random.key(0), weight_init=0.5)
-    batches = jnp.asarray(np.random.default_rng(10).normal(size=(2, 6, 5)), jnp.float32)
-    new = model.recalibrate(cfg, params, state, batches)
-    np.testing.assert_allclose(new.batch_norm[0].mean, np.mean([_numpy_forward(params, b)[1][0][0] for b in
-                                                                 np.asarray(batches)], 0), rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="disagree"):
-        model.fold(model.MLPConfig(5, (4, 4), 3), params, state)  # a plain config with batch-norm parameters
 
 
 # --------------------------------------------------------------------------------------------------

@@ -73,6 +73,15 @@ def _check_hyper(momentum: Any, eps: Any, who: str) -> None:
                          f"to the variance), got {eps!r}")
 
 
+def _check_per_feature(value: Any, name: str, feature_shape: tuple[int, ...], who: str) -> None:
+    """A hyper-parameter given per call is a scalar or one value per feature: its shape (static, also when traced)
+    is ``()`` or ``feature_shape``; anything else would broadcast into the statistics or fail inside JAX."""
+    shape = tuple(np.shape(value))
+    if shape not in ((), tuple(feature_shape)):
+        raise ValueError(f"{who}: {name} must be a scalar or one value per feature (shape {tuple(feature_shape)}), "
+                         f"got shape {shape}")
+
+
 def _static_float(value: Any, name: str, who: str) -> float:
     """A hyper-parameter stored in a norm value: a real Python/NumPy scalar (values are static and hashable)."""
     v = _real_values(value, name, who)

@@ -9,7 +9,7 @@ from typing import Any, ClassVar, Sequence
 import jax
 import jax.numpy as jnp
 
-from bnjax.norms._checks import _check_flag, _check_hyper, _static_float
+from bnjax.norms._checks import _check_flag, _check_hyper, _check_per_feature, _static_float
 from bnjax.norms.core import CONVENTIONS, _active, _note_update, _prepare
 
 Array = jax.Array
@@ -138,4 +138,5 @@ def _start_apply(norm: Any, params: Any, state: Any, x: Any, train: Any, update_
     momentum = norm.momentum if momentum is None else momentum
     _check_hyper(momentum, norm.eps, who)
     x, faxes, mask = _prepare(params, state, x, feature_axes, mask, who)
+    _check_per_feature(momentum, "momentum", tuple(x.shape[a] for a in faxes), who)
     return train, update_stats, momentum, x, faxes, mask

@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from bnjax.norms._checks import (_as_input, _check_flag, _check_hyper, _check_input, _check_mask, _int_tuple,
-                                 _real_values)
+from bnjax.norms._checks import (_as_input, _check_flag, _check_hyper, _check_input, _check_mask,
+                                 _check_per_feature, _int_tuple, _real_values)
 
 Array = jax.Array
 
@@ -230,7 +230,8 @@ def batch_norm_stats(
     Raises:
       TypeError: a non-floating ``x``, bad ``feature_axes`` or mask dtype.
       ValueError: rank < 2, feature axes out of range or covering every axis, a mask of the wrong shape or values,
-        an unbound ``axis_name``.
+        an unbound ``axis_name``; called eagerly, statistics that overflow their dtype for a finite ``x`` (under a
+        transformation the variance is NaN there instead).
     """
     who = "batch_norm_stats"
     x = _as_input(x, who)
@@ -238,7 +239,9 @@ def batch_norm_stats(
     red_axes = tuple(a for a in range(x.ndim) if a not in faxes)
     if mask is not None:
         mask = _check_mask(mask, x, red_axes, who)
-    return _batch_stats(x, faxes, axis_name, mask)
+    mean, var, count = _batch_stats(x, faxes, axis_name, mask)
+    _refuse_overflow(x, mask, faxes, mean, var, who)
+    return mean, var, count
 
 
 def _batch_stats(x: Array, faxes: tuple[int, ...], axis_name: Any, mask: Array | None) -> tuple[Array, Array, Array]:
@@ -259,7 +262,9 @@ def _batch_stats(x: Array, faxes: tuple[int, ...], axis_name: Any, mask: Array |
 
     def wsum(v: Array) -> Array:
         if weight is not None:
-            v = v * weight
+            # A select, not v * weight: padding rows may hold anything (inf * 0 would be NaN, and huge values
+            # square to inf).
+            v = jnp.where(weight > 0, v, jnp.zeros_like(v))
         return jnp.sum(v, axis=red_axes, keepdims=True)
 
     total, count = wsum(xs), local_count
@@ -276,7 +281,39 @@ def _batch_stats(x: Array, faxes: tuple[int, ...], axis_name: Any, mask: Array |
     if axis_name is not None:
         sq = _psum(sq, axis_name)
     var = jnp.maximum(sq / safe_count - jnp.square(mean - centre), 0.0)
+    # The squares overflow once sum((x - mean)^2) passes the dtype's max (float32: |x - mean| ~1.8e19 / sqrt(count)):
+    # the variance would be inf and every output silently beta. NaN instead, so the failure shows (a traced call
+    # cannot raise; an eager one is refused by _refuse_overflow): inf - inf is NaN, and v - v = 0 adds nothing to a
+    # finite v. Written as arithmetic, not jnp.where: it fuses with the line above (a select cost ~8% of a small
+    # dense layer's forward + backward on a CPU), and stop_gradient keeps the backward pass as it was.
+    var = var + lax.stop_gradient(var - var)
     return jnp.squeeze(mean, red_axes), jnp.squeeze(var, red_axes), count
+
+
+def _refuse_overflow(x: Array, mask: Array | None, faxes: tuple[int, ...], mean: Array, var: Array,
+                     who: str) -> None:
+    """Outside a transformation (concrete values), refuse batch statistics that are not finite although ``x`` is:
+    the sums overflowed ``x``'s statistics dtype. Under ``jit``/``vmap``/``grad`` nothing is checked (the variance is
+    NaN there, see ``_batch_stats``)."""
+    if isinstance(var, jax.core.Tracer) or isinstance(mean, jax.core.Tracer) or isinstance(x, jax.core.Tracer):
+        return
+    bad = np.asarray(~(jnp.isfinite(mean) & jnp.isfinite(var)))
+    if not bad.any():
+        return
+    valid = x if mask is None else jnp.where(
+        mask.reshape(mask.shape + (1,) * (x.ndim - mask.ndim)).astype(bool), x, jnp.zeros((), x.dtype))
+    if not bool(jnp.all(jnp.isfinite(valid))):
+        return  # non-finite input: non-finite statistics are its own, not an overflow
+    red_axes = tuple(a for a in range(x.ndim) if a not in faxes)
+    amax = np.asarray(jnp.max(jnp.abs(valid), axis=red_axes))
+    first = tuple(int(i) for i in np.argwhere(bad)[0])
+    where = first[0] if len(first) == 1 else first
+    dtype = mean.dtype
+    raise ValueError(
+        f"{who}: the batch statistics overflow {dtype} for {int(bad.sum())} of {bad.size} features (first: feature "
+        f"{where}, max |x| = {float(amax[first]):.3g}): sum(x) or sum((x - mean)**2) passes "
+        f"{float(jnp.finfo(dtype).max):.3g}. Scale the input down, or compute in float64 (jax_enable_x64 and a "
+        "float64 x); under jit, vmap or grad such a batch gives NaN statistics and outputs")
 
 
 def _running_update(state: Any, mean: Array, var: Array, count: Array, momentum: Any) -> tuple[Array, Array, Array]:
@@ -405,8 +442,10 @@ def batch_norm_apply(
     Raises:
       TypeError: a flag that is not a bool, a non-floating ``x`` or running statistic, a non-real
         ``momentum``/``eps``, a mask of non-numeric dtype, a ``BatchRenormState``; ``train`` missing.
-      ValueError: shapes that disagree, ``momentum`` outside [0, 1], ``eps`` not positive or not finite, a
-        numeric mask with values other than 0 and 1.
+      ValueError: shapes that disagree, ``momentum`` outside [0, 1] or neither a scalar nor one value per
+        feature, ``eps`` not positive or not finite, a numeric mask with values other than 0 and 1; called
+        eagerly, batch statistics that overflow float32 for a finite ``x`` (``sum((x - mean)**2)`` past 3.4e38;
+        under ``jit``/``vmap``/``grad`` the variance and outputs are NaN there instead of a silent ``beta``).
     """
     who = "batch_norm_apply"
     _check_state(state, who)
@@ -418,10 +457,12 @@ def batch_norm_apply(
     update_stats = train if update_stats is None else update_stats
     _check_hyper(momentum, eps, who)
     x, faxes, mask = _prepare(params, state, x, feature_axes, mask, who)
+    _check_per_feature(momentum, "momentum", tuple(x.shape[a] for a in faxes), who)
 
     new_state = state
     if use_batch_stats or update_stats:
         mean, var, count = _batch_stats(x, faxes, axis_name, mask)
+        _refuse_overflow(x, mask, faxes, mean, var, who)
         if update_stats:
             run_var = var
             if unbiased_running_var:

@@ -34,19 +34,23 @@ def fold_batch_norm(affine: Any, norm: Norm, norm_params: Any, norm_state: Any) 
       the folded ``AffineParams`` (of ``affine``'s type), with a bias even when ``affine`` had none.
 
     Raises:
-      ValueError: a norm without running statistics, shapes that disagree (a bias that is not ``[C]``), a negative
-        running variance, an invalid ``eps``.
-      TypeError: ``affine`` without ``W``/``b`` fields, a norm state without running statistics, non-floating
-        weights.
+      ValueError: a norm without running statistics, shapes that disagree (a bias that is not ``[C]``), a running
+        variance that is negative or not finite or a running mean that is not finite (the message counts them and
+        names the first), an invalid ``eps``.
+      TypeError: ``affine`` not an ``AffineParams`` (a dict included), weights that are not floating-point arrays,
+        norm parameters without ``gamma``/``beta``, a norm state without running statistics.
     """
     who = "fold_batch_norm"
     if not (isinstance(affine, tuple) and hasattr(affine, "_replace") and hasattr(affine, "W")
             and hasattr(affine, "b")):
-        raise TypeError(f"{who}: affine must be AffineParams(W, b), got {type(affine).__name__}")
-    W, b = jnp.asarray(affine.W), affine.b
+        hint = (" (a dict is not accepted: wrap it as layers.AffineParams(W=d['W'], b=d['b']))"
+                if isinstance(affine, dict) else "")
+        raise TypeError(f"{who}: affine must be a layers.AffineParams(W [num_in, C], b [C] or None), got "
+                        f"{type(affine).__name__}{hint}")
+    W = _weights(affine.W, "W", who)
     if W.ndim != 2:
         raise ValueError(f"{who}: W must be [num_in, C], got shape {W.shape}")
-    b = None if b is None else jnp.asarray(b)
+    b = None if affine.b is None else _weights(affine.b, "b", who)
     scale, shift = _fold_scale_shift(norm, norm_params, norm_state, W.shape[-1], who, W, b)
     dt = scale.dtype
     new_b = shift.astype(W.dtype) if b is None else (b.astype(dt) * scale + shift).astype(b.dtype)
@@ -67,19 +71,38 @@ def fold_conv_batch_norm(kernel_hwio: Array, bias: Array | None, norm: Norm, nor
       ``(kernel, bias)`` whose convolution equals conv followed by the norm in evaluation mode.
 
     Raises:
-      ValueError: a norm without running statistics, a kernel that is not rank 4, shapes that disagree, a
-        negative running variance.
-      TypeError: as ``fold_batch_norm``.
+      ValueError: a norm without running statistics, a kernel that is not rank 4, shapes that disagree, running
+        statistics as ``fold_batch_norm`` refuses them.
+      TypeError: a kernel or bias that is not a floating-point array, or as ``fold_batch_norm``.
     """
     who = "fold_conv_batch_norm"
-    kernel = jnp.asarray(kernel_hwio)
+    kernel = _weights(kernel_hwio, "kernel", who)
     if kernel.ndim != 4:
         raise ValueError(f"{who}: kernel must be HWIO [H, W, I, O], got shape {kernel.shape}")
-    bias = None if bias is None else jnp.asarray(bias)
+    bias = None if bias is None else _weights(bias, "bias", who)
     scale, shift = _fold_scale_shift(norm, norm_params, norm_state, kernel.shape[-1], who, kernel, bias)
     dt = scale.dtype
     bias = jnp.zeros(kernel.shape[-1], kernel.dtype) if bias is None else bias
     return (kernel.astype(dt) * scale).astype(kernel.dtype), (bias.astype(dt) * scale + shift).astype(bias.dtype)
+
+
+def _weights(value: Any, name: str, who: str) -> Array:
+    """``value`` as a JAX array, or a TypeError naming it (a dict, a string, ... are not weights)."""
+    if isinstance(value, (dict, str, bytes)) or value is None:
+        raise TypeError(f"{who}: {name} must be an array, got {type(value).__name__}")
+    try:
+        return jnp.asarray(value)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{who}: {name} must be an array, got {type(value).__name__}") from err
+
+
+def _bad_values(v: Any, ok: np.ndarray) -> str:
+    """How many values fail a check, and the first one with its index: ``2 of 4 values are not (first: index 1,
+    nan)``."""
+    bad = np.argwhere(~ok)
+    first = tuple(int(i) for i in bad[0])
+    index = first[0] if len(first) == 1 else first
+    return f"{len(bad)} of {ok.size} values are not (first: index {index}, {float(np.asarray(v)[first])})"
 
 
 def _fold_scale_shift(norm, bn_params, bn_state, num_out, who, weights, bias):
@@ -94,6 +117,9 @@ def _fold_scale_shift(norm, bn_params, bn_state, num_out, who, weights, bias):
     if not isinstance(bn_state, RUNNING_STATS_TYPES):
         raise TypeError(f"{who}: the norm's state must hold running statistics `mean` and `var`, got "
                         f"{type(bn_state).__name__}")
+    if not (hasattr(bn_params, "gamma") and hasattr(bn_params, "beta")):
+        raise TypeError(f"{who}: the norm's parameters must be a BatchNormParams(gamma, beta) (from norm.init), "
+                        f"got {type(bn_params).__name__}")
     for w in (weights, bias):
         if w is not None and not jnp.issubdtype(jnp.asarray(w).dtype, jnp.floating):
             raise TypeError(f"{who}: weights must be floating point (the folded ones are scaled), got dtype "
@@ -102,8 +128,19 @@ def _fold_scale_shift(norm, bn_params, bn_state, num_out, who, weights, bias):
         raise ValueError(f"{who}: bias has shape {tuple(bias.shape)}, expected ({num_out},) (one per output, the "
                          "weights' last axis)")
     mean, var = bn_state.mean, bn_state.var
-    if _is_concrete(var) and not np.all(np.asarray(var) >= 0):
-        raise ValueError(f"{who}: the running variance must be >= 0, got {np.asarray(var)[np.asarray(var) < 0][:3]}")
+    # Folded weights are used without the norm's state, so a stale NaN/inf would silently zero or poison them.
+    if _is_concrete(var):
+        v = np.asarray(var)
+        ok = np.isfinite(v) & (v >= 0)
+        if not ok.all():
+            raise ValueError(f"{who}: the running variance must be finite and >= 0; {_bad_values(v, ok)} "
+                             "(recalibrate the statistics first: layers.recalibrate / model.recalibrate)")
+    if _is_concrete(mean):
+        m = np.asarray(mean)
+        ok = np.isfinite(m)
+        if not ok.all():
+            raise ValueError(f"{who}: the running mean must be finite; {_bad_values(m, ok)} (recalibrate the "
+                             "statistics first: layers.recalibrate / model.recalibrate)")
     for name, v in (("gamma", bn_params.gamma), ("beta", bn_params.beta), ("running mean", mean),
                     ("running var", var)):
         if v is not None and tuple(v.shape) != (num_out,):

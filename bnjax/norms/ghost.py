@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import ClassVar
 
 import jax
@@ -13,7 +14,7 @@ from bnjax.norms._checks import _is_bool
 from bnjax.norms.base import Norm, _common_fields, _start_apply
 from bnjax.norms.batch_norm import BatchNorm
 from bnjax.norms.core import (CONVENTIONS, BatchNormState, _batch_stats, _check_state, _normalize, _psum,
-                              _running_update)
+                              _refuse_overflow, _running_update)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +54,12 @@ class GhostBatchNorm(Norm):
         on each device from its own rows; with ``axis_name`` the pooled statistics of the running update are
         summed over devices. A mask removes rows from their group (a group with no valid row is skipped).
 
+        The groups are made of axis 0 of each call, never across ``axis_name``: a group with one value per
+        feature (one row of ``[N, C]``) has variance 0 and would normalise to ``beta``, so a call whose groups
+        include one is refused. That is the case of a per-example ``jax.vmap(..., axis_name=...)`` (Equinox's
+        style: each call holds one example): apply Ghost BN to the batch instead. A conv layer's example
+        ``[H, W, C]`` called per example would be grouped along H; give the batch ``[N, H, W, C]``.
+
         Args:
           params, state: from ``init``.
           x, train, momentum, mask, axis_name, update_stats, feature_axes: as ``BatchRenorm.apply`` (without
@@ -63,7 +70,8 @@ class GhostBatchNorm(Norm):
 
         Raises:
           TypeError: a ``BatchRenormState``, or as ``batch_norm_apply``.
-          ValueError: axis 0 among the feature axes, or as ``batch_norm_apply``.
+          ValueError: axis 0 among the feature axes, a group of one value per feature (in training or with
+            ``update_stats``), or as ``batch_norm_apply``.
         """
         who = "ghost_batch_norm.apply"
         _check_state(state, who)
@@ -75,6 +83,7 @@ class GhostBatchNorm(Norm):
         if not train and not update_stats:
             return _normalize(x, state.mean, state.var, params.gamma, params.beta, self.eps, faxes), state
         n, k = x.shape[0], self.virtual_batch_size
+        self._check_groups(x.shape, faxes, axis_name, who)
         if axis_name is None and n <= k:
             # One group: batch norm itself, bit for bit.
             mean, var, count = _batch_stats(x, faxes, None, mask)
@@ -82,6 +91,7 @@ class GhostBatchNorm(Norm):
             pooled = (mean, var, count)
         else:
             y, pooled = self._groups(params, x, faxes, mask, axis_name)
+        _refuse_overflow(x, mask, faxes, pooled[0], pooled[1], who)
         new_state = state
         if update_stats:
             new_mean, new_var, _ = _running_update(state, *pooled, momentum)
@@ -89,6 +99,27 @@ class GhostBatchNorm(Norm):
         if not train:
             y = _normalize(x, state.mean, state.var, params.gamma, params.beta, self.eps, faxes)
         return y, new_state
+
+    def _check_groups(self, shape, faxes, axis_name, who):
+        """Refuse groups with one value per feature (static shapes; a mask may still leave one valid row)."""
+        n, k = shape[0], min(self.virtual_batch_size, shape[0])
+        inner = math.prod(shape[a] for a in range(1, len(shape)) if a not in faxes)  # values per row and feature
+        last = n - (-(-n // k) - 1) * k
+        if min(k, last) * inner >= 2:
+            return
+        if n == 1:
+            why = ("x has one row" + (f" per call across axis_name={axis_name!r}" if axis_name is not None else "")
+                   + "; under a per-example jax.vmap(..., axis_name=...) each call holds one example, and the "
+                   "virtual batches are made of axis 0 of each call, never across the named axis: apply Ghost BN to "
+                   "the batch [N, ...]")
+        elif k == 1:
+            why = ("virtual_batch_size=1 makes groups of one row; use virtual_batch_size >= 2 (or batch norm "
+                   "itself for the whole batch)")
+        else:
+            why = (f"{n} rows in groups of {k} leave a last group of one row; use a batch size that is not "
+                   f"1 more than a multiple of {k}, or another virtual_batch_size")
+        raise ValueError(f"{who}: a virtual batch with one value per feature has variance 0 and would normalise "
+                         f"to beta: {why} (x has shape {tuple(shape)})")
 
     def _groups(self, params, x, faxes, mask, axis_name):
         """Per-group normalisation and the pooled statistics ``(mean, var, count)`` of all groups."""

@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from bnjax.norms._checks import _is_bool, _real_values, _static_float
+from bnjax.norms._checks import _check_per_feature, _is_bool, _real_values, _static_float
 from bnjax.norms.base import Norm, _common_fields, _start_apply
-from bnjax.norms.core import (CONVENTIONS, BatchRenormState, _batch_stats, _blend, _normalize, _running_update,
-                              batch_norm_init)
+from bnjax.norms.core import (CONVENTIONS, BatchRenormState, _batch_stats, _blend, _normalize, _refuse_overflow,
+                              _running_update, batch_norm_init)
 
 __all__ = ["BatchRenorm", "BatchRenormState", "batch_renorm", "renorm_schedule"]
 
@@ -167,7 +167,8 @@ class BatchRenorm(Norm):
 
         Raises:
           TypeError: a state that is not a ``BatchRenormState``, or as ``batch_norm_apply``.
-          ValueError: concrete limits out of range, or as ``batch_norm_apply``.
+          ValueError: concrete limits out of range, limits neither scalars nor one value per feature (checked on
+            the shape, also when traced), or as ``batch_norm_apply``.
         """
         who = "batch_renorm.apply"
         if not isinstance(state, BatchRenormState):
@@ -178,6 +179,7 @@ class BatchRenorm(Norm):
         if not train and not update_stats:
             return _normalize(x, state.mean, state.var, params.gamma, params.beta, self.eps, faxes), state
         mean_b, var_b, count = _batch_stats(x, faxes, axis_name, mask)
+        _refuse_overflow(x, mask, faxes, mean_b, var_b, who)
         stat_dtype = mean_b.dtype
         eps = jnp.asarray(self.eps, stat_dtype)
         sigma_b = jnp.sqrt(var_b + eps)
@@ -195,6 +197,8 @@ class BatchRenorm(Norm):
             y = _normalize(x, state.mean, state.var, params.gamma, params.beta, self.eps, faxes)
             return y, new_state
         _check_limits(r_max if r_max is not None else 1.0, d_max if d_max is not None else 0.0, who)
+        for name, value in (("r_max", r_max), ("d_max", d_max)):
+            _check_per_feature(value, name, mean_b.shape, who)
         lim_r, lim_d = self.limits(state.step)
         lim_r = lim_r if r_max is None else r_max
         lim_d = lim_d if d_max is None else d_max
