@@ -1,10 +1,11 @@
-"""Shared test setup: 8 emulated CPU devices (for the cross-device tests) and a float64 switch."""
+"""Shared test setup: 4 emulated CPU devices (the most any cross-device test uses; every emulated device costs
+compile and run time in every engine test) and a float64 switch."""
 
 import os
 
 # Must happen before jax is imported anywhere; harmless for single-device tests.
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # One compilation cache (and an empty MNIST cache) for the whole session, in a temporary folder: every command a

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def cli_env(**extra: str) -> dict:
     """The environment of a command run by a test: this checkout first on the path, plus ``extra``.
 
-    conftest.py gives the test process 8 emulated CPU devices; that flag must not leak into a command, which
+    conftest.py gives the test process 4 emulated CPU devices; that flag must not leak into a command, which
     chooses its own device count (``--cpu-devices``), so it is removed here.
     """
     env = dict(os.environ, PYTHONPATH=str(ROOT), **extra)

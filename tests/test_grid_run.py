@@ -311,7 +311,7 @@ def test_chunked_run_equals_one_chunk(bundled):
 @pytest.mark.slow
 def test_one_device_is_unchanged_and_several_devices_are_really_used(bundled):
     if jax.device_count() < 3:
-        pytest.skip("needs several devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+        pytest.skip("needs several devices (XLA_FLAGS=--xla_force_host_platform_device_count=4)")
     cfg = grid.GridConfig(axes={"weight_scale": (0.3, 0.1, 0.03, 0.01, 0.005)}, num_records=2,
                           hidden_sizes=(24, 24), num_seeds=2, keep_final=True)
     x, t = bundled.x_train, bundled.t_train
@@ -528,7 +528,7 @@ def test_book_arms_return_each_sets_own_accuracy(bundled, heldout_grid, small_gr
 def test_each_device_holds_its_own_block_of_models(bundled, monkeypatch):
     """The trained models are split over the ('seeds', 'grid') mesh, one block per device, not replicated."""
     if jax.device_count() < 4:
-        pytest.skip("needs 4 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+        pytest.skip("needs 4 devices (XLA_FLAGS=--xla_force_host_platform_device_count=4)")
     captured = []
     to_host = driver._to_host
 

@@ -273,7 +273,7 @@ def test_axis_name_statistics_equal_concatenated_batch_with_unequal_shards_and_m
 def test_axis_name_across_devices_with_shard_map():
     devices = jax.devices()
     if len(devices) < 4:
-        pytest.skip("needs >= 4 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+        pytest.skip("needs >= 4 devices (XLA_FLAGS=--xla_force_host_platform_device_count=4)")
     try:
         shard_map = jax.shard_map
     except AttributeError:
