@@ -50,6 +50,8 @@ def test_network_follows_the_arm_and_the_grid():
     ({"axes": {"bn_momentum": (-0.1,)}}, r"bn_momentum values must lie in \[0, 1\]"),
     ({"bn_momentum": 1.01}, r"bn_momentum values must lie in \[0, 1\]"),
     ({"bn_momentum": float("inf")}, "bn_momentum values must be finite"),
+    ({"learning_rate": None}, "learning_rate must be a number, got None"),  # only an optional axis may be None
+    ({"weight_decay": None}, "weight_decay must be a number, got None"),
     ({"arms": {}}, "arms"),
     ({"arms": {"x": "bn"}}, "bnjax.grid.Arm"),
     ({"arms": {"x": grid.Arm(activation="tanh")}}, "activation"),
