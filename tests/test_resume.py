@@ -82,6 +82,19 @@ def test_chunks_are_reported_as_they_finish_and_done_ones_are_skipped_bit_for_bi
     assert progress == [(total, total)] and done.timing["compile_s"] == 0.0
     _assert_same(done, whole)
     assert done.layout["devices_used"] == 2
+    # A done chunk is placed as given, every field of it (marked values, so nothing recomputed could pass).
+    marked = seen[2]._replace(
+        metrics={m: {arm: np.full_like(v, 0.25 + i) for arm, v in per.items()} for i, (m, per) in
+                 enumerate(seen[2].metrics.items())},
+        diverged={arm: ~v for arm, v in seen[2].diverged.items()})
+    placed = grid.run_grid(cfg, *sets, devices=devices, done_chunks=[*seen[:2], marked, *seen[3:]])
+    (s0, sn), (g0, gn) = marked.seeds, marked.grid_points
+    for arm in cfg.arms:
+        np.testing.assert_array_equal(placed.diverged[arm].reshape(cfg.num_seeds, -1)[s0:s0 + sn, g0:g0 + gn],
+                                      marked.diverged[arm])
+        for m in whole.metrics:
+            block = placed.metrics[m][arm].reshape(cfg.num_seeds, cfg.num_grid_points, -1)[s0:s0 + sn, g0:g0 + gn]
+            np.testing.assert_array_equal(block, marked.metrics[m][arm])
 
     # The chunk files of the command line hold each chunk whole: written and read back, bit for bit.
     writer = chunks.ChunkWriter(tmp_path, "digest-a")
