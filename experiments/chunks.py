@@ -50,7 +50,7 @@ def config_hash(config, dataset, layout, heldout: bool) -> str:
     import jaxlib
     import numpy as np
 
-    from experiments.results import jsonable
+    from experiments.jsonable import jsonable
 
     fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
               if f.name not in ("max_models_per_chunk", "memory_budget_bytes")}

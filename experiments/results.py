@@ -1,5 +1,5 @@
-"""The results every experiment writes: JSON conversion (NaN to null), ``write_json``, the environment, the
-results record of an engine run, and ``finish`` (figures, results.json, the rendered verdict).
+"""The results every experiment writes: ``write_json`` (JSON through ``experiments.jsonable``: NaN to null), the
+environment, the results record of an engine run, and ``finish`` (figures, results.json, the rendered verdict).
 
 JAX is imported inside the functions only.
 """
@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import platform
 import time
@@ -18,6 +17,7 @@ from typing import Any, Callable
 
 # The library's one way to write a file (atomically, umask permissions); every experiment writes through it.
 from bnjax.files import atomic_file, atomic_write_text
+from experiments.jsonable import jsonable
 from experiments.runtime import finish_prefetch, say
 
 __all__ = ["atomic_file", "atomic_write_text", "jsonable", "dumps", "write_json", "environment", "results_record",
@@ -68,38 +68,6 @@ def finish(args: argparse.Namespace, record: dict, figures: dict, render: Callab
 # --------------------------------------------------------------------------------------------------
 # Results
 # --------------------------------------------------------------------------------------------------
-
-
-def jsonable(value: Any) -> Any:
-    """``value`` as JSON can hold it.
-
-    Args:
-      value: dicts, lists, tuples, paths, NumPy arrays and scalars, norm values (their ``describe()``), ...
-
-    Returns:
-      The same with NumPy as lists and Python numbers, paths as strings, dict keys as strings, and NaN and
-      infinities (a diverged model's loss) as ``None`` (null, which strict JSON readers accept).
-    """
-    import numpy as np
-
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, np.ndarray):
-        return jsonable(value.tolist())
-    if isinstance(value, (np.floating, float)):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.bool_):
-        return bool(value)
-    describe = getattr(value, "describe", None)  # a norm value (bnjax.layers.Norm): its kind and fields
-    if callable(describe):
-        return jsonable(describe())
-    return value
 
 
 def dumps(obj: Any) -> str:

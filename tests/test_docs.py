@@ -249,3 +249,40 @@ def test_an_installed_copy_ships_every_package_and_the_data():
     assert on_disk <= found, f"not shipped: {sorted(on_disk - found)}"
     assert not {p for p in found if not p.startswith("bnjax")}, found
     assert '"assets/*.npz"' in text and (ROOT / "bnjax" / "assets" / "mnist_5k.npz").is_file()
+
+
+def test_no_import_cycle_among_the_modules():
+    """The layout the docs describe has no cycle, counting imports inside functions too (a lazy import is still a
+    dependency): each module of bnjax/ and experiments/ against the modules it imports."""
+    import ast
+
+    files = [*(ROOT / "bnjax").rglob("*.py"), *(ROOT / "experiments").glob("*.py")]
+    names = {}
+    for path in files:
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        names[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {}
+    for name, path in names.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                deps |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names}
+        # A package importing its own submodules (its public face) is not a cycle.
+        graph[name] = {d for d in deps if d in names and d != name and not d.startswith(name + ".")}
+    state, cycles = {}, []
+
+    def visit(name, path):
+        state[name] = "open"
+        for dep in sorted(graph[name]):
+            if state.get(dep) == "open":
+                cycles.append(path[path.index(dep):] + [dep])
+            elif dep not in state:
+                visit(dep, path + [dep])
+        state[name] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    assert not cycles, cycles
