@@ -16,7 +16,24 @@ from typing import Callable
 from experiments import chunks
 from experiments.cli import remove_empty_outputs
 
-__all__ = ["main_wrapper"]
+__all__ = ["main_wrapper", "raise_if_interrupted"]
+
+# Signals received and not yet seen to end the run: an interrupt raised where it is swallowed (a library's
+# ``except BaseException``, a gc callback) would otherwise be lost. ``raise_if_interrupted`` raises it again.
+_PENDING: list[int] = []
+
+
+def raise_if_interrupted() -> None:
+    """Raise the interrupt a signal asked for if it has not ended the run yet; called at each progress step, each
+    finished chunk and before any result is written, so a swallowed interrupt still ends the run there.
+
+    Raises:
+      KeyboardInterrupt: after a SIGINT; ``_Terminated`` (a BaseException) after a SIGTERM.
+    """
+    if _PENDING:
+        if _PENDING[0] == signal.SIGTERM:
+            raise _Terminated()
+        raise KeyboardInterrupt
 
 
 def main_wrapper(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
@@ -37,9 +54,15 @@ def main_wrapper(main: Callable[[list[str] | None], int], argv: list[str] | None
     """
 
     def on_term(signum, frame):
+        _PENDING.append(signum)
         raise _Terminated()
 
+    def on_int(signum, frame):
+        _PENDING.append(signum)
+        raise KeyboardInterrupt
+
     previous = signal.signal(signal.SIGTERM, on_term) if _main_thread() else None
+    previous_int = signal.signal(signal.SIGINT, on_int) if _main_thread() else None
     previous_hook = sys.unraisablehook
 
     def redeliver(unraisable):
@@ -56,7 +79,9 @@ def main_wrapper(main: Callable[[list[str] | None], int], argv: list[str] | None
 
     sys.unraisablehook = redeliver
     try:
-        return main(argv)
+        status = main(argv)
+        raise_if_interrupted()  # an interrupt swallowed on the way never ends as a success
+        return status
     except KeyboardInterrupt:
         _hard_exit(f"\ninterrupted; no partial file was written{chunks.kept_note()}", 130)
     except _Terminated:
@@ -81,6 +106,8 @@ def main_wrapper(main: Callable[[list[str] | None], int], argv: list[str] | None
         raise
     finally:
         sys.unraisablehook = previous_hook
+        if previous_int is not None:
+            signal.signal(signal.SIGINT, previous_int)
         remove_empty_outputs()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

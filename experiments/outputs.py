@@ -233,8 +233,12 @@ def _lock(folder: Path) -> int:
         # Its previous holder removed the file between our open and our lock: lock the file now at the path.
         _unlock(fd)
         os.close(fd)
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+    except OSError:  # a full disk: no lock file may stay behind (nor, then, the folder made for this run)
+        _release_fd(folder, fd)
+        raise
     return fd
 
 

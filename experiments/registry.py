@@ -109,8 +109,32 @@ def write_readme_table(readme: Path = README) -> bool:
     return new != text
 
 
-if __name__ == "__main__":  # python -m experiments.registry: refresh the README's table of experiments
-    if sys.argv[1:]:
-        sys.exit("usage: python -m experiments.registry  (rewrites README.md's table of experiments; no options)")
-    print("README.md table " + ("updated" if write_readme_table() else "already up to date"))
-    sys.exit(0)
+def main(argv: list[str] | None = None, readme: Path = README) -> int:
+    """``python -m experiments.registry``: refresh the README's table of experiments.
+
+    Args:
+      argv: the command line (``sys.argv[1:]`` if ``None``); it takes no options.
+      readme: the README to rewrite.
+
+    Returns:
+      0, or 1 (with one line on stderr) for an argument, a README without the markers, or one that cannot be
+      read or written.
+    """
+    if sys.argv[1:] if argv is None else argv:
+        print("usage: python -m experiments.registry  (rewrites README.md's table of experiments; no options)",
+              file=sys.stderr)
+        return 1
+    try:
+        changed = write_readme_table(readme)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        print(f"error: cannot rewrite {readme}: {err.strerror or err}", file=sys.stderr)
+        return 1
+    print(f"{readme.name} table " + ("updated" if changed else "already up to date"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

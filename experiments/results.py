@@ -41,6 +41,9 @@ def finish(args: argparse.Namespace, record: dict, figures: dict, render: Callab
     Returns:
       The results as written (a JSON round trip of ``record``).
     """
+    from experiments.endings import raise_if_interrupted
+
+    raise_if_interrupted()  # nothing is written for a run an interrupt asked to end
     timing = record.setdefault("timing", {})
     written = []
     if figures and not getattr(args, "no_plot", False):

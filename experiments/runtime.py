@@ -292,6 +292,9 @@ class Progress:
         self.prefetch = tuple(prefetch)
 
     def __call__(self, done: int, total: int) -> None:
+        from experiments.endings import raise_if_interrupted
+
+        raise_if_interrupted()  # after each record: an interrupt swallowed somewhere still ends the run here
         if self.prefetch:
             prefetch(*self.prefetch)
             self.prefetch = ()
@@ -392,7 +395,7 @@ def run_engine(args: argparse.Namespace, started: dict, config, dataset, *, name
     writer = chunks.ChunkWriter(args.out, digest, resumed=len(done)) if started["is_main"] else None
     try:
         result = grid.run_grid(config, dataset.x_train, dataset.t_train, *held_data, progress=callback,
-                               on_chunk=writer, done_chunks=done)
+                               on_chunk=_checked(writer), done_chunks=done)
     except Exception as err:  # XLA's out-of-memory errors have no class of their own
         if "RESOURCE_EXHAUSTED" not in str(err) and "out of memory" not in str(err).lower():
             raise
@@ -427,3 +430,15 @@ def _resume_from(args: argparse.Namespace, digest: str, config, input_size: int,
         else:
             print(f"--resume: no finished chunk in {args.out}; starting from the first", flush=True)
     return done
+
+
+def _checked(on_chunk):
+    """``on_chunk`` (or nothing) after ending the run if an interrupt was swallowed before this chunk finished."""
+    from experiments.endings import raise_if_interrupted
+
+    def call(chunk):
+        raise_if_interrupted()
+        if on_chunk is not None:
+            on_chunk(chunk)
+
+    return call

@@ -99,6 +99,24 @@ def test_registry_writes_the_readme_table_between_its_markers(tmp_path):
         registry.write_readme_table(readme)
 
 
+def test_registry_command_rewrites_a_stale_table_and_fails_in_one_line(tmp_path, capsys):
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- experiments:begin -->\nstale\n<!-- experiments:end -->\nrest\n")
+    assert registry.main([], readme) == 0
+    assert readme.read_text() == ("intro\n<!-- experiments:begin -->\n" + registry.readme_table()
+                                  + "<!-- experiments:end -->\nrest\n")
+    assert registry.main([], readme) == 0 and "already up to date" in capsys.readouterr().out
+    for bad, message in ((["--help"], "usage:"), ([], "has no")):
+        if message == "has no":
+            readme.write_text("no markers\n")
+        assert registry.main(bad, readme) == 1
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert registry.main([], tmp_path / "missing.md") == 1
+    err = capsys.readouterr().err
+    assert "cannot rewrite" in err and len(err.strip().splitlines()) == 1
+
+
 def test_readme_table_lists_exactly_the_registry():
     text = (ROOT / "README.md").read_text()
     table = text.split("<!-- experiments:begin -->\n", 1)[1].split("<!-- experiments:end -->", 1)[0]

@@ -474,3 +474,53 @@ def test_library_refuses_values_its_float32_statistics_cannot_hold():
                           ({"dtype": "float16", "learning_rate": 1e5}, "learning_rate")]:
         with pytest.raises(ValueError, match=field):
             grid.GridConfig(**change).validate()
+
+
+def test_a_disk_too_full_for_the_lock_leaves_no_lock_and_no_folder(tmp_path, monkeypatch):
+    """Found by the probe table: with 0 bytes free, the lock file's pid record failed and the empty ``.lock``
+    (and the folder made for it) stayed behind."""
+    import errno
+    import os
+
+    from experiments import outputs
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(outputs.os, "write", full)
+    out = tmp_path / "new" / "run"
+    with pytest.raises(OSError, match="No space left"):
+        outputs.claim(out, overwrite=False, resume=False)
+    monkeypatch.undo()
+    assert not (out / outputs.LOCK).exists()
+    outputs.remove_empty_created()
+    assert list(tmp_path.iterdir()) == []
+    assert outputs.claim(out, overwrite=False, resume=False) == out  # nothing held: the next run may lock it
+    outputs.release_all()
+
+
+CAUGHT_BY_A_LIBRARY = """
+import os, signal, time
+from experiments import runtime
+
+def main(argv):
+    try:  # as a library's ``except BaseException`` would: the interrupt is swallowed
+        os.kill(os.getpid(), signal.{sig})
+        time.sleep(0.2)
+    except BaseException:
+        pass
+    runtime.Progress(False)(1, 2)  # the next progress step of the engine
+    print("ran to the end")
+    return 0
+
+runtime.main_wrapper(main, [])
+"""
+
+
+@pytest.mark.parametrize("sig,status", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_an_interrupt_swallowed_by_a_library_ends_the_run_at_the_next_step(sig, status):
+    """Seen in CI: Ctrl-C during a compile was lost (the run trained to the end and exited 0)."""
+    proc = subprocess.run([sys.executable, "-c", CAUGHT_BY_A_LIBRARY.format(sig=sig)], cwd=ROOT, env=cli_env(),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == status, proc.stderr[-2000:]
+    assert "ran to the end" not in proc.stdout and "Traceback" not in proc.stderr
