@@ -480,7 +480,6 @@ def test_a_disk_too_full_for_the_lock_leaves_no_lock_and_no_folder(tmp_path, mon
     """Found by the probe table: with 0 bytes free, the lock file's pid record failed and the empty ``.lock``
     (and the folder made for it) stayed behind."""
     import errno
-    import os
 
     from experiments import outputs
 
