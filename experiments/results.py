@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 # The library's one way to write a file (atomically, umask permissions); every experiment writes through it.
 from bnjax.files import atomic_file, atomic_write_text
+from experiments.endings import raise_if_interrupted
 from experiments.jsonable import jsonable
 from experiments.runtime import finish_prefetch, say
 
@@ -41,8 +42,6 @@ def finish(args: argparse.Namespace, record: dict, figures: dict, render: Callab
     Returns:
       The results as written (a JSON round trip of ``record``).
     """
-    from experiments.endings import raise_if_interrupted
-
     raise_if_interrupted()  # nothing is written for a run an interrupt asked to end
     timing = record.setdefault("timing", {})
     written = []

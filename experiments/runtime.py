@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from experiments import chunks, outputs
 from experiments.cli import is_default_out, remove_empty_outputs, usage_error
-from experiments.endings import main_wrapper  # every experiment ends with sys.exit(runtime.main_wrapper(main))
+from experiments.endings import main_wrapper, raise_if_interrupted  # main_wrapper: every experiment's ending
 from experiments.memory import memory_problem
 
 __all__ = ["set_xla_flags", "start", "check_backend", "enable_compilation_cache", "claim_out", "prefetch",
@@ -292,8 +292,6 @@ class Progress:
         self.prefetch = tuple(prefetch)
 
     def __call__(self, done: int, total: int) -> None:
-        from experiments.endings import raise_if_interrupted
-
         raise_if_interrupted()  # after each record: an interrupt swallowed somewhere still ends the run here
         if self.prefetch:
             prefetch(*self.prefetch)
@@ -434,8 +432,6 @@ def _resume_from(args: argparse.Namespace, digest: str, config, input_size: int,
 
 def _checked(on_chunk):
     """``on_chunk`` (or nothing) after ending the run if an interrupt was swallowed before this chunk finished."""
-    from experiments.endings import raise_if_interrupted
-
     def call(chunk):
         raise_if_interrupted()
         if on_chunk is not None:
