@@ -3,15 +3,15 @@ compile and run time in every engine test) and a float64 switch."""
 
 import os
 
-# Must happen before jax is imported anywhere; harmless for single-device tests.
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
+# Must happen before jax is imported anywhere (a flag the caller set wins):
+# - 4 emulated devices: harmless for single-device tests;
+# - XLA's backend optimisation (LLVM) off: it is most of the tests' tiny programs' compile time and buys them
+#   nothing (measured: a quarter less CPU for the engine's tests, every one passing either way). Inherited by
+#   every command a test runs (helpers.cli_env keeps it); the experiments themselves keep XLA's default.
+for _flag, _value in (("xla_force_host_platform_device_count", "4"), ("xla_backend_optimization_level", "0")):
+    if _flag not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --{_flag}={_value}").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# The tests' programs are tiny: XLA's backend optimisation (LLVM) is most of their compile time and buys them
-# nothing (measured: a quarter less CPU for the engine's tests, every one passing either way). Inherited by every
-# command a test runs (helpers.cli_env keeps it); the experiments themselves keep XLA's default.
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
 # One compilation cache (and an empty MNIST cache) for the whole session, in a temporary folder: every command a
 # test runs shares it, so a program that several commands compile is compiled once (xdist's workers inherit this
