@@ -8,8 +8,8 @@ wherever a layer behaves differently in training (docs/conventions.md).
 
 This module is the stable public face. The norms live in ``bnjax.norms`` (one module per idea) and are
 re-exported here unchanged: the functional ``batch_norm_init`` / ``batch_norm_apply`` / ``batch_norm_stats``,
-norm values (``batch_norm()``, ``book_batch_norm()``, ``batch_renorm()``, ``ghost_batch_norm(k)``, the ``Norm``
-base class), ``recalibrate`` (precise statistics of one norm layer: ``bnjax.norms.recalibrate_norm``; the
+norm values (``batch_norm()``, ``book_batch_norm()``, ``batch_renorm()``, ``ghost_batch_norm(k)``,
+``group_norm(g)`` and ``layer_norm()`` (no running statistics), the ``Norm`` base class), ``recalibrate`` (precise statistics of one norm layer: ``bnjax.norms.recalibrate_norm``; the
 network-wide one is ``bnjax.norms.recalibrate``), ``fold_batch_norm`` / ``fold_conv_batch_norm`` and
 ``torch_batch_norm_to_bnjax``. Their conventions (``CONVENTIONS``): ``new = momentum * old + (1 - momentum) *
 batch`` with momentum 0.9, eps 1e-6, a biased running variance, running statistics starting at mean 0 and
@@ -28,10 +28,10 @@ import jax
 import jax.numpy as jnp
 
 from bnjax.norms import (CONVENTIONS, BatchNorm, BatchNormParams, BatchNormState, BatchRenorm, BatchRenormState,
-                         GhostBatchNorm, Norm, batch_norm, batch_norm_apply, batch_norm_init, batch_norm_stats,
-                         batch_renorm, batch_statistics_as_state, book_batch_norm, fold_batch_norm,
-                         fold_conv_batch_norm, ghost_batch_norm, recalibrate_norm, renorm_schedule,
-                         torch_batch_norm_to_bnjax)
+                         GhostBatchNorm, GroupNorm, GroupNormState, LayerNorm, Norm, batch_norm, batch_norm_apply,
+                         batch_norm_init, batch_norm_stats, batch_renorm, batch_statistics_as_state, book_batch_norm,
+                         fold_batch_norm, fold_conv_batch_norm, ghost_batch_norm, group_norm, layer_norm,
+                         recalibrate_norm, renorm_schedule, torch_batch_norm_to_bnjax)
 
 Array = jax.Array
 
@@ -61,10 +61,15 @@ __all__ = [
     "BatchNorm",
     "BatchRenorm",
     "GhostBatchNorm",
+    "GroupNorm",
+    "GroupNormState",
+    "LayerNorm",
     "batch_norm",
     "book_batch_norm",
     "batch_renorm",
     "ghost_batch_norm",
+    "group_norm",
+    "layer_norm",
     "renorm_schedule",
     "recalibrate",
     "recalibrate_norm",

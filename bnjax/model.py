@@ -375,12 +375,17 @@ def recalibrate(
       for a network without a norm.
 
     Raises:
-      ValueError: if ``batches`` is not ``[num_batches >= 1, N, input_size]`` (an iterable: empty, or a batch
+      ValueError: a norm without running statistics (``layers.group_norm``, ``layers.layer_norm``: nothing to
+        recalibrate); if ``batches`` is not ``[num_batches >= 1, N, input_size]`` (an iterable: empty, or a batch
         not ``[N >= 1, input_size]``), the network has dropout and no key is given, or ``config``, ``params`` and
         ``state`` disagree.
       TypeError: ``batches`` neither an array nor an iterable of batches.
     """
     config.check()
+    if config.norm is not None and not config.norm.has_running_stats:
+        raise ValueError(f"recalibrate: the network's norm {type(config.norm).__name__} has no running statistics "
+                         "to recalibrate: it normalises each example by its own statistics in training and "
+                         "evaluation alike")
     if isinstance(batches, (jax.Array, np.ndarray)) or hasattr(batches, "__array__"):
         batches = jnp.asarray(batches)
         if batches.ndim != 3 or batches.shape[0] < 1 or batches.shape[1] < 1 or batches.shape[-1] != config.input_size:
@@ -433,10 +438,15 @@ def fold(config: MLPConfig, params: MLPParams, state: MLPState) -> tuple[MLPConf
       outputs of the original (to float rounding; see ``layers.fold_batch_norm``).
 
     Raises:
-      ValueError: if ``config``, ``params`` and ``state`` disagree (checked before folding).
+      ValueError: a norm without running statistics (``layers.group_norm``, ``layers.layer_norm``), or
+        ``config``, ``params`` and ``state`` that disagree (checked before folding).
     """
     config.check()
     norm = config.norm
+    if norm is not None and not norm.has_running_stats:
+        raise ValueError(f"fold: the network's norm {type(norm).__name__} has no running statistics to fold: it "
+                         "normalises each example by its own statistics at evaluation too, so no fixed scale and "
+                         "shift exist; keep the norm layers")
     plain = config._replace(norm=None)
     # Structure and shapes: a config that disagrees with params and state fails here, not after folding.
     _forward(config, params, state, jnp.zeros((1, config.input_size), params.affine[0].W.dtype), False, None)

@@ -222,9 +222,10 @@ def test_a_norm_without_running_statistics_subclasses_norm_with_init_and_apply_o
     xd = _a(x).astype(np.float64)
     exp = (xd - xd.mean(-1, keepdims=True)) / np.sqrt(xd.var(-1, keepdims=True) + 1e-6)
     np.testing.assert_allclose(_a(y), exp, rtol=1e-5, atol=1e-5)
-    # recalibrate leaves its state as it is, for one layer and inside a network
+    # one layer without running statistics: nothing to recalibrate, refused; inside a network it is left as it is
     batches = jnp.ones((2, 5, 4))
-    assert layers.recalibrate(ln, params, state, batches) == ()
+    with pytest.raises(ValueError, match="no running statistics"):
+        layers.recalibrate(ln, params, state, batches)
     bn = layers.batch_norm()
     bp, bs = bn.init(4)
 

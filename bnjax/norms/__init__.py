@@ -5,6 +5,7 @@
 * ``base``: ``Norm``, what a norm value has (``has_running_stats``, ``eps``, ``init``, ``apply``, ``describe``).
 * ``batch_norm``, ``renorm``, ``ghost``: ``batch_norm()`` / ``book_batch_norm()``, ``batch_renorm()`` /
   ``renorm_schedule``, ``ghost_batch_norm()``.
+* ``group``: ``group_norm()`` / ``layer_norm()`` (Wu & He 2018; no running statistics), ``GroupNormState``.
 * ``precise``: ``recalibrate`` (precise statistics of any network) and ``recalibrate_norm`` (one layer).
 * ``fold``: ``fold_batch_norm`` / ``fold_conv_batch_norm`` (inference folding).
 * ``torch``: ``torch_batch_norm_to_bnjax``.
@@ -18,6 +19,7 @@ from bnjax.norms.core import (CONVENTIONS, BatchNormParams, BatchNormState, Batc
                               batch_norm_init, batch_norm_stats, batch_statistics_as_state)
 from bnjax.norms.fold import fold_batch_norm, fold_conv_batch_norm
 from bnjax.norms.ghost import GhostBatchNorm, ghost_batch_norm
+from bnjax.norms.group import GroupNorm, GroupNormState, LayerNorm, group_norm, layer_norm
 from bnjax.norms.precise import recalibrate, recalibrate_norm
 from bnjax.norms.renorm import BatchRenorm, batch_renorm, renorm_schedule
 from bnjax.norms.torch import torch_batch_norm_to_bnjax
@@ -35,10 +37,15 @@ __all__ = [
     "BatchNorm",
     "BatchRenorm",
     "GhostBatchNorm",
+    "GroupNorm",
+    "GroupNormState",
+    "LayerNorm",
     "batch_norm",
     "book_batch_norm",
     "batch_renorm",
     "ghost_batch_norm",
+    "group_norm",
+    "layer_norm",
     "renorm_schedule",
     "recalibrate",
     "recalibrate_norm",

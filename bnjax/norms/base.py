@@ -24,8 +24,9 @@ class Norm:
     * ``has_running_stats`` (class attribute, bool): True when its state holds running statistics (a
       ``BatchNormState``/``BatchRenormState``) and evaluation normalises with them as batch norm does
       (``gamma * (x - mean) / sqrt(var + eps) + beta``), which ``recalibrate`` and ``fold_batch_norm`` rely on.
-      False by default: a norm without running statistics (a layer or group norm) sets nothing, ``recalibrate``
-      leaves its state unchanged and folding refuses it.
+      False by default: a norm without running statistics (``group_norm``/``layer_norm``, whose state is an empty
+      ``GroupNormState``) sets nothing; folding, ``recalibrate_norm`` and ``model.recalibrate`` refuse it, and
+      ``recalibrate`` refuses a state whose norm nodes are all ``GroupNormState``.
     * ``eps``: added to the variance (a field of the concrete norms; ``CONVENTIONS["eps"]`` by default).
     * ``init(num_features, dtype=float32) -> (params, state)``.
     * ``apply(params, state, x, *, train, momentum=None, mask=None, axis_name=None) -> (y, new_state)``:

@@ -110,8 +110,9 @@ def _fold_scale_shift(norm, bn_params, bn_state, num_out, who, weights, bias):
     if not isinstance(norm, Norm):
         raise TypeError(f"{who}: norm must be a norm value (layers.batch_norm(), ...), got {type(norm).__name__}")
     if not norm.has_running_stats:
-        raise ValueError(f"{who}: {type(norm).__name__} has no running statistics (has_running_stats=False); its "
-                         "evaluation depends on each input, so it cannot be folded into the weights")
+        raise ValueError(f"{who}: {type(norm).__name__} has no running statistics to fold (has_running_stats="
+                         "False): it normalises each example by its own statistics at evaluation too, so no fixed "
+                         "scale and shift exist; keep the norm layer")
     eps = norm.eps
     _check_hyper(0.0, eps, who)
     if not isinstance(bn_state, RUNNING_STATS_TYPES):

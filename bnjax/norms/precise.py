@@ -18,6 +18,7 @@ from jax import lax
 from bnjax.norms._checks import _as_input
 from bnjax.norms.base import Norm
 from bnjax.norms.core import RUNNING_STATS_TYPES, batch_statistics_as_state
+from bnjax.norms.group import GroupNormState
 
 Array = jax.Array
 
@@ -29,6 +30,21 @@ def _is_stats(node: Any) -> bool:
 def _stats_nodes(tree: Any) -> list:
     """The running-statistics nodes of a state pytree, in pytree order."""
     return [n for n in jax.tree_util.tree_leaves(tree, is_leaf=_is_stats) if _is_stats(n)]
+
+
+def _refuse_only_stateless(state: Any, who: str) -> None:
+    """Refuse a state whose norms all keep no running statistics (a network of group or layer norms): there is
+    nothing to recalibrate. A state without any norm, or with some running statistics, passes."""
+    def stateless(node):
+        return isinstance(node, GroupNormState)
+
+    if _stats_nodes(state):
+        return
+    nodes = [n for n in jax.tree_util.tree_leaves(state, is_leaf=stateless) if stateless(n)]
+    if nodes:
+        raise ValueError(f"{who}: the network's norms keep no running statistics ({len(nodes)} GroupNormState "
+                         "node(s): group or layer norm), so there is nothing to recalibrate: they normalise each "
+                         "example by its own statistics in training and evaluation alike")
 
 
 class _Static:
@@ -112,7 +128,8 @@ def recalibrate(forward: Callable, params: Any, state: Any, batches: Any, *, key
     Raises:
       TypeError: ``forward`` not callable, ``batches`` neither an array-like nor an iterable of them,
         ``batch_ndim`` not an integer.
-      ValueError: ``batch_ndim`` < 1, no batch, a batch with no row, batches of another rank than
+      ValueError: a state whose norms all keep no running statistics (only ``GroupNormState`` nodes: group or
+        layer norms); ``batch_ndim`` < 1, no batch, a batch with no row, batches of another rank than
         ``batch_ndim``; a forward that made no running update under ``batch_statistics_as_state`` (e.g. jitted
         and traced before) or returned a state with another number of running-statistics nodes.
     """
@@ -120,6 +137,7 @@ def recalibrate(forward: Callable, params: Any, state: Any, batches: Any, *, key
     if not callable(forward):
         raise TypeError(f"{who}: forward must be a function forward(params, state, x, *, train, key=None), got "
                         f"{type(forward).__name__}")
+    _refuse_only_stateless(state, who)
     if batch_ndim is not None and (isinstance(batch_ndim, bool) or not isinstance(batch_ndim, int)
                                    or batch_ndim < 1):
         error = ValueError if isinstance(batch_ndim, int) and not isinstance(batch_ndim, bool) else TypeError
@@ -233,14 +251,15 @@ def recalibrate_norm(norm: Norm, params: Any, state: Any, batches: Any, *, batch
     Returns:
       the new state: ``mean`` and ``var`` are the averages of the per-batch statistics the norm's training
       mode computes (for Ghost BN its pooled group statistics; the biased variance unless the norm stores
-      another); ``state`` itself for a norm without running statistics.
+      another).
 
     Raises:
       TypeError: ``norm`` not a ``Norm``; ``momentum``, ``train``, ``update_stats`` or ``use_batch_stats`` in
         ``call_kwargs``; a state without running statistics for a norm that has them; ``batch_ndim`` not an
         integer.
-      ValueError: ``batch_ndim`` < 2, batches not of rank ``batch_ndim`` (+ 1 for a stack), with no batch or no
-        row, or as ``recalibrate``.
+      ValueError: a norm without running statistics (``has_running_stats=False``: group and layer norm);
+        ``batch_ndim`` < 2, batches not of rank ``batch_ndim`` (+ 1 for a stack), with no batch or no row, or as
+        ``recalibrate``.
     """
     who = "recalibrate"
     if not isinstance(norm, Norm):
@@ -250,7 +269,9 @@ def recalibrate_norm(norm: Norm, params: Any, state: Any, batches: Any, *, batch
         raise TypeError(f"{who}: {', '.join(refused)} cannot be set here: every batch runs in training mode "
                         "and the running statistics are replaced by the average of the batch statistics")
     if not norm.has_running_stats:
-        return state
+        raise ValueError(f"{who}: {type(norm).__name__} has no running statistics to recalibrate "
+                         "(has_running_stats=False): it normalises each example by its own statistics in training "
+                         "and evaluation alike")
     if not _is_stats(state):
         raise TypeError(f"{who}: the norm's state must hold running statistics `mean` and `var` (a "
                         f"BatchNormState or BatchRenormState), got {type(state).__name__}")
