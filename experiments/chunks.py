@@ -96,7 +96,12 @@ class ChunkWriter:
 
     def __init__(self, folder: Path, digest: str, resumed: int = 0):
         self.folder, self.digest = Path(folder), digest
-        _KEPT.update(folder=self.folder / outputs.CHUNKS, count=resumed)
+        here, first = self.folder / outputs.CHUNKS, _KEPT["folder"]
+        # An experiment that runs several grids (one per training size, say) writes them into folders inside
+        # its first one: the note then names that folder and counts every chunk kept below it.
+        if first is None or not here.resolve().is_relative_to(Path(first).resolve()):
+            _KEPT.update(folder=here, count=0)
+        _KEPT["count"] = int(_KEPT["count"]) + resumed
 
     def __call__(self, chunk) -> None:
         import jax

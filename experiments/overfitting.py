@@ -1,21 +1,29 @@
-"""Claim 3 of the book (ch. 6.4 with 6.3): batch norm reduces overfitting, as weight decay and dropout do.
+"""Claim 3 of the book (ch. 6.4 with 6.3): batch norm reduces overfitting, as weight decay and dropout do; then
+the same claim against the learning rate and the amount of data.
 
 The book's overfitting protocol: only the first 300 training images, the 784-100x6-10 ReLU net with He init,
 SGD at lr 0.01 on batches of 100 drawn with replacement (3 updates an epoch), 201 epochs (601 updates), then
 training accuracy against accuracy on images never trained on. Here for the plain and the BN net, each with no
 regularisation, weight decay (lambda 0.1), dropout (ratio 0.2, the book's non-inverted kind) and both, 5 seeds,
-all in one run of the grid engine.
+all in one run of the grid engine. Then the study (``experiments.overfitting_lr``): plain and BN at learning
+rates 0.01 to 1 (one vmapped axis) on 300, 1000 and 4000 images (one engine run each), 601 updates each, 3
+seeds, all scored on one held-out set.
 
-    python -m experiments.overfitting                    # 40 models, 601 updates each: about 35 s on 2 CPU cores
-    python -m experiments.overfitting --data mnist --record-every 1 --num-seeds 10
+    python -m experiments.overfitting                    # 40 + 90 models: about 70 s on 2 idle CPU cores
+    python -m experiments.overfitting --no-study --data mnist --record-every 1 --num-seeds 10
 
 Reference: the book's own scripts (ch06/overfit_weight_decay.py, ch06/overfit_dropout.py), run on full MNIST
 (held out: the 10,000 test images) with one seed and the plain net only, ended at training / test accuracy
 1.00 / 0.753 without regularisation, 0.897 / 0.712 with weight decay 0.1 and 0.923 / 0.717 with dropout 0.2
 (the dropout script trains 301 epochs, not 201). Both regularisers closed the gap there, and both lowered the
-held-out accuracy at the same time. With the bundled 5,000-image subset the held-out images are the 4,700 left
-after the 300 trained on (all drawn from the MNIST training set, 300 chosen by --split-seed, not the first
-300 of MNIST), so its numbers need not match those.
+held-out accuracy at the same time. With the bundled 5,000-image subset the held-out images of the book's view
+are the 4,700 left after the 300 trained on (all drawn from the MNIST training set, 300 chosen by --split-seed,
+not the first 300 of MNIST), so its numbers need not match those.
+
+The book's view keeps those 4,700 held-out images (its numbers are today's); the study scores every size on
+the 1,000 of them that no size trains on (the last 1,000 of the split permutation). Scoring the book's view on
+those 1,000 too would save most of its scoring time but would change every held-out number it reported; the
+300 images it trains on are the study's 300, with the same initial weights and batches for a seed.
 """
 
 from __future__ import annotations
@@ -26,25 +34,30 @@ import sys
 import numpy as np
 
 from bnjax import claims
-from experiments import cli, plot, protocol, runtime
+from experiments import cli, overfitting_figures, overfitting_lr, plot, protocol, runtime
+from experiments import overfitting_lr_verdict as lr_verdict
+# The nets, the regularisers and the combinations' names, shared with the study and the figures.
+from experiments.overfitting_lr import NETS, REGULARISERS, combination
 
-NETS = ("plain", "batchnorm")
 HIDDEN_SIZES = (100,) * 6
-# Regularisation of each column of the figure and of the verdict: (dropout, weight decay).
-REGULARISERS = {"none": (False, False), "weight_decay": (False, True), "dropout": (True, False),
-                "dropout+weight_decay": (True, True)}
 # The six combinations the book (and the claim) name; the dropout + weight decay ones are extras.
 HEADLINE = ("none", "weight_decay", "dropout")
 
 EPILOG = (
     "Paired comparison: every model of a seed (plain and BN, with and without dropout and weight decay) "
     "starts from the same Affine weights and sees the same mini-batches; the dropout arms also share their "
-    "dropout masks. Held-out images: with the bundled subset all the images not trained on, with --data "
-    "mnist the 10,000 test images. Accuracies are measured in evaluation mode (running statistics, the "
-    "book's dropout scaling). "
+    "dropout masks. Held-out images of the book's view: with the bundled subset all the images not trained "
+    "on, with --data mnist the 10,000 test images. Accuracies are measured in evaluation mode (running "
+    "statistics, the book's dropout scaling). "
     "Verdict (results.json 'verdict'), per combination, on the curves averaged over seeds: final training "
     "and held-out accuracy, their gap, the best held-out accuracy and its epoch, and the first epoch at "
     "which every seed fits every training image. "
+    "The study (--lrs x --train-sizes, after the book's view): every size trains --study-updates updates and is "
+    "scored on one held-out set (bundled: the same 1,000 images never trained on; --data mnist: the test set); "
+    "its verdict, per size and net, names the learning rate with the best final held-out accuracy (mean and "
+    "95 % interval over seeds) among those it trains at, compares BN and plain each at its own best and at "
+    "--lr, and names where a net cannot train (more than half the seeds diverged or below 0.2 training "
+    "accuracy). "
 )
 
 
@@ -75,10 +88,12 @@ def add_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--inverted-dropout", action="store_true",
                    help="modern inverted dropout (scale kept units by 1/(1-P) in training) instead of the book's "
                         "(no scaling in training, times 1-P at evaluation)")
+    overfitting_lr.add_options(p)
 
 
 def check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Records within the epochs, and held-out images left in the bundled subset.
+    """Records within the epochs, held-out images left in the bundled subset, and the study's options
+    (``overfitting_lr.check``: its defaults filled in).
 
     Args:
       parser: the parser (``error`` exits 2).
@@ -88,6 +103,7 @@ def check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         parser.error(f"--record-every {args.record_every} must be <= --epochs minus 1 ({args.epochs - 1})")
     if args.data == "bundled" and args.train_size >= 5000:
         parser.error(f"--train-size {args.train_size} leaves no held-out images in the 5000 of the bundled subset")
+    overfitting_lr.check(parser, args)
 
 
 def num_records(epochs: int, record_every: int) -> int:
@@ -123,19 +139,6 @@ def arm_names() -> tuple[str, ...]:
       ``plain``, ``plain+dropout``, ``batchnorm``, ``batchnorm+dropout`` (weight decay is the grid's axis).
     """
     return tuple(f"{net}{'+dropout' if drop else ''}" for net in NETS for drop in (False, True))
-
-
-def combination(net: str, regulariser: str) -> str:
-    """The name of a (net, regulariser) combination in the verdict.
-
-    Args:
-      net: ``'plain'`` or ``'batchnorm'``.
-      regulariser: a key of ``REGULARISERS``.
-
-    Returns:
-      ``plain``, ``plain+weight_decay``, ``plain+dropout``, ``plain+dropout+weight_decay`` (same for BN).
-    """
-    return net if regulariser == "none" else f"{net}+{regulariser}"
 
 
 def grid_config(args: argparse.Namespace, num_train: int):
@@ -272,10 +275,21 @@ def render(results: dict) -> str:
       results: the results as read from results.json.
 
     Returns:
-      Markdown: the protocol in a paragraph, a table (a row per combination: the six the book names, then the
-      two dropout + weight decay ones; final training and held-out accuracy, gap, best held-out accuracy and
-      its epoch, the epoch every training image is right, diverged seeds), then the verdict in sentences.
+      Markdown: with the study, its answer in one sentence first; then the book's view (the protocol in a
+      paragraph, a table: a row per combination, the six the book names, then the two dropout + weight decay
+      ones; final training and held-out accuracy, gap, best held-out accuracy and its epoch, the epoch every
+      training image is right, diverged seeds; then the verdict in sentences); then the study's
+      (``overfitting_lr_verdict.render``).
     """
+    study = results.get("lr_study")
+    if not study:
+        return _render_book(results)
+    return (f"**Answer.** {lr_verdict.answer(study)}\n\n**The book's protocol.** " + _render_book(results) + "\n"
+            + lr_verdict.render(study))
+
+
+def _render_book(results: dict) -> str:
+    """The book's view in markdown (see ``render``)."""
     v = results["verdict"]
     data = results["data"]
     epochs = results["epochs"]
@@ -313,61 +327,40 @@ def _describe(name: str) -> str:
     return f"{plot.arm_short(net)}, {words[reg]}"
 
 
-def figure(epochs, metrics: dict, num_seeds: int, weight_decay: float, dropout_ratio: float):
-    """2 x 4 panels: rows plain and BN; columns none, weight decay, dropout, both. Training accuracy solid,
-    held-out dashed; mean over seeds with a min..max band.
+def measure(run: protocol.Run) -> None:
+    """The study after the book's view, on every process (``overfitting_lr.run_study``): ``run.data['study']``
+    (``None`` with ``--no-study``); its engine runs' seconds in ``run.timing['study']``.
 
     Args:
-      epochs: ``[R]`` epoch of each record.
-      metrics: ``'train_accuracy'`` and ``'heldout_accuracy'`` -> arm name -> ``[seeds, 2, R]``.
-      num_seeds: seeds, for the title.
-      weight_decay: lambda, for the panels' titles.
-      dropout_ratio: for the panels' titles.
-
-    Returns:
-      The matplotlib figure.
+      run: the run (the book's view's engine configuration is the study's base).
     """
-    plt = plot.pyplot()
-    x = np.asarray(epochs)
-    titles = {"none": "", "weight_decay": f" + weight decay {weight_decay:g}", "dropout": f" + dropout {dropout_ratio:g}",
-              "dropout+weight_decay": " + dropout + weight decay"}
-    fig, axes = plt.subplots(len(NETS), len(REGULARISERS), figsize=(3.2 * len(REGULARISERS), 2.7 * len(NETS)),
-                             squeeze=False, sharex=True, sharey=True)
-    for r, net in enumerate(NETS):
-        for c, (reg, (drop, decay)) in enumerate(REGULARISERS.items()):
-            ax = axes[r, c]
-            arm = net + ("+dropout" if drop else "")
-            for metric, style, label in (("train_accuracy", "-", "train"), ("heldout_accuracy", "--", "held-out")):
-                runs = np.asarray(metrics[metric][arm], float)[:, int(decay)]
-                (line,) = ax.plot(x, runs.mean(0), style, label=label)
-                if runs.shape[0] > 1:
-                    ax.fill_between(x, runs.min(0), runs.max(0), color=line.get_color(), alpha=0.2, linewidth=0)
-            ax.set_ylim(0, 1.0)
-            ax.set_title(plot.arm_short(net) + titles[reg], fontsize=9)
-            if c == 0:
-                ax.set_ylabel("accuracy")
-            if r == len(NETS) - 1:
-                ax.set_xlabel("epochs")
-    axes[-1, -1].legend(loc="lower right", fontsize=8)
-    fig.suptitle(f"training (solid) and held-out (dashed) accuracy; mean and min..max over {num_seeds} seed(s)",
-                 fontsize=10)
-    fig.tight_layout()
-    return fig
+    run.data["study"] = None
+    if run.args.no_study:
+        return
+    study = overfitting_lr.run_study(run.args, run.started, run.config, name=EXPERIMENT.name)
+    run.data["study"] = study
+    run.timing["study"] = {"data_s": study["data_s"], "runs": [{"train_size": r["train_size"], **r["timing"]}
+                                                              for r in study["runs"]]}
 
 
 def analyse(run: protocol.Run) -> dict:
-    """The verdict from the recorded curves.
+    """The verdicts: the book's view's from its recorded curves, the study's from its final accuracies.
 
     Args:
       run: the run.
 
     Returns:
-      ``epochs`` (of the records), ``iter_per_epoch`` and ``verdict``.
+      ``epochs`` (of the records), ``iter_per_epoch``, ``verdict`` and ``lr_study`` (``lr_verdict.record``;
+      ``None`` with ``--no-study``).
     """
     args = run.args
     epochs = record_epochs(args.epochs, args.record_every)
+    study = None
+    if run.data.get("study") is not None:
+        study, run.data["study_final"] = lr_verdict.record(args, run.data["study"])
+        run.data["study_verdict"] = study["verdict"]
     return {"epochs": epochs, "iter_per_epoch": max(run.dataset.x_train.shape[0] // args.batch_size, 1),
-            "verdict": verdict(epochs, run.result.metrics, run.result.diverged)}
+            "verdict": verdict(epochs, run.result.metrics, run.result.diverged), "lr_study": study}
 
 
 def notes(run: protocol.Run) -> list[str]:
@@ -379,7 +372,8 @@ def notes(run: protocol.Run) -> list[str]:
     Returns:
       The sentences.
     """
-    kind = "inverted (kept units scaled by 1/(1-p) in training)" if run.args.inverted_dropout else \
+    args = run.args
+    kind = "inverted (kept units scaled by 1/(1-p) in training)" if args.inverted_dropout else \
         "the book's non-inverted (no scaling in training, activations times 1-p at evaluation)"
     return [
         "Accuracies are measured in evaluation mode (running statistics, dropout's evaluation scaling), as the "
@@ -392,15 +386,31 @@ def notes(run: protocol.Run) -> list[str]:
         "which every seed classifies every training image right.",
         "With BN the weight decay of BN-followed layers changes the effective learning rate more than it "
         "regularises (van Laarhoven 2017): those layers' outputs do not depend on their weights' scale.",
-        "Held-out images: with the bundled subset every image not trained on (drawn from the MNIST training "
-        "set), with full MNIST the test set.",
-    ]
+        "Held-out images of the book's view: with the bundled subset every image not trained on (drawn from the "
+        "MNIST training set), with full MNIST the test set.",
+    ] + ([] if args.no_study else [
+        f"Study: plain and BN ({', '.join(overfitting_lr.regularisers(args))}) at learning rates "
+        f"{', '.join(f'{lr:g}' for lr in args.lrs)} on {', '.join(map(str, args.train_sizes))} training images, one "
+        f"engine run per size, {args.study_updates} updates each at every size (the same training, so that only "
+        "the data changes), scored on one held-out set (lr_study.heldout); the training images of size N are the "
+        "first N of the split (bundled) or of MNIST, so every smaller set lies inside every larger one.",
+        "Study verdict: per size and net, the learning rate with the best mean final held-out accuracy among "
+        "those it trains at (cannot train: more than half the seeds diverged or ended below 0.2 training "
+        "accuracy), BN against plain each at its own best and at --lr, paired by seed (same initial weights "
+        "and batches).",
+    ])
 
 
 def _figure(run: protocol.Run):
     args = run.args
-    return figure(record_epochs(args.epochs, args.record_every), run.result.metrics, args.num_seeds,
-                  args.weight_decay, args.dropout_ratio)
+    return overfitting_figures.book_figure(record_epochs(args.epochs, args.record_every), run.result.metrics,
+                                           args.num_seeds, args.weight_decay, args.dropout_ratio)
+
+
+def _study_figure(run: protocol.Run):
+    args = run.args
+    return overfitting_figures.study_figure(args.lrs, args.train_sizes, run.data["study_final"],
+                                            run.data["study_verdict"], args.study_seeds, args.study_updates)
 
 
 EXPERIMENT = protocol.Experiment(
@@ -418,11 +428,15 @@ EXPERIMENT = protocol.Experiment(
     grid=lambda args, dataset: grid_config(args, dataset.x_train.shape[0]),
     describe=lambda args, config: (f"plain/BN x dropout off/on x weight decay 0/{args.weight_decay:g} x "
                                    f"{args.num_seeds} seed(s), {config.num_records} records"),
+    measure=measure,
     analyse=analyse,
     render=render,
     notes=notes,
-    figures=(protocol.Figure("overfitting.png", _figure),),
-    quick=("--train-size", "100", "--epochs", "7", "--record-every", "3", "--num-seeds", "2"),
+    figures=(protocol.Figure("overfitting.png", _figure),
+             protocol.Figure("overfitting_lr.png", _study_figure, when=lambda run: run.data["study"] is not None)),
+    quick=("--train-size", "100", "--epochs", "7", "--record-every", "3", "--num-seeds", "2",
+           "--train-sizes", "100", "--lrs", "0.01,1", "--study-updates", "7", "--study-record-every", "3",
+           "--study-seeds", "2"),
 )
 
 

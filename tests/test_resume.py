@@ -265,3 +265,16 @@ def test_kill_9_twice_at_different_chunks_then_resume_equals_an_uninterrupted_ru
     assert a["environment"]["devices_used"] == b["environment"]["devices_used"] == 2
     assert a["environment"]["layout"] == b["environment"]["layout"]
     assert np.array(b["train_accuracy"]["batchnorm"], float).shape == (2, 4, 40)
+
+
+def test_the_interrupt_note_counts_the_chunks_of_every_grid_an_experiment_runs(tmp_path):
+    # experiments.overfitting runs one grid per training size, each into a folder inside the first run's.
+    chunks.remove(tmp_path / "elsewhere")  # a clean slate
+    chunks.ChunkWriter(tmp_path, "a", resumed=2)
+    assert chunks.kept_note() == (f"; 2 finished chunks kept in {tmp_path / 'chunks'} (run the same command with "
+                                  "--resume to continue)")
+    chunks.ChunkWriter(tmp_path / "chunks" / "size-300", "b", resumed=1)
+    assert chunks.kept_note().startswith(f"; 3 finished chunks kept in {tmp_path / 'chunks'} ")
+    # a run in an unrelated folder starts its own count
+    chunks.ChunkWriter(tmp_path / "other", "c", resumed=0)
+    assert chunks.kept_note() == ""
