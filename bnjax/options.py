@@ -1,6 +1,6 @@
 """Names the library accepts, in a module that imports nothing heavy (so a CLI's ``--help`` stays instant).
 
-``bnjax.train.OPTIMIZERS`` and ``bnjax.model.ACTIVATIONS`` hold the implementations; tests keep these lists
+``bnjax.train.OPTIMIZERS``, ``bnjax.model.ACTIVATIONS`` and ``bnjax.networks.KINDS`` hold the implementations; tests keep these lists
 equal to them.
 """
 
@@ -10,6 +10,8 @@ from typing import NamedTuple
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw", "lion")
 ACTIVATIONS = ("relu", "sigmoid")
+# The network kinds (``bnjax.networks.KINDS``): the book's ch. 6 MLP and its ch. 7 SimpleConvNet.
+MODELS = ("mlp", "convnet")
 
 
 class Axis(NamedTuple):

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bnjax import model
+from bnjax import networks
 
 Array = jax.Array
 
@@ -56,23 +56,23 @@ class TrainState(NamedTuple):
     """Everything one model carries between steps.
 
     Attributes:
-      params: the trained ``MLPParams``.
-      state: the running statistics (``MLPState``).
+      params: the trained parameters (``model.MLPParams`` or ``convnet.ConvNetParams``).
+      state: the running statistics (``model.MLPState`` or ``convnet.ConvNetState``).
       opt_state: the optimizer's state.
     """
 
-    params: model.MLPParams
-    state: model.MLPState
+    params: Any
+    state: Any
     opt_state: Any
 
 
 def train_state_init(
-    params: model.MLPParams, state: model.MLPState, optimizer: optax.GradientTransformation
+    params: Any, state: Any, optimizer: optax.GradientTransformation
 ) -> TrainState:
     """The train state of a freshly initialised model.
 
     Args:
-      params, state: from ``model.init``.
+      params, state: from the network's ``init`` (``model.init``, ``convnet.init``).
       optimizer: the optax optimizer the steps will use.
 
     Returns:
@@ -82,7 +82,7 @@ def train_state_init(
 
 
 def train_step(
-    config: model.MLPConfig,
+    config: Any,
     train_state: TrainState,
     x: Array,
     labels: Array,
@@ -98,7 +98,7 @@ def train_step(
     states.
 
     Args:
-      config: the network's structure.
+      config: the network's structure (``model.MLPConfig`` or ``convnet.ConvNetConfig``).
       train_state: from ``train_state_init`` or a previous step.
       x: ``[B, input_size]``.
       labels: ``[B]`` integer classes.
@@ -113,7 +113,7 @@ def train_step(
     Raises:
       ValueError: as ``model.apply``.
     """
-    (value, new_state), grads = jax.value_and_grad(model.loss, argnums=1, has_aux=True)(
+    (value, new_state), grads = jax.value_and_grad(networks.module_for(config).loss, argnums=1, has_aux=True)(
         config, train_state.params, train_state.state, x, labels, train=True, key=key, weight_decay=weight_decay,
         norm_kwargs=norm_kwargs)
     updates, opt_state = optimizer.update(grads, train_state.opt_state, train_state.params)
@@ -121,9 +121,9 @@ def train_step(
 
 
 def step_size_probe(
-    config: model.MLPConfig,
-    params: model.MLPParams,
-    state: model.MLPState,
+    config: Any,
+    params: Any,
+    state: Any,
     x: Array,
     labels: Array,
     step_sizes: Array,
@@ -150,7 +150,7 @@ def step_size_probe(
     config = config._replace(dropout_ratio=0.0)
 
     def value(p):
-        return model.loss(config, p, state, x, labels, train=True)[0]
+        return networks.module_for(config).loss(config, p, state, x, labels, train=True)[0]
 
     base, grads = jax.value_and_grad(value)(params)
 

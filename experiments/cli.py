@@ -216,6 +216,49 @@ def add_epochs_arg(group, *, minimum: int = 1) -> None:
                             "train-size/batch-size updates (default: 20, i.e. 191 updates)")
 
 
+# The hidden Affine widths of each network kind as the book builds it: MultiLayerNetExtend's five of 100
+# (ch. 6) and SimpleConvNet's one of 100 after its convolution and pooling (ch. 7).
+BOOK_HIDDEN_SIZES = {"mlp": (100,) * 5, "convnet": (100,)}
+
+
+def add_model_arg(group) -> None:
+    """Add ``--model``: the book's MLP (ch. 6) or its SimpleConvNet (ch. 7), with the same arms and protocol.
+
+    Args:
+      group: the parser or argument group to add it to.
+    """
+    group.add_argument("--model", choices=options.MODELS, default="mlp",
+                       help="the network: 'mlp', the book's 784-100x5-10 net of ch. 6, or 'convnet', its ch. 7 "
+                            "SimpleConvNet (conv 30 5x5, ReLU, 2x2 max pool, Affine 100, ReLU, Affine 10; a norm "
+                            "arm normalises after the conv, per channel, and after the hidden Affine) "
+                            "(default: mlp)")
+
+
+def network_title(args: argparse.Namespace) -> str:
+    """What a figure's title says of the network: nothing for the book's MLP, ``'SimpleConvNet: '`` for the conv net.
+
+    Args:
+      args: the parsed options (``model``; absent means the MLP).
+
+    Returns:
+      the prefix.
+    """
+    return "SimpleConvNet: " if getattr(args, "model", "mlp") == "convnet" else ""
+
+
+def network_fields(args: argparse.Namespace) -> dict:
+    """The ``GridConfig`` fields ``--model`` sets: the kind and the book's hidden widths for it.
+
+    Args:
+      args: the parsed options (``model``).
+
+    Returns:
+      ``{"model": ..., "hidden_sizes": ...}``.
+    """
+    kind = getattr(args, "model", "mlp")
+    return {"model": kind, "hidden_sizes": BOOK_HIDDEN_SIZES[kind]}
+
+
 def add_book_protocol(p: argparse.ArgumentParser):
     """Add the book's protocol as options: weight scales, ``--epochs``, ``--batch-size``, ``--lr``.
 

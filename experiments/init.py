@@ -50,7 +50,7 @@ def add_options(p: argparse.ArgumentParser) -> None:
     Args:
       p: the parser.
     """
-    cli.add_book_protocol(p)
+    cli.add_model_arg(cli.add_book_protocol(p))
 
 
 def grid_config(args: argparse.Namespace, dataset=None):
@@ -68,7 +68,8 @@ def grid_config(args: argparse.Namespace, dataset=None):
     weight_scales = tuple(args.scales or grid.book_weight_scales(args.num_scales))
     return grid.GridConfig(axes={"weight_scale": weight_scales}, num_records=args.epochs,
                             batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed,
-                            num_seeds=args.num_seeds, max_models_per_chunk=args.max_models_per_chunk)
+                            num_seeds=args.num_seeds, max_models_per_chunk=args.max_models_per_chunk,
+                            **cli.network_fields(args))
 
 
 def verdict(weight_scales, accuracy: dict) -> dict:
@@ -184,13 +185,16 @@ def analyse(run: protocol.Run) -> dict:
 
 
 def _accuracy_figure(run: protocol.Run):
-    return accuracy_figure(run.config.axes["weight_scale"], run.result.metrics["train_accuracy"],
-                           int(run.result.record_steps[-1]))
+    fig = accuracy_figure(run.config.axes["weight_scale"], run.result.metrics["train_accuracy"],
+                          int(run.result.record_steps[-1]))
+    if cli.network_title(run.args):
+        fig.suptitle(cli.network_title(run.args).rstrip(": "), fontsize=10)
+    return fig
 
 
 def _panels_figure(run: protocol.Run):
     return plot.sweep_figure(run.config.axes["weight_scale"], run.result.metrics["train_accuracy"],
-                             title=f"mean and min..max over {run.args.num_seeds} seed(s)",
+                             title=f"{cli.network_title(run.args)}mean and min..max over {run.args.num_seeds} seed(s)",
                              diverged=run.result.diverged)
 
 

@@ -52,6 +52,7 @@ def add_options(p: argparse.ArgumentParser) -> None:
       p: the parser.
     """
     g = p.add_argument_group("protocol (defaults: the book's network and data)")
+    cli.add_model_arg(g)
     lrs = g.add_mutually_exclusive_group()
     lrs.add_argument("--num-lrs", type=cli.int_in(1, 1000), default=13, metavar="N",
                      help="N learning rates logspace(-3, 1, N), 0.001 up to 10 (default: 13)")
@@ -116,7 +117,8 @@ def grid_config(args: argparse.Namespace, dataset=None):
     learning_rates = tuple(args.lrs or np.logspace(-3, 1, args.num_lrs).tolist())
     return grid.GridConfig(arms=arms, axes={"learning_rate": learning_rates}, weight_scale=1.0,
                             num_records=args.epochs, batch_size=args.batch_size, seed=args.seed,
-                            num_seeds=args.num_seeds, max_models_per_chunk=args.max_models_per_chunk)
+                            num_seeds=args.num_seeds, max_models_per_chunk=args.max_models_per_chunk,
+                            **cli.network_fields(args))
 
 
 def verdict(learning_rates, record_steps, accuracy: dict, diverged: dict, inits, probe: dict | None = None,
@@ -212,7 +214,7 @@ def _arm_line(arm: str) -> dict:
     return {"label": plot.arm_label(arm), **plot.arm_style(arm)}
 
 
-def accuracy_figure(learning_rates, accuracy: dict, inits, num_seeds: int, num_updates: int):
+def accuracy_figure(learning_rates, accuracy: dict, inits, num_seeds: int, num_updates: int, network: str = ""):
     """Final training accuracy against the learning rate, one panel per initialisation.
 
     Args:
@@ -221,6 +223,7 @@ def accuracy_figure(learning_rates, accuracy: dict, inits, num_seeds: int, num_u
       inits: initialisation labels.
       num_seeds: seeds, for the title.
       num_updates: updates per model, for the title.
+      network: what the title says of the network first (``cli.network_title``).
 
     Returns:
       The matplotlib figure.
@@ -237,12 +240,13 @@ def accuracy_figure(learning_rates, accuracy: dict, inits, num_seeds: int, num_u
         ax.axhline(THRESHOLD, color="grey", lw=0.5, ls=":")
     axes[0, 0].set_ylabel("final training accuracy")
     axes[0, -1].legend(loc="lower left", fontsize=8)
-    fig.suptitle(f"after {num_updates} updates; mean and min..max over {num_seeds} seed(s)", fontsize=10)
+    fig.suptitle(f"{network}after {num_updates} updates; mean and min..max over {num_seeds} seed(s)", fontsize=10)
     fig.tight_layout()
     return fig
 
 
-def curves_figure(learning_rates, accuracy: dict, inits, record_steps, num_seeds: int, picks=(0.01, 0.1, 1.0, 10.0)):
+def curves_figure(learning_rates, accuracy: dict, inits, record_steps, num_seeds: int, picks=(0.01, 0.1, 1.0, 10.0),
+                  network: str = ""):
     """Training curves at the learning rates nearest ``picks``, a row per initialisation.
 
     Args:
@@ -252,6 +256,7 @@ def curves_figure(learning_rates, accuracy: dict, inits, record_steps, num_seeds
       record_steps: ``[R]``.
       num_seeds: seeds, for the title.
       picks: the learning rates to show (the nearest of ``learning_rates``).
+      network: what the title says of the network first (``cli.network_title``).
 
     Returns:
       The matplotlib figure.
@@ -273,7 +278,7 @@ def curves_figure(learning_rates, accuracy: dict, inits, record_steps, num_seeds
             if r == len(inits) - 1:
                 ax.set_xlabel("updates")
     axes[0, -1].legend(loc="lower right", fontsize=7)
-    fig.suptitle(f"training curves, mean and min..max over {num_seeds} seed(s)", fontsize=10)
+    fig.suptitle(f"{network}training curves, mean and min..max over {num_seeds} seed(s)", fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -395,12 +400,13 @@ def analyse(run: protocol.Run) -> dict:
 def _accuracy_figure(run: protocol.Run):
     return accuracy_figure(run.config.axes["learning_rate"], run.result.metrics["train_accuracy"],
                            list(init_names(run.args.init_scale)), run.args.num_seeds,
-                           int(run.result.record_steps[-1]))
+                           int(run.result.record_steps[-1]), network=cli.network_title(run.args))
 
 
 def _curves_figure(run: protocol.Run):
     return curves_figure(run.config.axes["learning_rate"], run.result.metrics["train_accuracy"],
-                         list(init_names(run.args.init_scale)), run.result.record_steps, run.args.num_seeds)
+                         list(init_names(run.args.init_scale)), run.result.record_steps, run.args.num_seeds,
+                         network=cli.network_title(run.args))
 
 
 def _probe_figure(run: protocol.Run):

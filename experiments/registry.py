@@ -1,6 +1,7 @@
 """The one list of experiments: their module names, in the report's order, and whether the report runs each.
 
-Read by ``experiments.report`` (its sections, ``--only`` and ``--quick``), by the tests (every entry's
+Read by ``experiments.report`` (its ``SECTIONS``: each reported experiment, some also with arguments of their own
+such as ``--model convnet``; ``--only`` and ``--quick``), by the tests (every entry's
 ``--help``, quick run and rendering) and by the README's experiments table (``readme_table``, checked by the
 tests). A new experiment is one module defining ``EXPERIMENT`` (``experiments.protocol.Experiment``) plus one
 line here.
@@ -16,7 +17,7 @@ from pathlib import Path
 from bnjax.files import atomic_write_text
 from experiments import protocol
 
-__all__ = ["Entry", "ENTRIES", "NAMES", "REPORTED", "OTHER_COMMANDS", "experiment", "readme_table", "write_readme_table"]
+__all__ = ["Entry", "ENTRIES", "NAMES", "Section", "SECTIONS", "REPORTED", "section", "OTHER_COMMANDS", "experiment", "readme_table", "write_readme_table"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,14 +41,56 @@ ENTRIES = (
     Entry("init", True, "34 s"),
     Entry("overfitting", True, "32 s"),
     Entry("activations", True, "12 s"),
-    Entry("small_batch", False, "65 s"),
+    Entry("small_batch", False, "~90 s"),
 )
 NAMES = tuple(e.name for e in ENTRIES)
-REPORTED = tuple(e.name for e in ENTRIES if e.in_report)
+
+
+@dataclasses.dataclass(frozen=True)
+class Section:
+    """One part of the report: an experiment run with the report's arguments plus its own.
+
+    Attributes:
+      name: the section, its folder under the report's ``--out`` and its ``--only`` name.
+      module: the experiment, ``experiments.<module>``.
+      argv: the experiment's own arguments in this section (e.g. ``--model convnet``), before ``--quick``'s.
+      size: arguments that set its size, given only without ``--quick`` (whose own sizes replace them).
+      label: what the section adds to the experiment's title (empty for its defaults).
+    """
+
+    name: str
+    module: str
+    argv: tuple[str, ...] = ()
+    size: tuple[str, ...] = ()
+    label: str = ""
+
+    @property
+    def experiment(self) -> protocol.Experiment:
+        """The experiment the section runs (its module's ``EXPERIMENT``)."""
+        return experiment(self.module)
+
+    @property
+    def title(self) -> str:
+        """The section's heading: the experiment's title, then the label when there is one."""
+        return f"{self.experiment.title}: {self.label}" if self.label else self.experiment.title
+
+
+# Each reported experiment at its defaults, then claims 1 and 2 again on the book's ch. 7 conv net. A conv net
+# step costs ~10x an MLP step on a CPU, so these run one seed over fewer points (each ~2 min on 2 cores); the
+# experiments themselves keep their defaults with --model convnet.
+SECTIONS = (*(Section(e.name, e.name) for e in ENTRIES if e.in_report),
+            Section("learning_rate_convnet", "learning_rate", ("--model", "convnet"),
+                    ("--lrs", "0.001,0.01,0.1,1,10", "--num-seeds", "1"), "SimpleConvNet"),
+            Section("init_convnet", "init", ("--model", "convnet"), ("--num-scales", "8", "--num-seeds", "1"),
+                    "SimpleConvNet"))
+REPORTED = tuple(s.name for s in SECTIONS)
 
 # The commands beside the experiments, listed after them in the README's table: (name, what it answers, time).
 OTHER_COMMANDS = (
-    ("report", "Runs " + ", ".join(f"`{n}`" for n in REPORTED) + ", then writes one `report.md`.", "123 s"),
+    ("report", "Runs " + ", ".join(f"`{s.module}`" for s in SECTIONS if not s.argv) + ", then "
+     + " and ".join(f"`{s.module} {' '.join(s.argv + s.size)}`" for s in SECTIONS if s.argv) + "; writes one "
+     "`report.md`.",
+     "123 s"),
     ("benchmark", "How fast is the grid engine against a Python loop, NumPy and Flax?", "~1 min"),
 )
 
@@ -67,6 +110,24 @@ def experiment(name: str) -> protocol.Experiment:
     if name not in NAMES:
         raise KeyError(f"no experiment {name!r}; registered: {', '.join(NAMES)}")
     return importlib.import_module(f"experiments.{name}").EXPERIMENT
+
+
+def section(name: str) -> Section:
+    """A section of the report by name.
+
+    Args:
+      name: a name of ``REPORTED``.
+
+    Returns:
+      Its ``Section``.
+
+    Raises:
+      KeyError: ``name`` is not a section.
+    """
+    for s in SECTIONS:
+        if s.name == name:
+            return s
+    raise KeyError(f"no report section {name!r}; sections: {', '.join(REPORTED)}")
 
 
 def readme_table() -> str:

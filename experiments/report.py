@@ -1,8 +1,8 @@
 """What Batch Normalization does, measured: the four experiments behind the book's claims, in one report.
 
-Runs the experiments ``experiments/registry.py`` marks for the report (``learning_rate``: claim 1, ``init``:
-claim 2, ``overfitting``: claim 3, ``activations``: the premise) at their defaults, each into its own folder
-under ``--out``, or reads the results already there (``--reuse``), and writes ``report.md`` with every figure and
+Runs the sections ``experiments/registry.py`` lists (``learning_rate``: claim 1, ``init``: claim 2,
+``overfitting``: claim 3, ``activations``: the premise, each at its defaults; then claims 1 and 2 again on the
+book's ch. 7 conv net, ``--model convnet``), each into its own folder under ``--out``, or reads the results already there (``--reuse``), and writes ``report.md`` with every figure and
 verdict.
 
     python -m experiments.report                       # a few minutes on a laptop CPU
@@ -168,7 +168,14 @@ def experiment_argv(args: argparse.Namespace, name: str) -> list[str]:
             argv.append("--" + flag.replace("_", "-"))
     if args.cpu_devices is not None:
         argv += ["--cpu-devices", str(args.cpu_devices)]
-    return argv + (list(registry.experiment(name).quick) if args.quick else [])
+    part = registry.section(name)
+    return argv + list(part.argv) + list(part.experiment.quick if args.quick else part.size)
+
+
+def _command(name: str) -> str:
+    """A section's experiment and its own arguments, e.g. ``experiments.init --model convnet``."""
+    part = registry.section(name)
+    return " ".join([f"experiments.{part.module}", *part.argv, *part.size])
 
 
 def section(name: str, results: dict, out: Path, folder: Path | None = None) -> str:
@@ -184,15 +191,16 @@ def section(name: str, results: dict, out: Path, folder: Path | None = None) -> 
     Returns:
       Markdown: title, what it answers, provenance, figures, and the experiment's own rendering of its verdict.
     """
-    experiment = registry.experiment(name)
+    part = registry.section(name)
+    experiment = part.experiment
     folder = out / name if folder is None else folder
     figures = [f for f in experiment.figure_files if (folder / f).exists()]
     env = results.get("environment", {})
     timing = results.get("timing", {})
-    provenance = (f"`python -m experiments.{name}`: {results.get('data', {}).get('name', '?')} data, "
+    provenance = (f"`python -m {_command(name)}`: {results.get('data', {}).get('name', '?')} data, "
                   f"{env.get('backend', '?')} x{env.get('device_count', '?')}, "
                   f"{timing.get('total_s', float('nan')):.0f} s.")
-    parts = [f"## {experiment.title}", "", experiment.question, "", provenance, ""]
+    parts = [f"## {part.title}", "", experiment.question, "", provenance, ""]
     parts += [f"![{f}]({name}/{f})" for f in figures]
     parts += ["", experiment.render(results), ""]
     return "\n".join(parts)
@@ -286,20 +294,20 @@ def _run_stages(args: argparse.Namespace, staging: Path) -> int:
         if args.reuse and (final / outputs.RESULTS).exists():
             folder = final
         elif args.resume and (stage / outputs.RESULTS).exists():
-            runtime.say(args, f"== experiments.{name}: finished before the interruption, kept")
+            runtime.say(args, f"== {_command(name)}: finished before the interruption, kept")
             folder = stage
         else:
-            runtime.say(args, f"== experiments.{name}")
-            status = protocol.main(registry.experiment(name), experiment_argv(args, name))
+            runtime.say(args, f"== {_command(name)}")
+            status = protocol.main(registry.section(name).experiment, experiment_argv(args, name))
             if status:
-                print(f"error: experiments.{name} ended with status {status}; no report written", file=sys.stderr)
+                print(f"error: {_command(name)} ended with status {status}; no report written", file=sys.stderr)
                 return status
             folder = stage
         path = folder / outputs.RESULTS
         try:
             sections[name] = json.loads(path.read_text())
             if not isinstance(sections[name], dict) or "verdict" not in sections[name]:
-                raise ValueError(f"not the results of experiments.{name} (no verdict)")
+                raise ValueError(f"not the results of {_command(name)} (no verdict)")
             section(name, sections[name], args.out, folder)
         except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as err:
             print(f"error: cannot read {path}: {type(err).__name__}: {err}", file=sys.stderr)

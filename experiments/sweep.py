@@ -1,6 +1,7 @@
 """The book's Batch Normalization experiment (Deep Learning from Scratch, ch. 6.3), as one compiled program.
 
-Trains the 784-100-100-100-100-100-10 network with and without batch norm at every weight-init scale
+Trains the 784-100-100-100-100-100-10 network (or, with ``--model convnet``, the book's ch. 7 SimpleConvNet) with
+and without batch norm at every weight-init scale
 (all models in parallel with jax.vmap, on every device), records training accuracy, draws the book's grid of
 curves and writes results.json. The defaults are the book's protocol; every option below can change it.
 
@@ -39,6 +40,7 @@ def add_options(p: argparse.ArgumentParser) -> None:
       p: the parser.
     """
     g = cli.add_book_protocol(p)
+    cli.add_model_arg(g)
     g.add_argument("--optimizer", choices=options.OPTIMIZERS, default="sgd", help="optax optimizer (default: sgd)")
     g.add_argument("--dtype", choices=options.DTYPES, default="float32",
                    help="parameter/activation dtype; BN statistics stay float32 (default: float32)")
@@ -85,7 +87,7 @@ def grid_config(args: argparse.Namespace, dataset=None):
     return grid.GridConfig(
         axes={"weight_scale": tuple(weight_scales)}, num_records=args.epochs, batch_size=args.batch_size,
         learning_rate=args.lr, optimizer=args.optimizer, seed=args.seed, num_seeds=args.num_seeds,
-        dtype=args.dtype, max_models_per_chunk=args.max_models_per_chunk,
+        dtype=args.dtype, max_models_per_chunk=args.max_models_per_chunk, **cli.network_fields(args),
     )
 
 
@@ -172,8 +174,8 @@ def draw_sweep(run: protocol.Run):
       The matplotlib figure.
     """
     args = run.args
-    title = None if args.num_seeds == 1 else f"mean and min..max over {args.num_seeds} seeds"
-    return plot.sweep_figure(run.config.axes["weight_scale"], run.result.metrics["train_accuracy"], title=title,
+    title = cli.network_title(args) + ("" if args.num_seeds == 1 else f"mean and min..max over {args.num_seeds} seeds")
+    return plot.sweep_figure(run.config.axes["weight_scale"], run.result.metrics["train_accuracy"], title=title or None,
                              diverged=run.result.diverged)
 
 

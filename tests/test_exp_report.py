@@ -51,16 +51,17 @@ def test_report_has_every_section_figure_and_verdict(quick_report):
     text = (quick_report / "report.md").read_text()
     assert "Quick configurations" in text
     assert [line[3:] for line in text.splitlines() if line.startswith("## ")] == [
-        registry.experiment(name).title for name in registry.REPORTED]  # every section, in the registry's order
+        registry.section(name).title for name in registry.REPORTED]  # every section, in the registry's order
     for name in registry.REPORTED:
-        experiment = registry.experiment(name)
-        assert f"## {experiment.title}\n\n{experiment.question}\n" in text
+        part = registry.section(name)
+        experiment = part.experiment
+        assert f"## {part.title}\n\n{experiment.question}\n\n`python -m {' '.join(['experiments.' + part.module, *part.argv, *part.size])}`" in text
         results = json.loads((quick_report / name / "results.json").read_text())
         assert "verdict" in results
         # the section quotes the experiment's own markdown verdict, computed from its results.json
         assert experiment.render(results) in text
     links = re.findall(r"!\[[^]]*\]\(([^)]+)\)", text)
-    assert len(links) == sum(len(registry.experiment(n).figure_files) for n in registry.REPORTED)
+    assert len(links) == sum(len(registry.section(n).experiment.figure_files) for n in registry.REPORTED)
     for link in links:
         assert (quick_report / link).stat().st_size > 5_000, link
 

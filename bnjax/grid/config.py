@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bnjax import layers, model, options, train
+from bnjax import layers, networks, options, train
 
 __all__ = ["Arm", "BOOK_ARMS", "book_weight_scales", "GridConfig", "arm_batch_size", "updates_per_record",
            "num_updates", "record_steps", "grid_points"]
@@ -24,7 +24,8 @@ class Arm(NamedTuple):
     """A static variant of the network: anything that changes the traced program.
 
     Attributes:
-      norm: the norm between each hidden Affine and its activation: a norm value (``layers.batch_norm()``,
+      norm: the norm between each hidden Affine (the conv net: also its convolution, per channel) and its
+        activation: a norm value (``layers.batch_norm()``,
         ``layers.batch_renorm()``, ``layers.ghost_batch_norm(8)``, ...; see ``model.MLPConfig``), ``None``
         (or ``False``) for none, or ``True``, shorthand for the book's ``layers.book_batch_norm()``.
       activation: ``'relu'`` or ``'sigmoid'``.
@@ -89,7 +90,11 @@ class GridConfig:
       batch_size: mini-batch size; batches are drawn with replacement, as in the book.
       optimizer: a name of ``bnjax.train.OPTIMIZERS``.
       seed, num_seeds: seeds ``seed .. seed + num_seeds - 1``.
-      hidden_sizes, num_classes: the network between the input and the scores.
+      model: the network kind (``bnjax.options.MODELS``): ``'mlp'`` (the book's ch. 6 net) or ``'convnet'`` (its
+        ch. 7 ``SimpleConvNet``: conv 30 5x5, pool 2x2, then the hidden Affine layers; each row is read as a
+        square one-channel image).
+      hidden_sizes, num_classes: the hidden Affine widths (the conv net's follow its pooling; the book's
+        ``SimpleConvNet`` has one of 100) and the classes.
       dtype: parameter and activation dtype (batch-norm statistics are reduced in float32 anyway).
       matmul_precision: ``'highest'`` keeps float32 matmuls float32 on GPUs (XLA's default may use TF32).
       eval_batch_size: images scored per step of the evaluation scan.
@@ -111,6 +116,7 @@ class GridConfig:
     updates_per_record: int | None = None
     batch_size: int = 100
     optimizer: str = "sgd"
+    model: str = "mlp"
     seed: int = 0
     num_seeds: int = 1
     hidden_sizes: tuple[int, ...] = (100, 100, 100, 100, 100)
@@ -148,7 +154,7 @@ class GridConfig:
         """Arms x seeds x grid points."""
         return len(self.arms) * self.num_seeds * self.num_grid_points
 
-    def network(self, arm: Arm, input_size: int) -> model.MLPConfig:
+    def network(self, arm: Arm, input_size: int) -> Any:
         """The network an arm trains.
 
         Args:
@@ -156,10 +162,14 @@ class GridConfig:
           input_size: features per image.
 
         Returns:
-          its ``model.MLPConfig`` (which resolves ``norm=True`` to ``layers.book_batch_norm()``).
+          its ``model.MLPConfig`` or ``convnet.ConvNetConfig`` (``model``; either resolves ``norm=True`` to
+          ``layers.book_batch_norm()``).
+
+        Raises:
+          ValueError: an unknown ``model``, or an input the conv net cannot read as a square image.
         """
-        return model.MLPConfig(
-            input_size=int(input_size), hidden_sizes=tuple(int(h) for h in self.hidden_sizes),
+        return networks.network_config(
+            self.model, input_size=int(input_size), hidden_sizes=tuple(int(h) for h in self.hidden_sizes),
             output_size=int(self.num_classes), activation=arm.activation, norm=arm.norm,
             dropout_ratio=float(arm.dropout_ratio), dropout_inverted=bool(arm.dropout_inverted),
         )
@@ -175,9 +185,12 @@ class GridConfig:
         """
         if not isinstance(self.arms, Mapping) or not self.arms:
             raise ValueError("arms must be a non-empty dict of name -> Arm")
+        if self.model not in options.MODELS:
+            raise ValueError(f"model must be one of {', '.join(options.MODELS)}, got {self.model!r}")
         for name, arm in self.arms.items():
             _check_arm(name, arm)
-            self.network(arm, 1).check()
+            # The input size is the data's, checked when the grid runs: a stand-in the kind can read here.
+            self.network(arm, 1 if self.model == "mlp" else 28 * 28).check()
         if not isinstance(self.axes, Mapping):
             raise ValueError("axes must be a dict of name -> values")
         for name, values in self.axes.items():

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bnjax import model, train
+from bnjax import networks, train
 from bnjax.grid.config import GridConfig, arm_batch_size, num_updates
 
 __all__ = ["Layout", "plan_layout", "bytes_per_model", "device_memory_limit", "default_memory_budget", "grid_flops"]
@@ -51,11 +51,18 @@ def _round_up(n: int, multiple: int) -> int:
 
 
 @functools.lru_cache(maxsize=64)
-def _optimizer_state_size(net: model.MLPConfig, optimizer: str, learning_rate: float, dtype: str) -> int:
+def _optimizer_state_size(net: Any, optimizer: str, learning_rate: float, dtype: str) -> int:
     """Elements of one model's optimizer state, read from the optimizer itself (shapes only, nothing runs)."""
-    params = jax.eval_shape(lambda: model.init(net, jax.random.key(0), dtype=jnp.dtype(dtype))[0])
+    params = jax.eval_shape(lambda: networks.module_for(net).init(net, jax.random.key(0), dtype=jnp.dtype(dtype))[0])
     state = jax.eval_shape(train.make_optimizer(optimizer, learning_rate).init, params)
     return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(state))
+
+
+@functools.lru_cache(maxsize=64)
+def _num_params(net: Any, dtype: str) -> int:
+    """Elements of one model's parameters and norm state (shapes only, nothing runs)."""
+    tree = jax.eval_shape(lambda: networks.module_for(net).init(net, jax.random.key(0), dtype=jnp.dtype(dtype)))
+    return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(tree))
 
 
 def bytes_per_model(config: GridConfig, input_size: int) -> int:
@@ -69,16 +76,23 @@ def bytes_per_model(config: GridConfig, input_size: int) -> int:
       bytes for parameters (with four per-unit values for a norm), gradients, updates, the donated copy, the
       optimizer's state (its largest over the arms' networks) and training and evaluation activations.
     """
-    sizes = [input_size, *config.hidden_sizes, config.num_classes]
-    num_params = sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:])) + 4 * sum(config.hidden_sizes)
     opt_state = max(_optimizer_state_size(config.network(arm, input_size), config.optimizer,
                                           float(config.learning_rate), config.dtype)
                     for arm in config.arms.values())
     itemsize = np.dtype(jnp.dtype(config.dtype)).itemsize
-    width = sum(sizes[1:])
-    params = num_params * 4 + opt_state  # params, grads, updates, donated copy, optimizer state
     batch = max([config.batch_size] + [a.batch_size for a in config.arms.values() if a.batch_size is not None])
-    activations = 6 * batch * width + 3 * config.eval_batch_size * width
+    if config.model == "mlp":
+        sizes = [input_size, *config.hidden_sizes, config.num_classes]
+        num_params = sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:])) + 4 * sum(config.hidden_sizes)
+        width = sum(sizes[1:])
+        activations = 6 * batch * width + 3 * config.eval_batch_size * width
+    else:
+        nets = [config.network(arm, input_size) for arm in config.arms.values()]
+        num_params = max(_num_params(net, config.dtype) for net in nets)
+        # Evaluation keeps about half of what a training step does per row (no gradients).
+        activations = max(networks.activation_floats(net, batch)
+                          + networks.activation_floats(net, config.eval_batch_size) // 2 for net in nets)
+    params = num_params * 4 + opt_state  # params, grads, updates, donated copy, optimizer state
     return int(itemsize * (params + activations))
 
 
@@ -166,11 +180,11 @@ def grid_flops(config: GridConfig, num_train: int, input_size: int, num_heldout:
     Returns:
       ``{'train': forward + backward of every update, 'eval': every record's scoring, 'total': the sum}``.
     """
-    sizes = [input_size, *config.hidden_sizes, config.num_classes]
-    models = config.num_models
-    per_arm = models // len(config.arms)
+    per_arm = config.num_models // len(config.arms)
+    nets = [(config.network(arm, input_size), arm) for arm in config.arms.values()]
     train_flops = sum(per_arm * num_updates(config, num_train, arm_batch_size(config, arm))
-                      * model.num_flops(sizes, arm_batch_size(config, arm), backward=True)
-                      for arm in config.arms.values())
-    evaluation = models * config.num_records * model.num_flops(sizes, num_train + num_heldout)
+                      * networks.num_flops(net, arm_batch_size(config, arm), backward=True)
+                      for net, arm in nets)
+    evaluation = sum(per_arm * config.num_records * networks.num_flops(net, num_train + num_heldout)
+                     for net, _ in nets)
     return {"train": train_flops, "eval": evaluation, "total": train_flops + evaluation}

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from bnjax import model, options, train
+from bnjax import networks, options, train
 from bnjax.grid.config import GridConfig, arm_batch_size, num_updates, updates_per_record
 
 Array = jax.Array
@@ -116,7 +116,7 @@ def make_programs(config: GridConfig, num_train: int, input_size: int, eval_size
     per_record = {b: updates_per_record(config, num_train, b) for b in groups}
     total_updates = {b: num_updates(config, num_train, b) for b in groups}
     # Hyper-parameters without an axis stay Python constants: the book's program is unchanged by the engine.
-    # What model.init reads is traced anyway: the initial weights are made per grid point.
+    # What a network's init reads is traced anyway: the initial weights are made per grid point.
     traced = {name: name in config.axes or axis.consumer == "init" for name, axis in options.AXES.items()}
 
     def consumed_by(consumer, hyper):
@@ -136,7 +136,8 @@ def make_programs(config: GridConfig, num_train: int, input_size: int, eval_size
         return train.make_optimizer(config.optimizer, **kwargs)
 
     def init_one(net, arm, key, hyper):
-        params, state = model.init(net, key, weight_init=arm.weight_init, dtype=dtype, **consumed_by("init", hyper))
+        params, state = networks.module_for(net).init(net, key, weight_init=arm.weight_init, dtype=dtype,
+                                                      **consumed_by("init", hyper))
         return train.train_state_init(params, state, optimizer(hyper, arm))
 
     streams = init_streams(config)
@@ -172,7 +173,7 @@ def make_programs(config: GridConfig, num_train: int, input_size: int, eval_size
         xs, labels, mask = eval_set
 
         def one(model_ts, xb, lb, mb):
-            logits, _ = model.apply(net, model_ts.params, model_ts.state, xb, train=False)
+            logits, _ = networks.module_for(net).apply(net, model_ts.params, model_ts.state, xb, train=False)
             correct = jnp.sum(jnp.where(mb, jnp.argmax(logits, -1) == lb, False), dtype=jnp.int32)
             # The loss in at least float32, even for bf16 models (as the batch-norm statistics).
             logp = jax.nn.log_softmax(logits.astype(loss_dtype), axis=-1)
