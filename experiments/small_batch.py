@@ -1,35 +1,55 @@
-"""Small mini-batches: batch norm, Batch Renorm and Ghost batch norm against the plain net, measured.
+"""Small mini-batches: batch norm, Batch Renorm, Ghost BN, Group Norm and Layer Norm against the plain net.
 
 Held-out accuracy in evaluation mode (running statistics) of the book's 784-100x5-10 ReLU net (He init) trained
-on 1000 bundled images with SGD, plain, with batch norm, with Batch Renorm (Ioffe 2017) and with Ghost batch norm
-(Hoffer et al. 2017), at mini-batch sizes 2, 4, 8, 16, 32 and 100, the learning rate scaled with the batch size
-(0.1 x B/100: the linear scaling rule), the same number of epochs for every size, 4 seeds, all in one run of the
-grid engine. Batch Renorm runs with the paper's settings (momentum 0.99, r_max 3, d_max 5 after a warm-up). For Ghost BN the size is the *virtual* batch: groups of B rows inside batches of 100, so the
-normalisation sees B rows while the gradient sees 100. Afterwards, for every normalised net: its accuracy in
+on 1000 bundled images with SGD, plain, with batch norm, with Batch Renorm (Ioffe 2017), with Ghost batch norm
+(Hoffer et al. 2017), with Group Norm and with Layer Norm (Wu & He 2018), at mini-batch sizes 2, 4, 8, 16, 32
+and 100, the learning rate scaled with the batch size (0.1 x B/100: the linear scaling rule), the same number of
+epochs for every size, 4 seeds, all in one run of the grid engine. Batch Renorm runs with the paper's settings
+(momentum 0.99, r_max 3, d_max 5 after a warm-up). For Ghost BN the size is the *virtual* batch: groups of B rows
+inside batches of 100, so the normalisation sees B rows while the gradient sees 100. Group Norm and Layer Norm
+normalise each example by its own statistics (no running statistics, training = evaluation), so the batch size
+reaches them only through the gradient. Afterwards, for every net with running statistics: its accuracy in
 training mode (batch statistics) against evaluation mode on the training images (the train/evaluation
 mismatch), and its held-out accuracy after precise statistics (``model.recalibrate`` over the training images in
 batches of its own size) against the running averages.
 
-    python -m experiments.small_batch                         # 96 models: about a minute on 2 CPU cores
+Group Norm's groups (``group_count``) are a function of the network: the largest number of groups, at most Wu &
+He's default of 32, that divides every normalised width and leaves at least ``MIN_GROUP_UNITS`` (10) units per
+group in the hidden Affine layers. Wu & He's 32 groups do not divide 100, and a hidden Affine layer has no
+spatial axes: a group's statistics come from its C/G units of one example alone, so groups of 2-4 units would
+normalise almost every pattern away (2 units give +-1, as batch norm at B = 2). The MLP's 100 hidden units give
+10 groups of 10 (Layer Norm is the one group of 100); the conv net's 30 channels (each group also spans every
+position of the 24x24 map) and its 100 hidden units give 10 groups as well: 3 channels, 10 units.
+
+    python -m experiments.small_batch                         # 144 models: about 1.5 minutes on 2 CPU cores
     python -m experiments.small_batch --batch-sizes 2,8,32 --num-seeds 8
 
-What to expect (Ioffe 2017): batch norm's mismatch between training and evaluation grows as batches shrink, and
-Batch Renorm reduces it. What is measured is reported, including where it does not hold.
+What to expect: batch norm's mismatch between training and evaluation grows as batches shrink, and Batch Renorm
+reduces it (Ioffe 2017); Group Norm's accuracy stays flat across batch sizes while batch norm's falls (Wu & He
+2018, Figure 1). What is measured is reported, including where it does not hold.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 
 import numpy as np
 
 from bnjax import claims
-from experiments import cli, plot, protocol, runtime
+from experiments import cli, protocol, runtime
+from experiments.small_batch_figures import (CANDIDATES, NORMALISED, NORMS, arm_name, best_norm, figure, norm_name,
+                                             precise_figure)
 
-NORMS = ("plain", "batchnorm", "renorm", "ghost")
-NORMALISED = NORMS[1:]
+# The arms before Group and Layer Norm were added: their chunking is kept (see ``grid_config``).
+NORMS_BEFORE = ("plain", "batchnorm", "renorm", "ghost")
+# Compared with batch norm seed by seed, at every batch size.
+CHALLENGERS = ("renorm", "ghost", "groupnorm", "layernorm")
+# Wu & He's default number of groups, and the fewest units a group of a hidden Affine layer may have.
+MAX_GROUPS = 32
+MIN_GROUP_UNITS = 10
 _UNIT = cli.float_in(0.0, 1.0)  # momenta and the warm-up share
 # Accuracies are shares of whole images: closer than this is the same count.
 TIE = 1e-6
@@ -40,8 +60,9 @@ EPILOG = (
     "the same number of epochs of train-size/B updates. Verdict (results.json 'verdict'), per norm and "
     "batch size: held-out accuracy (mean and 95 % interval over seeds), the train/evaluation mismatch "
     "(training-mode minus evaluation-mode accuracy on the training images, in batches of the size trained "
-    "with), held-out accuracy after precise statistics; and per batch size how many seeds Batch Renorm "
-    "and Ghost BN beat batch norm in. "
+    "with) and held-out accuracy after precise statistics for the norms with running statistics; per batch "
+    "size the best norm on held-out accuracy and the norms whose interval overlaps its, and how many seeds "
+    "Batch Renorm, Ghost BN, Group Norm and Layer Norm beat batch norm in. "
 )
 
 
@@ -115,19 +136,6 @@ def check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         parser.error(f"--train-size {args.train_size} leaves no held-out images in the 5000 of the bundled subset")
 
 
-def arm_name(norm: str, batch_size: int) -> str:
-    """The engine's arm name of a norm at a batch size.
-
-    Args:
-      norm: one of ``NORMS``.
-      batch_size: the (virtual) batch size.
-
-    Returns:
-      ``'<norm>@<batch_size>'``.
-    """
-    return f"{norm}@{batch_size}"
-
-
 def renorm_value(args: argparse.Namespace, num_updates: int):
     """The Batch Renorm value of a net that makes ``num_updates`` updates (the warm-up is a share of them).
 
@@ -147,12 +155,65 @@ def renorm_value(args: argparse.Namespace, num_updates: int):
     return layers.batch_renorm(args.renorm_momentum, r_max=args.r_max, d_max=args.d_max, warmup=warmup)
 
 
-def grid_config(args: argparse.Namespace, num_train: int):
+def normalised_widths(config) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The widths a norm of the grid's network normalises.
+
+    Args:
+      config: a ``grid.GridConfig``.
+
+    Returns:
+      ``(spatial, dense)``: the channels of the normalised layers with spatial axes (the conv net's convolution;
+      none in the MLP) and the widths of the hidden Affine layers.
+    """
+    from bnjax import grid
+
+    # The widths do not depend on the input size; 28 x 28 is one every network kind reads (as GridConfig.check).
+    net = config.network(grid.Arm(), 28 * 28)
+    spatial = (int(net.num_filters),) if hasattr(net, "num_filters") else ()
+    return spatial, tuple(int(h) for h in net.hidden_sizes)
+
+
+def group_count(config) -> int:
+    """Group Norm's number of groups for the grid's network (see the module docstring).
+
+    Args:
+      config: a ``grid.GridConfig``.
+
+    Returns:
+      The largest count <= ``MAX_GROUPS`` that divides every normalised width and leaves at least
+      ``MIN_GROUP_UNITS`` units per group in each hidden Affine layer (1, Layer Norm's, when none does): 10 for
+      the MLP's 100 hidden units and for the conv net's 30 channels and 100 units.
+    """
+    spatial, dense = normalised_widths(config)
+    common = math.gcd(*spatial, *dense)
+    fits = [g for g in range(1, min(common, MAX_GROUPS) + 1)
+            if common % g == 0 and all(w // g >= MIN_GROUP_UNITS for w in dense)]
+    return max(fits, default=1)
+
+
+def _base_config(args: argparse.Namespace):
+    """The grid without its arms: the protocol the options set."""
+    from bnjax import grid
+
+    return grid.GridConfig(axes={}, num_records=args.epochs, batch_size=args.reference_batch,
+                           learning_rate=args.lr, weight_scale=1.0, seed=args.seed, num_seeds=args.num_seeds,
+                           max_models_per_chunk=args.max_models_per_chunk)
+
+
+def grid_config(args: argparse.Namespace, num_train: int, input_size: int = 784, num_devices: int | None = None):
     """Every (norm, batch size) an arm of one grid: the batch size and the lr scale are the arm's.
+
+    Every arm draws the same initial weights (stream 0) and the batches of its batch size, so the Group and Layer
+    Norm arms change no key of the others. What else could move their numbers is the chunking: the number of
+    seeds a chunk holds shapes the compiled program, and so the rounding (chaotic small-batch training then
+    drifts). Unless ``--max-models-per-chunk`` is given, a chunk therefore holds the seeds it held before those
+    arms were added (the memory budget's layout for the other arms), up to 1.5x the budget's models.
 
     Args:
       args: the parsed options.
       num_train: training images.
+      input_size: features per image (the memory estimate's).
+      num_devices: devices the grid runs on; ``None``: every device.
 
     Returns:
       The ``grid.GridConfig`` (the reference batch is the grid's batch size, Ghost BN's real batch).
@@ -160,9 +221,8 @@ def grid_config(args: argparse.Namespace, num_train: int):
     from bnjax import grid, layers
 
     arms = {}
-    base = grid.GridConfig(axes={}, num_records=args.epochs, batch_size=args.reference_batch,
-                            learning_rate=args.lr, weight_scale=1.0, seed=args.seed, num_seeds=args.num_seeds,
-                            max_models_per_chunk=args.max_models_per_chunk)
+    base = _base_config(args)
+    groups = group_count(base)
     for b in args.batch_sizes:
         own = dict(batch_size=b, learning_rate_scale=b / args.reference_batch, weight_init="he", init_stream=0)
         updates = grid.num_updates(base, num_train, b)
@@ -172,7 +232,18 @@ def grid_config(args: argparse.Namespace, num_train: int):
         # Ghost BN: normalisation over b rows, gradient over the reference batch (the grid's batch size).
         arms[arm_name("ghost", b)] = grid.Arm(layers.ghost_batch_norm(b, args.momentum, init_var=0.0),
                                               weight_init="he", init_stream=0)
-    return base.replace(arms=arms)
+    for b in args.batch_sizes:  # after the others, so their order (and results.json's) is as it was
+        own = dict(batch_size=b, learning_rate_scale=b / args.reference_batch, weight_init="he", init_stream=0)
+        arms[arm_name("groupnorm", b)] = grid.Arm(layers.group_norm(groups), **own)
+        arms[arm_name("layernorm", b)] = grid.Arm(layers.layer_norm(), **own)
+    config = base.replace(arms=arms)
+    if config.max_models_per_chunk is None:
+        import jax
+
+        before = {n: a for n, a in arms.items() if n.split("@")[0] in NORMS_BEFORE}
+        layout = grid.plan_layout(config.replace(arms=before), num_devices or len(jax.devices()), input_size)
+        config = config.replace(max_models_per_chunk=len(arms) * layout.seed_block * layout.grid_block)
+    return config
 
 
 def after_training(config, result, x_train, t_train, x_heldout, t_heldout) -> dict:
@@ -185,9 +256,10 @@ def after_training(config, result, x_train, t_train, x_heldout, t_heldout) -> di
       x_heldout, t_heldout: the held-out images and labels.
 
     Returns:
-      Arm name -> ``{'train_mode', 'eval_mode', 'heldout_precise'}``, each ``[seeds]``: training-mode and
-      evaluation-mode accuracy on the training images (in batches of the size the arm trained with, in order)
-      and held-out accuracy after precise statistics.
+      Arm name -> ``{'train_mode', 'eval_mode', 'heldout_precise'}``, each ``[seeds]``, for every arm whose norm
+      has running statistics: training-mode and evaluation-mode accuracy on the training images (in batches of
+      the size the arm trained with, in order) and held-out accuracy after precise statistics. Group and layer
+      norm have none (their training mode is their evaluation mode, and there is nothing to recalibrate).
     """
     import jax
     import jax.numpy as jnp
@@ -197,7 +269,7 @@ def after_training(config, result, x_train, t_train, x_heldout, t_heldout) -> di
     out = {}
     input_size = x_train.shape[1]
     for name, arm in config.arms.items():
-        if arm.norm is False:
+        if arm.norm is False or not arm.norm.has_running_stats:
             continue
         net = config.network(arm, input_size)
         b = grid.arm_batch_size(config, arm)
@@ -237,14 +309,17 @@ def verdict(batch_sizes, heldout: dict, post: dict) -> dict:
       post: ``after_training``'s output (normalised arms only).
 
     Returns:
-      ``per_batch`` (one dict per batch size: per norm the held-out mean and interval; per normalised norm the
-      mismatch and the precise-statistics held-out mean; the seeds in which renorm / ghost beat BN),
-      ``renorm_vs_bn`` and ``ghost_vs_bn`` sign tests over all (batch size, seed) pairs, ``bn_drop``: BN's
-      held-out accuracy at the smallest batch minus at the largest, ``renorm_reduces_mismatch``: the batch sizes
-      where renorm's mean mismatch is smaller than BN's.
+      ``per_batch`` (one dict per batch size: per norm the held-out mean and interval; per norm with running
+      statistics the mismatch and the precise-statistics held-out mean; the seeds in which each of
+      ``CHALLENGERS`` beats BN; ``best``: the norm of ``CANDIDATES`` with the highest mean held-out accuracy, and
+      ``overlapping``: the others whose 95 % interval reaches the best's, so not told apart from it),
+      ``<challenger>_vs_bn`` sign tests over all (batch size, seed) pairs, ``bn_drop``: BN's held-out accuracy
+      at the smallest batch minus at the largest, ``renorm_reduces_mismatch``: the batch sizes where renorm's
+      mean mismatch is smaller than BN's, ``precise_helps``: per norm with running statistics, the batch sizes
+      where precise statistics raise its mean held-out accuracy.
     """
     per_batch = []
-    totals = {other: [0, 0, 0] for other in ("renorm", "ghost")}
+    totals = {other: [0, 0, 0] for other in CHALLENGERS}
     for b in batch_sizes:
         row = {"batch_size": int(b)}
         for norm in NORMS:
@@ -254,11 +329,15 @@ def verdict(batch_sizes, heldout: dict, post: dict) -> dict:
             row[norm]["mismatch"] = float(np.mean(p["train_mode"] - p["eval_mode"]))
             row[norm]["precise"] = float(np.mean(p["heldout_precise"]))
         bn = np.asarray(heldout[arm_name("batchnorm", b)], float)
-        for other in ("renorm", "ghost"):
+        for other in CHALLENGERS:
             w, l, t = claims.paired_counts(np.asarray(heldout[arm_name(other, b)], float)[:, None], bn[:, None], TIE)
             row[f"{other}_beats_bn"] = {"wins": int(w[0]), "losses": int(l[0]), "ties": int(t[0])}
             for i, n in enumerate((w[0], l[0], t[0])):
                 totals[other][i] += int(n)
+        # The first of equal means wins (CANDIDATES' order): a tie is then visible in ``overlapping``.
+        best = best_norm({n: row[n]["mean"] for n in CANDIDATES})
+        row["best"] = best
+        row["overlapping"] = [n for n in CANDIDATES if n != best and row[n]["high"] >= row[best]["low"]]
         per_batch.append(row)
     small, large = per_batch[0], per_batch[-1]
     return {
@@ -274,8 +353,12 @@ def verdict(batch_sizes, heldout: dict, post: dict) -> dict:
     }
 
 
-def _name(norm: str) -> str:
-    return plot.arm_short(norm)
+def _best(row: dict) -> str:
+    """The best norm of a verdict row, and the norms its interval does not separate it from."""
+    best = f"{norm_name(row['best'])} {row[row['best']]['mean']:.3f}"
+    if not row["overlapping"]:
+        return best + " (its interval clear of every other norm's)"
+    return best + " (intervals overlap " + ", ".join(norm_name(n) for n in row["overlapping"]) + ")"
 
 
 def render(results: dict) -> str:
@@ -285,28 +368,35 @@ def render(results: dict) -> str:
       results: the results as read from results.json.
 
     Returns:
-      Markdown: held-out accuracy per batch size and norm (mean and 95 % interval), the train/evaluation
-      mismatch and the held-out accuracy after precise statistics per normalised norm, then the sign tests,
-      BN's drop, where Batch Renorm's mismatch is smaller and where precise statistics help.
+      Markdown: held-out accuracy per batch size and norm (mean and 95 % interval) with the best norm and the
+      norms whose intervals overlap its, the train/evaluation mismatch and the held-out accuracy after precise
+      statistics per norm with running statistics, then the sign tests against BN, BN's drop, where Batch
+      Renorm's mismatch is smaller and where precise statistics help.
     """
     v = results["verdict"]
-    rows = ["Held-out accuracy, mean [95 % interval] over seeds (running statistics):", "",
-            "| B | " + " | ".join(_name(n) for n in NORMS) + " |", "|---|" + "---|" * len(NORMS)]
+    # A results.json written before Group and Layer Norm were added has neither (nor a best norm): render its own.
+    norms = [n for n in NORMS if n in v["per_batch"][0]]
+    best = "best" in v["per_batch"][0]
+    rows = ["Held-out accuracy, mean [95 % interval] over seeds (evaluation mode; running statistics where the "
+            "norm has them)" + (", and the best norm:" if best else ":"), "",
+            "| B | " + " | ".join(norm_name(n) for n in norms) + (" | best norm |" if best else " |"),
+            "|---|" + "---|" * (len(norms) + best)]
     for row in v["per_batch"]:
-        cells = [f"{row[n]['mean']:.3f} [{row[n]['low']:.3f}, {row[n]['high']:.3f}]" for n in NORMS]
-        rows.append(f"| {row['batch_size']} | " + " | ".join(cells) + " |")
+        cells = [f"{row[n]['mean']:.3f} [{row[n]['low']:.3f}, {row[n]['high']:.3f}]" for n in norms]
+        rows.append(f"| {row['batch_size']} | " + " | ".join(cells) + (f" | {_best(row)} |" if best else " |"))
     rows += ["", "Train/evaluation mismatch (training-mode minus evaluation-mode accuracy on the training images) / "
              "held-out accuracy after precise statistics:", "",
-             "| B | " + " | ".join(f"{_name(n)} mismatch / precise" for n in NORMALISED) + " |",
+             "| B | " + " | ".join(f"{norm_name(n)} mismatch / precise" for n in NORMALISED) + " |",
              "|---|" + "---|" * len(NORMALISED)]
     for row in v["per_batch"]:
         rows.append(f"| {row['batch_size']} | "
                     + " | ".join(f"{row[n]['mismatch']:+.3f} / {row[n]['precise']:.3f}" for n in NORMALISED) + " |")
     lines = []
-    for other in ("renorm", "ghost"):
+    for other in (c for c in CHALLENGERS if f"{c}_vs_bn" in v):
         s = v[f"{other}_vs_bn"]
-        lines.append(f"{_name(other)} above BN in {s['wins']} of {s['wins'] + s['losses'] + s['ties']} (batch size, "
-                     f"seed) pairs, below in {s['losses']}, tied in {s['ties']}; sign test p = {s['p_value']:.2g}")
+        lines.append(f"{norm_name(other)} above BN in {s['wins']} of {s['wins'] + s['losses'] + s['ties']} (batch "
+                     f"size, seed) pairs, below in {s['losses']}, tied in {s['ties']}; sign test p = "
+                     f"{s['p_value']:.2g}")
     small, large = v["per_batch"][0]["batch_size"], v["per_batch"][-1]["batch_size"]
     lines.append(f"BN's held-out accuracy at B={small} minus at B={large}: {v['bn_drop']:+.3f}")
     fewer = v["renorm_reduces_mismatch"]
@@ -314,81 +404,10 @@ def render(results: dict) -> str:
                  "Batch Renorm's mismatch is nowhere smaller than BN's")
     for norm in NORMALISED:
         helped = v["precise_helps"][norm]
-        lines.append(f"precise statistics raise {_name(norm)}'s held-out accuracy at B = "
+        lines.append(f"precise statistics raise {norm_name(norm)}'s held-out accuracy at B = "
                      + (", ".join(map(str, helped)) if helped else "none of the sizes"))
     return "\n".join([f"After {results['config']['epochs']} records, {v['num_seeds']} seeds.", "", *rows, "",
                       *[f"- {line}" for line in lines]]) + "\n"
-
-
-def figure(batch_sizes, heldout: dict, post: dict, num_seeds: int):
-    """Held-out accuracy (left) and the train/evaluation mismatch (right) against the batch size, one line per
-    norm in its ``plot.arm_style``.
-
-    Args:
-      batch_sizes: ``[K]``.
-      heldout: arm name -> final held-out accuracy ``[seeds]``.
-      post: ``after_training``'s output.
-      num_seeds: seeds, for the title.
-
-    Returns:
-      The matplotlib figure.
-    """
-    plt = plot.pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10.0, 3.8))
-    for norm in NORMS:
-        line = dict(marker="o", markersize=3, label=plot.arm_label(norm), **plot.arm_style(norm))
-        plot.band(left, batch_sizes, np.stack([heldout[arm_name(norm, b)] for b in batch_sizes], -1), **line)
-        if norm not in NORMALISED:  # the plain net has no statistics to mismatch
-            continue
-        gap = np.stack([post[arm_name(norm, b)]["train_mode"] - post[arm_name(norm, b)]["eval_mode"]
-                        for b in batch_sizes], -1)
-        plot.band(right, batch_sizes, gap, **line)
-    for ax in (left, right):
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(batch_sizes, [str(b) for b in batch_sizes])
-        ax.set_xlabel("(virtual) batch size B, lr scaled with B")
-    left.set_ylim(0, 1.0)
-    left.set_ylabel("held-out accuracy (running statistics)")
-    right.axhline(0.0, color="grey", lw=0.5)
-    right.set_ylabel("training-mode minus evaluation-mode\naccuracy on the training images")
-    left.legend(loc="lower right", fontsize=8)
-    fig.suptitle(f"mean and min..max over {num_seeds} seed(s)", fontsize=10)
-    fig.tight_layout()
-    return fig
-
-
-def precise_figure(batch_sizes, heldout: dict, post: dict, num_seeds: int):
-    """Per normalised norm: held-out accuracy with the running averages (solid) and after precise statistics
-    (dashed) against the batch size.
-
-    Args:
-      batch_sizes: ``[K]``.
-      heldout: arm name -> final held-out accuracy ``[seeds]``.
-      post: ``after_training``'s output.
-      num_seeds: seeds, for the title.
-
-    Returns:
-      The matplotlib figure.
-    """
-    plt = plot.pyplot()
-    fig, axes = plt.subplots(1, len(NORMALISED), figsize=(3.6 * len(NORMALISED), 3.4), sharey=True)
-    for ax, norm in zip(axes, NORMALISED):
-        dots = dict(marker="o", markersize=3)
-        plot.band(ax, batch_sizes, np.stack([heldout[arm_name(norm, b)] for b in batch_sizes], -1), linestyle="-",
-                  label="running averages", **dots)
-        plot.band(ax, batch_sizes, np.stack([post[arm_name(norm, b)]["heldout_precise"] for b in batch_sizes], -1),
-                  linestyle="--", label="precise statistics", **dots)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(batch_sizes, [str(b) for b in batch_sizes])
-        ax.set_title(plot.arm_label(norm), fontsize=10)
-        ax.set_xlabel("(virtual) batch size B")
-        ax.set_ylim(0, 1.0)
-    axes[0].set_ylabel("held-out accuracy")
-    axes[0].legend(loc="lower right", fontsize=8)
-    fig.suptitle(f"running averages vs precise statistics (batches of B); mean and min..max over {num_seeds} "
-                 "seed(s)", fontsize=10)
-    fig.tight_layout()
-    return fig
 
 
 def measure(run: protocol.Run) -> None:
@@ -442,6 +461,9 @@ def notes(run: protocol.Run) -> list[str]:
         + (f"reached linearly at {args.renorm_warmup:g} of each net's updates after batch norm for the first "
            f"{args.renorm_warmup / 4:g}" if args.renorm_warmup > 0 else "from the first update")
         + f"; batch norm and Ghost BN: momentum {args.momentum:g}.",
+        f"Group Norm: {group_count(_base_config(args))} groups of each normalised layer's units (see the module "
+        "docstring for the choice); Layer Norm: all of them. Neither has running statistics: the same in training "
+        "and evaluation, so no mismatch and no precise statistics.",
         "Within a seed every net starts from the same Affine weights (He init); nets of one batch size share "
         "their mini-batches.",
         "Mismatch: accuracy on the training images in training mode (each batch normalised by its own "
@@ -454,15 +476,15 @@ def notes(run: protocol.Run) -> list[str]:
 
 EXPERIMENT = protocol.Experiment(
     name="small_batch",
-    title="Small batches: batch norm, Batch Renorm and Ghost BN",
-    question="How do batch norm, Batch Renorm and Ghost BN fare at batch sizes 2 to 100?",
+    title="Small batches: batch norm, Batch Renorm, Ghost BN, Group Norm and Layer Norm",
+    question="How do batch norm, Batch Renorm, Ghost BN, Group Norm and Layer Norm fare at batch sizes 2 to 100?",
     doc=__doc__,
     epilog=EPILOG,
     options=add_options,
     check=check,
     num_seeds=4,
     heldout=None,  # every image not trained on (bundled) or the test set
-    grid=lambda args, dataset: grid_config(args, dataset.x_train.shape[0]).replace(keep_final=True),
+    grid=lambda args, dataset: grid_config(args, *dataset.x_train.shape).replace(keep_final=True),
     describe=lambda args, config: (f"{len(NORMS)} norms x {len(args.batch_sizes)} batch sizes x {args.num_seeds} "
                                    "seed(s)"),
     measure=measure,

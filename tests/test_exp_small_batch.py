@@ -2,6 +2,7 @@
 after training against the model's own functions, and the CLI end to end."""
 
 import argparse
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +21,10 @@ def _hand_made():
         "ghost@2": [0.1, 0.3, 0.1],
         "plain@100": [0.7, 0.7, 0.7], "batchnorm@100": [0.9, 0.9, 0.9], "renorm@100": [0.9, 0.8, 0.95],
         "ghost@100": [0.9, 0.9, 0.9],
+        # Group Norm best at B=2 with its interval clear of the others'; at B=100 Layer Norm's mean is the best
+        # but its interval overlaps BN's, Batch Renorm's, Ghost BN's and Group Norm's
+        "groupnorm@2": [0.85, 0.86, 0.84], "layernorm@2": [0.6, 0.7, 0.65],
+        "groupnorm@100": [0.9, 0.88, 0.92], "layernorm@100": [0.95, 0.85, 0.92],
     }
     heldout = {k: np.asarray(v) for k, v in heldout.items()}
     post = {}
@@ -56,11 +61,20 @@ def test_verdict_on_hand_made_numbers():
     # precise above the running averages: BN 0.5 > 0.2 at B=2 (0.9 = 0.9 at 100 is no gain); renorm 0.95 > 0.883 at B=100; ghost 0.92 > 0.9
     assert v["precise_helps"] == {"batchnorm": [2], "renorm": [100], "ghost": [100]}
     assert v["num_seeds"] == 3
+    # the best norm per batch size (the plain net is no norm: 0.8 > 0.2 at B=2 does not count)
+    assert small["best"] == "groupnorm" and small["overlapping"] == []
+    assert large["best"] == "layernorm"
+    assert large["overlapping"] == ["batchnorm", "renorm", "ghost", "groupnorm"]
+    assert small["groupnorm_beats_bn"] == {"wins": 3, "losses": 0, "ties": 0}
+    assert v["layernorm_vs_bn"] == {"wins": 5, "losses": 1, "ties": 0, "p_value": pytest.approx(0.21875)}
+    assert "mismatch" not in small["groupnorm"] and "precise" not in small["layernorm"]
     md = small_batch.render({"verdict": v, "config": {"epochs": 10}})
     lines = md.splitlines()
     assert any("sign test p = 0.62" in line for line in lines)
     assert any(line.endswith("at B = 2") and "mismatch" in line for line in lines)
     assert "| 2 | 0.800 [0.800, 0.800] | 0.200 [0.000, " in md
+    assert " | Group Norm 0.850 (its interval clear of every other norm's) |" in md
+    assert (" | Layer Norm 0.907 (intervals overlap BN, Batch Renorm, Ghost BN, Group Norm) |" in md)
     # mismatch / precise of BN, Batch Renorm and Ghost BN at B = 2
     assert "| 2 | +0.300 / 0.500 | +0.100 / 0.300 | +0.200 / 0.100 |" in md
 
@@ -75,7 +89,8 @@ def test_the_arms_the_options_describe():
                  d_max=1.0, renorm_warmup=0.4)
     config = small_batch.grid_config(args, 1000)
     assert list(config.arms) == ["plain@4", "batchnorm@4", "renorm@4", "ghost@4",
-                                 "plain@50", "batchnorm@50", "renorm@50", "ghost@50"]
+                                 "plain@50", "batchnorm@50", "renorm@50", "ghost@50",
+                                 "groupnorm@4", "layernorm@4", "groupnorm@50", "layernorm@50"]
     assert config.batch_size == 50 and config.learning_rate == 0.2 and config.axes == {}
     a = config.arms
     assert a["plain@4"].norm is False and a["plain@4"].batch_size == 4
@@ -87,18 +102,60 @@ def test_the_arms_the_options_describe():
     assert a["renorm@4"].norm == layers.batch_renorm(0.95, r_max=2.0, d_max=1.0, warmup=(end // 4, end, end))
     assert a["ghost@4"].norm == layers.ghost_batch_norm(4, 0.8, init_var=0.0)
     assert a["ghost@4"].batch_size is None and a["ghost@4"].learning_rate_scale == 1.0
+    # Group Norm: 10 groups of the 100 hidden units; both like the plain net: own batch, scaled lr
+    assert a["groupnorm@4"].norm == layers.group_norm(10) and a["layernorm@4"].norm == layers.layer_norm()
+    for name in ("groupnorm@4", "layernorm@4"):
+        assert a[name].batch_size == 4 and a[name].learning_rate_scale == pytest.approx(4 / 50)
     assert {arm.init_stream for arm in a.values()} == {0} and {arm.weight_init for arm in a.values()} == {"he"}
     assert _args(renorm_warmup=0.0) and small_batch.renorm_value(_args(renorm_warmup=0.0), 100).warmup is None
+
+
+@pytest.mark.parametrize("num_seeds,num_devices", [(4, 1), (4, 2), (8, 1), (3, 2), (40, 4)])
+def test_the_added_arms_keep_the_chunks_of_the_others(num_seeds, num_devices):
+    # the seed block shapes the compiled program (and its rounding): the arms that were there before Group and
+    # Layer Norm keep the layout the memory budget gave them without those (measured: a seed block of 2 instead
+    # of 4 moved Ghost BN at B = 4 by 0.09 on the default run)
+    args = _args(num_seeds=num_seeds)
+    config = small_batch.grid_config(args, 1000, 784, num_devices)
+    before = {n: a for n, a in config.arms.items() if not n.startswith(("groupnorm", "layernorm"))}
+    old = config.replace(arms=before, max_models_per_chunk=None)
+    assert grid.plan_layout(config, num_devices) == grid.plan_layout(old, num_devices)
+    assert config.max_models_per_chunk <= 1.5 * grid.plan_layout(old, num_devices).models_per_chunk(len(before))
+    # an explicit --max-models-per-chunk is kept as given
+    assert small_batch.grid_config(_args(max_models_per_chunk=7), 1000).max_models_per_chunk == 7
+
+
+def test_group_count_is_a_function_of_the_network():
+    def count(**fields):
+        return small_batch.group_count(grid.GridConfig(**fields))
+
+    assert small_batch.normalised_widths(grid.GridConfig()) == ((), (100,) * 5)
+    assert count() == 10  # 100 units: at most 32 groups, at least 10 units each
+    assert count(hidden_sizes=(20, 40)) == 2 and count(hidden_sizes=(16, 16)) == 1 and count(hidden_sizes=(1000,)) == 25
+    assert count(hidden_sizes=(640,)) == 32  # Wu & He's 32 groups where the width allows it
+    if "model" in {f.name for f in dataclasses.fields(grid.GridConfig)}:
+        # the conv net: its 30 channels and its hidden Affine's 100 units, 10 groups of 3 channels / 10 units
+        conv = grid.GridConfig(model="convnet", hidden_sizes=(100,))
+        assert small_batch.normalised_widths(conv) == ((30,), (100,))
+        assert small_batch.group_count(conv) == 10
 
 
 @pytest.mark.slow
 def test_measurements_after_training_are_the_models_own(tmp_path):
     ds = data.load_bundled(60, 40)
     args = _args(batch_sizes=(3, 12), reference_batch=12, epochs=2, num_seeds=2)
-    config = small_batch.grid_config(args, 60).replace(keep_final=True, hidden_sizes=(16, 16))
+    # 20 hidden units: the default's 10 groups still divide them
+    config = small_batch.grid_config(args, 60).replace(keep_final=True, hidden_sizes=(20, 20))
     result = grid.run_grid(config, ds.x_train, ds.t_train, ds.x_heldout, ds.t_heldout)
     post = small_batch.after_training(config, result, ds.x_train, ds.t_train, ds.x_heldout, ds.t_heldout)
-    assert set(post) == {n for n in config.arms if not n.startswith("plain")}
+    assert set(post) == {n for n in config.arms if n.split("@")[0] in small_batch.NORMALISED}
+    # the added arms change no other arm's numbers: the same grid without them gives the same metrics, bit for bit
+    old = {n: arm for n, arm in config.arms.items() if not n.startswith(("groupnorm", "layernorm"))}
+    alone = grid.run_grid(config.replace(arms=old, keep_final=False), ds.x_train, ds.t_train, ds.x_heldout,
+                          ds.t_heldout)
+    for m in ("train_accuracy", "heldout_accuracy", "train_loss"):
+        for name in old:
+            np.testing.assert_array_equal(alone.metrics[m][name], result.metrics[m][name], err_msg=f"{m} {name}")
     # ghost BN with groups as large as the batch is batch norm: the same models, bit for bit
     for m in ("train_accuracy", "heldout_accuracy"):
         np.testing.assert_array_equal(result.metrics[m]["ghost@12"], result.metrics[m]["batchnorm@12"])
@@ -149,8 +206,14 @@ def test_cli_writes_figures_results_and_verdict(quick_run):
     assert res["arms"]["renorm@2"]["norm"]["norm"] == "BatchRenorm"
     assert res["arms"]["renorm@2"]["norm"]["warmup"] == [6, 26, 26]  # half of 51 updates
     assert res["arms"]["ghost@2"]["norm"]["virtual_batch_size"] == 2
+    assert res["arms"]["groupnorm@2"]["norm"] == {"norm": "GroupNorm", "num_groups": 10, "eps": 1e-6,
+                                                  "use_scale": True, "use_offset": True}
+    assert res["arms"]["layernorm@10"]["norm"]["norm"] == "LayerNorm"
+    assert set(res["after_training"]) == {f"{n}@{b}" for n in small_batch.NORMALISED for b in (2, 10)}
     final = {name: np.asarray(v)[..., -1] for name, v in res["heldout_accuracy"].items()}
     row = res["verdict"]["per_batch"][0]
+    means = {n: final[f"{n}@2"].mean() for n in small_batch.CANDIDATES}
+    assert means[row["best"]] == max(means.values()) and "Group Norm above BN in" in r.stdout
     assert row["renorm"]["mean"] == pytest.approx(final["renorm@2"].mean())
     assert row["batchnorm"]["mismatch"] == pytest.approx(
         np.mean(np.asarray(res["after_training"]["batchnorm@2"]["train_mode"])
@@ -184,25 +247,39 @@ def test_render_tables_and_sentences_put_each_norm_in_its_own_column():
     md = small_batch.render(json.loads(json.dumps({"verdict": v, "config": {"epochs": 10}}, default=float)))
     assert md.startswith("After 10 records, 3 seeds.\n")
     accuracy, mismatch = markdown_tables(md)
-    assert accuracy[0] == ["B", "plain", "BN", "Batch Renorm", "Ghost BN"]
+    assert accuracy[0] == ["B", "plain", "BN", "Batch Renorm", "Ghost BN", "Group Norm", "Layer Norm", "best norm"]
     assert mismatch[0] == ["B", "BN mismatch / precise", "Batch Renorm mismatch / precise",
                            "Ghost BN mismatch / precise"]
     for b, row, gaps in zip((2, 100), accuracy[1:], mismatch[1:]):
         assert row[0] == gaps[0] == str(b)
-        for cell, norm in zip(row[1:], small_batch.NORMS):
+        for cell, norm in zip(row[1:-1], small_batch.NORMS):
             numbers = [float(t) for t in re.findall(r"[0-9.]+", cell)]
             assert numbers == pytest.approx(_interval(heldout[f"{norm}@{b}"]), abs=5e-4), (b, norm)
         for cell, norm in zip(gaps[1:], small_batch.NORMALISED):
             p = post[f"{norm}@{b}"]
             assert cell == f"{np.mean(p['train_mode'] - p['eval_mode']):+.3f} / {np.mean(p['heldout_precise']):.3f}"
-    for other, label in (("renorm", "Batch Renorm"), ("ghost", "Ghost BN")):
+    for other, label in (("renorm", "Batch Renorm"), ("ghost", "Ghost BN"), ("groupnorm", "Group Norm"),
+                         ("layernorm", "Layer Norm")):
         diff = np.stack([heldout[f"{other}@{b}"] - heldout[f"batchnorm@{b}"] for b in (2, 100)])
         wins, losses = int(np.sum(diff > 1e-6)), int(np.sum(diff < -1e-6))
-        assert len({wins, losses, diff.size - wins - losses}) == 3  # distinct, so a swapped count shows
+        if other in ("renorm", "ghost"):
+            assert len({wins, losses, diff.size - wins - losses}) == 3  # distinct, so a swapped count shows
         assert (f"{label} above BN in {wins} of {diff.size} (batch size, seed) pairs, below in {losses}, tied in "
                 f"{diff.size - wins - losses}; sign test p = ") in md
     drop = np.mean(heldout["batchnorm@2"]) - np.mean(heldout["batchnorm@100"])
     assert f"BN's held-out accuracy at B=2 minus at B=100: {drop:+.3f}" in md and drop < 0
+
+
+def test_render_reads_results_written_before_group_and_layer_norm():
+    heldout, post = _hand_made()
+    v = small_batch.verdict((2, 100), heldout, post)
+    for row in v["per_batch"]:  # what a results.json of the four earlier norms holds
+        for key in ("groupnorm", "layernorm", "groupnorm_beats_bn", "layernorm_beats_bn", "best", "overlapping"):
+            del row[key]
+    old = {k: x for k, x in v.items() if k not in ("groupnorm_vs_bn", "layernorm_vs_bn")}
+    md = small_batch.render({"verdict": old, "config": {"epochs": 10}})
+    assert "| B | plain | BN | Batch Renorm | Ghost BN |\n" in md and "Group Norm" not in md and "best" not in md
+    assert "| 2 | 0.800 [0.800, 0.800] | 0.200 [0.000, " in md and "Ghost BN above BN in" in md
 
 
 def test_mismatch_is_compared_by_its_size_whatever_its_sign():
@@ -227,7 +304,18 @@ def test_figures_draw_each_norms_numbers_against_the_batch_size(monkeypatch):
     fig = small_batch.figure(sizes, heldout, post, 3)
     left, right = fig.axes
     lines = lines_of(left)
-    assert [line["label"] for line in lines] == [plot.arm_label(n) for n in small_batch.NORMS]
+    labels = [plot.arm_label(n) for n in small_batch.NORMS[:4]] + ["Group Norm", "Layer Norm"]
+    assert [line["label"] for line in lines[:6]] == labels
+    assert len({(line["linestyle"], line["color"]) for line in lines[:6]}) == 6  # every norm drawn its own way
+    # a star on the best norm at each batch size (the verdict's), in its colour, then the star's legend entry
+    stars = lines[6:-1]
+    assert [star["x"].tolist() for star in stars] == [[2], [100]]
+    for star, b, best in zip(stars, sizes, ("groupnorm", "layernorm")):
+        np.testing.assert_allclose(star["y"], [np.mean(heldout[f"{best}@{b}"])])
+        assert star["color"] == lines[small_batch.NORMS.index(best)]["color"]
+    assert lines[-1]["label"] == "best norm at B" and lines[-1]["x"].size == 0
+    assert left.get_title() == ("best norm by mean (star; intervals in the verdict): Group Norm at B = 2, Layer Norm "
+                                "at B = 100")
     for line, band, norm in zip(lines, left.collections, small_batch.NORMS):
         runs = np.stack([heldout[f"{norm}@{b}"] for b in sizes], -1)
         np.testing.assert_allclose(line["x"], sizes)
@@ -286,6 +374,7 @@ def test_notes_name_the_options_settings():
             "batch norm for the first 0.1; batch norm and Ghost BN: momentum 0.8.") in text
     text = " ".join(small_batch.notes(SimpleNamespace(args=_args(renorm_warmup=0.0))))
     assert "d_max 5, from the first update;" in text
+    assert "Group Norm: 10 groups of each normalised layer's units" in text
 
 
 def test_bn_drop_is_the_smallest_batch_against_the_largest():
