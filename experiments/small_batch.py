@@ -86,6 +86,7 @@ def add_options(p: argparse.ArgumentParser) -> None:
       p: the parser.
     """
     g = p.add_argument_group("protocol")
+    cli.add_model_arg(g)
     g.add_argument("--batch-sizes", type=_batch_sizes, default=(2, 4, 8, 16, 32, 100), metavar="B1,B2,...",
                    help="mini-batch sizes (Ghost BN: virtual batch sizes), each >= 2 for the norms to see a "
                         "variance (default: 2,4,8,16,32,100)")
@@ -197,7 +198,7 @@ def _base_config(args: argparse.Namespace):
 
     return grid.GridConfig(axes={}, num_records=args.epochs, batch_size=args.reference_batch,
                            learning_rate=args.lr, weight_scale=1.0, seed=args.seed, num_seeds=args.num_seeds,
-                           max_models_per_chunk=args.max_models_per_chunk)
+                           max_models_per_chunk=args.max_models_per_chunk, **cli.network_fields(args))
 
 
 def grid_config(args: argparse.Namespace, num_train: int, input_size: int = 784, num_devices: int | None = None):
@@ -264,7 +265,7 @@ def after_training(config, result, x_train, t_train, x_heldout, t_heldout) -> di
     import jax
     import jax.numpy as jnp
 
-    from bnjax import grid, model
+    from bnjax import grid, networks
 
     out = {}
     input_size = x_train.shape[1]
@@ -272,12 +273,13 @@ def after_training(config, result, x_train, t_train, x_heldout, t_heldout) -> di
         if arm.norm is False or not arm.norm.has_running_stats:
             continue
         net = config.network(arm, input_size)
+        model = networks.module_for(net)
         b = grid.arm_batch_size(config, arm)
         nb = x_train.shape[0] // b
         xb = jnp.asarray(x_train[: nb * b].reshape(nb, b, -1))
         tb = jnp.asarray(t_train[: nb * b].reshape(nb, b))
 
-        def one(params, state, net=net, xb=xb, tb=tb):
+        def one(params, state, net=net, xb=xb, tb=tb, model=model):
             def train_mode(_, batch):
                 logits, _ = model.apply(net, params, state, batch[0], train=True)
                 return None, jnp.sum(jnp.argmax(logits, -1) == batch[1])
@@ -474,6 +476,13 @@ def notes(run: protocol.Run) -> list[str]:
     ]
 
 
+def _titled(run: protocol.Run, fig):
+    """The figure with the network named first in its title (nothing for the MLP)."""
+    if cli.network_title(run.args):
+        fig.suptitle(cli.network_title(run.args) + fig.get_suptitle(), fontsize=10)
+    return fig
+
+
 EXPERIMENT = protocol.Experiment(
     name="small_batch",
     title="Small batches: batch norm, Batch Renorm, Ghost BN, Group Norm and Layer Norm",
@@ -491,8 +500,8 @@ EXPERIMENT = protocol.Experiment(
     analyse=analyse,
     render=render,
     notes=notes,
-    figures=(protocol.Figure("small_batch.png", lambda run: figure(run.args.batch_sizes, _heldout(run),
-                                                                    run.data["post"], run.args.num_seeds)),
+    figures=(protocol.Figure("small_batch.png", lambda run: _titled(run, figure(run.args.batch_sizes, _heldout(run),
+                                                                                 run.data["post"], run.args.num_seeds))),
              protocol.Figure("small_batch_precise.png", lambda run: precise_figure(
                  run.args.batch_sizes, _heldout(run), run.data["post"], run.args.num_seeds))),
     quick=("--batch-sizes", "2,10", "--reference-batch", "10", "--epochs", "2", "--num-seeds", "2",

@@ -2,7 +2,6 @@
 after training against the model's own functions, and the CLI end to end."""
 
 import argparse
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -133,11 +132,22 @@ def test_group_count_is_a_function_of_the_network():
     assert count() == 10  # 100 units: at most 32 groups, at least 10 units each
     assert count(hidden_sizes=(20, 40)) == 2 and count(hidden_sizes=(16, 16)) == 1 and count(hidden_sizes=(1000,)) == 25
     assert count(hidden_sizes=(640,)) == 32  # Wu & He's 32 groups where the width allows it
-    if "model" in {f.name for f in dataclasses.fields(grid.GridConfig)}:
-        # the conv net: its 30 channels and its hidden Affine's 100 units, 10 groups of 3 channels / 10 units
-        conv = grid.GridConfig(model="convnet", hidden_sizes=(100,))
-        assert small_batch.normalised_widths(conv) == ((30,), (100,))
-        assert small_batch.group_count(conv) == 10
+    # the conv net: its 30 channels and its hidden Affine's 100 units, 10 groups of 3 channels / 10 units
+    conv = grid.GridConfig(model="convnet", hidden_sizes=(100,))
+    assert small_batch.normalised_widths(conv) == ((30,), (100,))
+    assert small_batch.group_count(conv) == 10
+
+
+def test_model_convnet_trains_the_conv_net_with_the_same_arms():
+    args = protocol.parse_args(small_batch.EXPERIMENT, ["--out", "/tmp/bnjax-never-written-small-batch", "--model",
+                                                        "convnet", "--batch-sizes", "4,20", "--num-seeds", "12"])
+    config = small_batch.grid_config(args, 1000)
+    assert config.model == "convnet" and config.hidden_sizes == (100,)
+    assert list(config.arms) == list(small_batch.grid_config(_args(batch_sizes=(4, 20), num_seeds=12), 1000).arms)
+    assert config.arms["groupnorm@4"].norm == layers.group_norm(10)
+    # the planner sees the conv net's far larger activations: fewer models per chunk than the MLP's
+    mlp = small_batch.grid_config(_args(batch_sizes=(4, 20), num_seeds=12), 1000)
+    assert config.max_models_per_chunk < mlp.max_models_per_chunk
 
 
 @pytest.mark.slow
