@@ -174,7 +174,8 @@ def draw_sweep(run: protocol.Run):
       The matplotlib figure.
     """
     args = run.args
-    title = cli.network_title(args) + ("" if args.num_seeds == 1 else f"mean and min..max over {args.num_seeds} seeds")
+    seeds = "" if args.num_seeds == 1 else f"mean and min..max over {args.num_seeds} seeds"
+    title = (cli.network_title(args) + seeds).rstrip(": ")
     return plot.sweep_figure(run.config.axes["weight_scale"], run.result.metrics["train_accuracy"], title=title or None,
                              diverged=run.result.diverged)
 
