@@ -1,8 +1,8 @@
-"""What Batch Normalization does, measured: the four experiments behind the book's claims, in one report.
+"""What Batch Normalization does, measured: the experiments behind the book's claims, in one report.
 
 Runs the sections ``experiments/registry.py`` lists (``learning_rate``: claim 1, ``init``: claim 2,
-``overfitting``: claim 3, ``activations``: the premise, each at its defaults; then claims 1 and 2 again on the
-book's ch. 7 conv net, ``--model convnet``), each into its own folder under ``--out``, or reads the results already there (``--reuse``), and writes ``report.md`` with every figure and
+``overfitting``: claim 3, ``activations``: the premise, ``small_batch``: what to use at small batches, each at
+its defaults; then claims 1 and 2 again on the book's ch. 7 conv net, ``--model convnet``), each into its own folder under ``--out``, or reads the results already there (``--reuse``), and writes ``report.md`` with every figure and
 verdict.
 
     python -m experiments.report                       # a few minutes on a laptop CPU

@@ -213,6 +213,14 @@ def test_initial_std_of_each_layer_follows_the_policy(weight_init, weight_scale,
     assert [float(s.var[0]) for s in state.batch_norm] == [0.0, 0.0]  # the book's norm: running var from 0
 
 
+def test_the_conv_fan_in_counts_the_input_channels():
+    # MNIST has one channel, where fh * fw * C_in and fh * fw agree: three channels tell them apart
+    cfg = convnet.ConvNetConfig(input_shape=(12, 12, 3), num_filters=64, filter_size=5, hidden_sizes=(20,))
+    params, _ = convnet.init(cfg, jax.random.key(5), weight_init="he")
+    assert params.conv.W.shape == (5, 5, 3, 64)
+    assert abs(float(np.asarray(params.conv.W).std()) / math.sqrt(2 / 75) - 1) < 0.1
+
+
 def test_vmap_over_weight_scale_scales_every_layer():
     cfg = convnet.ConvNetConfig(norm=True)
     scales = jnp.asarray([1.0, 0.1, 0.003])

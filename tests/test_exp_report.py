@@ -1,4 +1,4 @@
-"""experiments.report (all four experiments, quick configurations) and the Colab notebook, end to end."""
+"""experiments.report (every section, quick configurations) and the Colab notebook, end to end."""
 
 import json
 import os
@@ -58,6 +58,8 @@ def test_report_has_every_section_figure_and_verdict(quick_report):
         assert f"## {part.title}\n\n{experiment.question}\n\n`python -m {' '.join(['experiments.' + part.module, *part.argv, *part.size])}`" in text
         results = json.loads((quick_report / name / "results.json").read_text())
         assert "verdict" in results
+        # the section's own arguments reached its run (the conv-net sections trained the conv net)
+        assert results["config"].get("model", "mlp") == ("convnet" if "convnet" in part.argv else "mlp"), name
         # the section quotes the experiment's own markdown verdict, computed from its results.json
         assert experiment.render(results) in text
     links = re.findall(r"!\[[^]]*\]\(([^)]+)\)", text)
