@@ -205,7 +205,7 @@ def test_experiments_table_names_existing_experiments():
 # docs/api.md against the library
 # ------------------------------------------------------------------------------------------------
 
-API_MODULES = ("layers", "norms", "model", "train", "grid", "data", "claims")
+API_MODULES = ("layers", "norms", "model", "convnet", "networks", "train", "grid", "data", "claims")
 
 
 def _api_sections() -> dict[str, str]:
