@@ -37,11 +37,11 @@ class Entry:
 
 ENTRIES = (
     Entry("sweep", False, "~5 s"),
-    Entry("learning_rate", True, "44 s"),
-    Entry("init", True, "34 s"),
-    Entry("overfitting", True, "32 s"),
-    Entry("activations", True, "12 s"),
-    Entry("small_batch", True, "~90 s"),
+    Entry("learning_rate", True, "52 s"),
+    Entry("init", True, "39 s"),
+    Entry("overfitting", True, "90 s"),
+    Entry("activations", True, "14 s"),
+    Entry("small_batch", True, "104 s"),
 )
 NAMES = tuple(e.name for e in ENTRIES)
 
@@ -90,7 +90,7 @@ OTHER_COMMANDS = (
     ("report", "Runs " + ", ".join(f"`{s.module}`" for s in SECTIONS if not s.argv) + ", then "
      + " and ".join(f"`{s.module} {' '.join(s.argv + s.size)}`" for s in SECTIONS if s.argv) + "; writes one "
      "`report.md`.",
-     "123 s"),
+     "537 s"),
     ("benchmark", "How fast is the grid engine against a Python loop, NumPy and Flax?", "~1 min"),
 )
 
