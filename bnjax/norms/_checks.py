@@ -73,6 +73,16 @@ def _check_hyper(momentum: Any, eps: Any, who: str) -> None:
                          f"to the variance), got {eps!r}")
 
 
+def _check_float_dtype(dtype: Any, who: str) -> None:
+    """A parameter dtype must be a floating-point one (``TypeError`` naming ``who`` otherwise)."""
+    try:
+        floating = jnp.issubdtype(dtype, jnp.floating)
+    except TypeError:
+        floating = False
+    if not floating:
+        raise TypeError(f"{who}: dtype must be a floating-point dtype, got {dtype!r}")
+
+
 def _check_per_feature(value: Any, name: str, feature_shape: tuple[int, ...], who: str) -> None:
     """A hyper-parameter given per call is a scalar or one value per feature: its shape (static, also when traced)
     is ``()`` or ``feature_shape``; anything else would broadcast into the statistics or fail inside JAX."""

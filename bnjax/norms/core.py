@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from bnjax.norms._checks import (_as_input, _check_flag, _check_hyper, _check_input, _check_mask,
+from bnjax.norms._checks import (_as_input, _check_flag, _check_float_dtype, _check_hyper, _check_input, _check_mask,
                                  _check_per_feature, _int_tuple, _real_values)
 
 Array = jax.Array
@@ -173,12 +173,7 @@ def batch_norm_init(
         raise TypeError(f"{who}: num_features must be an int or a tuple of ints, got {num_features!r}")
     if not shape or any(s < 1 for s in shape):
         raise ValueError(f"batch_norm_init: num_features must be positive, got {num_features!r}")
-    try:
-        floating = jnp.issubdtype(dtype, jnp.floating)
-    except TypeError:
-        floating = False
-    if not floating:
-        raise TypeError(f"{who}: dtype must be a floating-point dtype, got {dtype!r}")
+    _check_float_dtype(dtype, who)
     for name, value in (("init_mean", init_mean), ("init_var", init_var)):
         v = _real_values(value, name, who)
         if v is not None and not np.all(np.isfinite(v) & ((v >= 0.0) if name == "init_var" else True)):

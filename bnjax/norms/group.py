@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from bnjax.norms._checks import _as_input, _check_flag, _check_hyper, _check_mask, _is_bool, _static_float
+from bnjax.norms._checks import _as_input, _check_flag, _check_float_dtype, _check_hyper, _check_mask, _is_bool, _static_float
 from bnjax.norms.base import Norm
 from bnjax.norms.core import CONVENTIONS, BatchNormParams
 
@@ -65,12 +65,7 @@ def _init(num_features: Any, dtype: Any, num_groups: int, use_scale: bool, use_o
     if num_features < 1:
         raise ValueError(f"{who}: num_features must be positive, got {num_features!r}")
     _check_divides(num_groups, int(num_features), who)
-    try:
-        floating = jnp.issubdtype(dtype, jnp.floating)
-    except TypeError:
-        floating = False
-    if not floating:
-        raise TypeError(f"{who}: dtype must be a floating-point dtype, got {dtype!r}")
+    _check_float_dtype(dtype, who)
     shape = (int(num_features),)
     params = BatchNormParams(gamma=jnp.ones(shape, dtype) if use_scale else None,
                              beta=jnp.zeros(shape, dtype) if use_offset else None)
