@@ -62,3 +62,16 @@ def assert_quick_run(name: str, proc: subprocess.CompletedProcess, out: str | os
     assert f"wrote results.json, {', '.join(experiment.figure_files)} to {out}" in proc.stdout
     assert sorted(p.name for p in Path(out).iterdir()) == sorted(["results.json", *experiment.figure_files])
     return res
+
+
+def reference_keys(seed, num_arms, num_scales, num_updates, batch, num_train):
+    """The grid engine's keys re-derived from the documented scheme (docs/engine.md), for models trained alone:
+    ``key(seed)`` split into a data and an init key, the init keys split ``[arms, weight scales]``, the batches
+    ``randint(data_key, [updates, batch], 0, num_train)``. Returns ``(init_keys, batch indices as NumPy)``."""
+    import jax
+    import numpy as np
+
+    data_key, init_key = jax.random.split(jax.random.key(seed))
+    init_keys = jax.random.split(init_key, (num_arms, num_scales))
+    batches = np.asarray(jax.random.randint(data_key, (num_updates, batch), 0, num_train))
+    return init_keys, batches

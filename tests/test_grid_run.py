@@ -17,6 +17,7 @@ import pytest
 from bnjax import data, grid, layers, model, train
 from bnjax.grid import driver
 from conftest import x64
+from helpers import reference_keys
 from experiments.numpy_book import Net
 
 
@@ -33,13 +34,6 @@ _accuracy = jax.jit(model.accuracy, static_argnums=0)
 def _jit_step(net, opt, **kw):
     """``train.train_step(net, ts, x, t, opt, key=key, **kw)`` compiled once."""
     return jax.jit(lambda ts, x, t, key=None: train.train_step(net, ts, x, t, opt, key=key, **kw))
-
-
-def reference_keys(seed, num_arms, num_scales, num_updates, batch, num_train):
-    data_key, init_key = jax.random.split(jax.random.key(seed))
-    init_keys = jax.random.split(init_key, (num_arms, num_scales))
-    batches = np.asarray(jax.random.randint(data_key, (num_updates, batch), 0, num_train))
-    return init_keys, batches
 
 
 def test_seed_keys_are_the_documented_scheme():

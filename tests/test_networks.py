@@ -11,13 +11,7 @@ import pytest
 
 from bnjax import convnet, data, grid, layers, model, networks, options, train
 from bnjax.grid import plan
-
-
-def reference_keys(seed, num_arms, num_scales, num_updates, batch, num_train):
-    data_key, init_key = jax.random.split(jax.random.key(seed))
-    init_keys = jax.random.split(init_key, (num_arms, num_scales))
-    batches = np.asarray(jax.random.randint(data_key, (num_updates, batch), 0, num_train))
-    return init_keys, batches
+from helpers import reference_keys
 
 
 def test_kinds_match_the_names_options_lists():
