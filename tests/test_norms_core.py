@@ -13,6 +13,7 @@ from jax.test_util import check_grads
 
 from bnjax import layers
 from conftest import x64
+from norms_oracle import _a
 from experiments.numpy_book import BatchNorm as RefBatchNorm
 
 
@@ -315,7 +316,7 @@ def test_fully_masked_batch_keeps_running_stats():
 
 def test_bad_inputs_raise_clear_errors():
     params, state = layers.batch_norm_init(4)
-    with pytest.raises(ValueError, match="rank >= 2"):
+    with pytest.raises(ValueError, match=r"rank >= 2.*one example per call \(rank 1\) needs the batch as a named"):
         layers.batch_norm_apply(params, state, jnp.ones(4), train=True)
     with pytest.raises(ValueError, match=r"gamma has shape \(4,\)"):
         layers.batch_norm_apply(params, state, jnp.ones((3, 5)), train=True)
@@ -523,3 +524,47 @@ def test_batch_norm_init_validates_its_arguments():
     # Traced initial statistics (an ensemble over init_var) are not checked.
     states = jax.vmap(lambda v: layers.batch_norm_init(2, init_var=v)[1])(jnp.array([-1.0, 1.0]))
     np.testing.assert_array_equal(np.asarray(states.var), [[-1.0, -1.0], [1.0, 1.0]])
+
+
+# --------------------------------------------------------------------------------------------------
+# One example per call under a named axis (Equinox's idiom; issue 17, item 5)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["batch_norm", "batch_renorm"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_rank_1_examples_under_a_named_vmap_equal_the_numpy_batch(name, masked):
+    rng = np.random.default_rng(150)
+    x = rng.normal(3.0, 2.0, (9, 4))
+    mask = np.array([1, 1, 0, 1, 1, 1, 0, 1, 1], bool) if masked else np.ones(9, bool)
+    norm = layers.batch_norm(0.8, 1e-5) if name == "batch_norm" else layers.batch_renorm(0.8, 1e-5, r_max=1.5,
+                                                                                       d_max=0.5)
+    params, state = norm.init(4)
+    y, new = jax.jit(jax.vmap(lambda xi, mi: norm.apply(params, state, xi, train=True, axis_name="b", mask=mi),
+                              axis_name="b", out_axes=(0, None)))(jnp.asarray(x, jnp.float32), jnp.asarray(mask))
+    v = x[mask]
+    mu, var = v.mean(0), v.var(0)
+    if name == "batch_norm":
+        y_np = (x - mu) / np.sqrt(var + 1e-5)
+    else:  # r and d from the running statistics (mean 0, var 1), clipped
+        sigma = np.sqrt(var + 1e-5)
+        r = np.clip(sigma / np.sqrt(1.0 + 1e-5), 1 / 1.5, 1.5)
+        d = np.clip(mu / np.sqrt(1.0 + 1e-5), -0.5, 0.5)
+        y_np = (x - mu) / sigma * r + d
+    np.testing.assert_allclose(_a(y)[mask], y_np[mask], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(_a(new.mean), 0.2 * mu, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_a(new.var), 0.8 + 0.2 * var, rtol=1e-5)
+    with pytest.raises(ValueError, match="its mask is a scalar"):
+        jax.vmap(lambda xi: norm.apply(params, state, xi, train=True, axis_name="b", mask=jnp.ones(1, bool)),
+                 axis_name="b")(jnp.asarray(x, jnp.float32))
+
+
+def test_batch_norm_stats_of_one_example_per_call_need_the_named_axis():
+    x = jnp.asarray(np.random.default_rng(151).normal(size=(6, 3)), jnp.float32)
+    mean, var, count = jax.vmap(lambda xi: layers.batch_norm_stats(xi, axis_name="b"), axis_name="b",
+                                out_axes=None)(x)
+    np.testing.assert_allclose(_a(mean), _a(x).mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_a(var), _a(x).var(0), rtol=1e-5)
+    assert float(count) == 6.0
+    with pytest.raises(ValueError, match="rank >= 2"):
+        layers.batch_norm_stats(x[0])

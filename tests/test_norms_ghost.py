@@ -366,3 +366,74 @@ def test_ghost_one_row_groups_of_a_conv_input_reduce_over_space():
     mu, var = x.mean((1, 2), keepdims=True), x.var((1, 2), keepdims=True)
     np.testing.assert_allclose(_a(y), (x - mu) / np.sqrt(var + 1e-5), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(_a(new.var), 0.9 + 0.1 * var.mean((0, 1, 2)), rtol=1e-5)
+
+
+# --- One example per call: batch_axis_name (issue 17, item 5) ---------------------------------------------------
+
+
+@pytest.mark.parametrize("n,k,masked", [(10, 4, False), (10, 4, True), (8, 3, False), (6, 8, False)])
+def test_ghost_per_example_with_batch_axis_name_equals_the_numpy_groups(n, k, masked):
+    # Equinox's idiom: one example per call under jax.vmap(..., axis_name="batch"); the virtual batches are k
+    # consecutive indices of the named axis, exactly as k consecutive rows of the batch.
+    rng = np.random.default_rng(130 + n + k)
+    x = rng.normal(2.0, 3.0, (n, 5))
+    mask = (rng.random(n) > 0.3) if masked else None
+    if masked:
+        mask[:2] = True
+    gamma, beta = rng.normal(1.0, 0.2, 5), rng.normal(0.0, 0.2, 5)
+    mean0, var0 = rng.normal(size=5), rng.random(5) + 0.5
+    gh = layers.ghost_batch_norm(k, 0.8, 1e-5)
+    params = _bn_params(gamma, beta)
+    state = layers.BatchNormState(jnp.asarray(mean0, jnp.float32), jnp.asarray(var0, jnp.float32))
+
+    def per_example(xi, mi):
+        return gh.apply(params, state, xi, train=True, batch_axis_name="batch", mask=mi)
+
+    xs = jnp.asarray(x, jnp.float32)
+    ms = jnp.ones(n, bool) if mask is None else jnp.asarray(mask)
+    y, new = jax.jit(jax.vmap(per_example, axis_name="batch", out_axes=(0, None)))(xs, ms)
+    y_np, mean_np, var_np, _ = _np_ghost(x, k, gamma, beta, mean0, var0, momentum=0.8, eps=1e-5, mask=mask)
+    rows = np.ones(n, bool) if mask is None else mask
+    np.testing.assert_allclose(_a(y)[rows], y_np[rows], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(_a(new.mean), mean_np, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_a(new.var), var_np, rtol=1e-5, atol=1e-6)
+    # evaluation: the running statistics, per example as on the batch
+    y_eval, same = jax.vmap(lambda xi: gh.apply(params, state, xi, train=False, batch_axis_name="batch"),
+                            axis_name="batch", out_axes=(0, None))(xs)
+    np.testing.assert_allclose(_a(y_eval), _a(gh.apply(params, state, xs, train=False)[0]), rtol=1e-6)
+    np.testing.assert_array_equal(_a(same.mean), mean0.astype(np.float32))
+    np.testing.assert_array_equal(_a(same.var), var0.astype(np.float32))
+
+
+def test_ghost_per_example_channels_first_conv_examples_equal_the_batch_call():
+    # Equinox's conv activations are [C, H, W] per example: feature_axes=0, statistics over H, W and the axis.
+    rng = np.random.default_rng(140)
+    x = rng.normal(1.0, 2.0, (6, 3, 4, 5))
+    gh = layers.ghost_batch_norm(4, 0.9, 1e-5)
+    params, state = gh.init(3)
+    y, new = jax.vmap(lambda xi: gh.apply(params, state, xi, train=True, batch_axis_name="b", feature_axes=0),
+                      axis_name="b", out_axes=(0, None))(jnp.asarray(x, jnp.float32))
+    y_np, mean_np, var_np, _ = _np_ghost(np.moveaxis(x, 1, -1), 4, 1.0, 0.0, np.zeros(3), np.ones(3),
+                                         momentum=0.9, eps=1e-5)
+    np.testing.assert_allclose(np.moveaxis(_a(y), 1, -1), y_np, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(_a(new.mean), mean_np, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_a(new.var), var_np, rtol=1e-5, atol=1e-6)
+
+
+def test_ghost_per_example_refusals_name_the_problem():
+    gh = layers.ghost_batch_norm(4)
+    params, state = gh.init(3)
+    x = jnp.ones((5, 3))
+    with pytest.raises(ValueError, match=r"5 rows in groups of 4 leave a last group of one row"):
+        jax.vmap(lambda xi: gh.apply(params, state, xi, train=True, batch_axis_name="b"), axis_name="b")(x)
+    with pytest.raises(ValueError, match=r"batch_axis_name='b' is not bound"):
+        gh.apply(params, state, x[0], train=True, batch_axis_name="b")
+    with pytest.raises(ValueError, match=r"batch's named axis as batch_axis_name only"):
+        jax.vmap(lambda xi: gh.apply(params, state, xi, train=True, batch_axis_name="b", axis_name="b"),
+                 axis_name="b")(jnp.ones((8, 3)))
+    with pytest.raises(ValueError, match=r"its mask is a scalar"):
+        jax.vmap(lambda xi: gh.apply(params, state, xi, train=True, batch_axis_name="b", mask=jnp.ones(1, bool)),
+                 axis_name="b")(jnp.ones((8, 3)))
+    # rank 1 with axis_name (not batch_axis_name) is refused with the way out
+    with pytest.raises(ValueError, match=r"holds one example.*pass batch_axis_name"):
+        jax.vmap(lambda xi: gh.apply(params, state, xi, train=True, axis_name="b"), axis_name="b")(jnp.ones((8, 3)))

@@ -127,7 +127,12 @@ def _check_mask(mask: Any, x: Array, red_axes: tuple[int, ...], who: str) -> Arr
         raise TypeError(f"{who}: mask must be a boolean or 0/1 array, got dtype {dtype}")
     shape = tuple(np.shape(mask))
     ndim = len(shape)
-    if ndim == 0 or ndim > len(red_axes) or tuple(red_axes[:ndim]) != tuple(range(ndim)):
+    if not red_axes:
+        # One example per call (a per-example vmap): the mask is that example's own 0/1 flag.
+        if ndim != 0:
+            raise ValueError(f"{who}: x {tuple(x.shape)} holds one example (every axis is a feature axis), so its "
+                             f"mask is a scalar (this example valid or not), got shape {shape}")
+    elif ndim == 0 or ndim > len(red_axes) or tuple(red_axes[:ndim]) != tuple(range(ndim)):
         raise ValueError(
             f"{who}: mask of shape {shape} must cover the leading non-feature axes of x {tuple(x.shape)} "
             f"(non-feature axes {red_axes}; e.g. a mask of shape {tuple(x.shape[:1])} for rows)"
@@ -173,10 +178,14 @@ def _feature_axes(ndim: int, feature_axes: int | Sequence[int]) -> tuple[int, ..
     return tuple(sorted(out))
 
 
-def _check_input(x: Array, feature_axes: int | Sequence[int], who: str) -> tuple[int, ...]:
-    """Floating point, rank >= 2; returns the sorted, non-negative feature axes."""
+def _check_input(x: Array, feature_axes: int | Sequence[int], who: str, axis_name: Any = None) -> tuple[int, ...]:
+    """Floating point, rank >= 2 (rank >= 1 with ``axis_name``: one example per call of a per-example
+    ``jax.vmap(..., axis_name=...)``, the batch being the named axis); returns the sorted, non-negative feature
+    axes."""
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"{who}: x must be a floating-point array, got dtype {x.dtype}")
-    if x.ndim < 2:
-        raise ValueError(f"{who}: x must have a batch axis and a feature axis (rank >= 2), got shape {x.shape}")
+    if x.ndim < 1 or (x.ndim < 2 and axis_name is None):
+        raise ValueError(f"{who}: x must have a batch axis and a feature axis (rank >= 2), got shape {x.shape}; "
+                         "one example per call (rank 1) needs the batch as a named axis: call it inside "
+                         "jax.vmap(..., axis_name=...) and pass that axis_name")
     return _feature_axes(x.ndim, feature_axes)

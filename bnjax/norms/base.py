@@ -129,7 +129,7 @@ def _common_fields(self: Norm, who: str) -> None:
 
 
 def _start_apply(norm: Any, params: Any, state: Any, x: Any, train: Any, update_stats: Any, momentum: Any,
-                 feature_axes: Any, mask: Any, who: str):
+                 feature_axes: Any, mask: Any, who: str, axis_name: Any = None):
     """The checks a norm value's ``apply`` begins with: the flags (``update_stats`` defaults to ``train``), the
     momentum (the value's unless given), the input and mask. Returns ``(train, update_stats, momentum, x,
     feature axes, mask)``."""
@@ -138,6 +138,6 @@ def _start_apply(norm: Any, params: Any, state: Any, x: Any, train: Any, update_
     update_stats = train if update_stats is None else update_stats
     momentum = norm.momentum if momentum is None else momentum
     _check_hyper(momentum, norm.eps, who)
-    x, faxes, mask = _prepare(params, state, x, feature_axes, mask, who)
+    x, faxes, mask = _prepare(params, state, x, feature_axes, mask, who, axis_name)
     _check_per_feature(momentum, "momentum", tuple(x.shape[a] for a in faxes), who)
     return train, update_stats, momentum, x, faxes, mask

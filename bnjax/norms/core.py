@@ -213,8 +213,9 @@ def batch_norm_stats(
     exactly the statistics of the concatenated batch, also when shards or masks have unequal sizes.
 
     Args:
-      x: ``[N, C]``, ``[N, H, W, C]``, ... (any rank >= 2), floating point; any array-like (a float64 NumPy
-        array becomes float32 unless x64 is enabled).
+      x: ``[N, C]``, ``[N, H, W, C]``, ... (any rank >= 2; rank >= 1 with ``axis_name``: one example per call
+        of a per-example ``jax.vmap``), floating point; any array-like (a float64 NumPy array becomes float32
+        unless x64 is enabled).
       feature_axes: axis or axes that hold features (kept); all others are reduced.
       axis_name: a bound ``vmap``/``pmap``/``shard_map`` axis to reduce across, or ``None``.
       mask: optional boolean/0-1 array over the leading non-feature axes (``[N]`` for rows), True = valid.
@@ -230,7 +231,7 @@ def batch_norm_stats(
     """
     who = "batch_norm_stats"
     x = _as_input(x, who)
-    faxes = _check_input(x, feature_axes, who)
+    faxes = _check_input(x, feature_axes, who, axis_name)
     red_axes = tuple(a for a in range(x.ndim) if a not in faxes)
     if mask is not None:
         mask = _check_mask(mask, x, red_axes, who)
@@ -242,8 +243,9 @@ def batch_norm_stats(
 def _batch_stats(x: Array, faxes: tuple[int, ...], axis_name: Any, mask: Array | None) -> tuple[Array, Array, Array]:
     """``batch_norm_stats`` on a checked input and mask."""
     red_axes = tuple(a for a in range(x.ndim) if a not in faxes)
-    if not red_axes:
-        raise ValueError(f"batch_norm: every axis of x {x.shape} is a feature axis; nothing to reduce over")
+    if not red_axes and axis_name is None:
+        raise ValueError(f"batch_norm: every axis of x {x.shape} is a feature axis; nothing to reduce over (one "
+                         "example per call needs the batch as a named axis: jax.vmap(..., axis_name=...))")
     stat_dtype = jnp.promote_types(x.dtype, jnp.float32)
     xs = x.astype(stat_dtype)
 
@@ -364,10 +366,10 @@ def _check_state(state: Any, who: str) -> None:
                         "BatchNormState (mean, var): build the state with this norm's init")
 
 
-def _prepare(params: Any, state: Any, x: Any, feature_axes: Any, mask: Any, who: str):
+def _prepare(params: Any, state: Any, x: Any, feature_axes: Any, mask: Any, who: str, axis_name: Any = None):
     """The input checks every norm's ``apply`` makes: returns ``(x, feature axes, mask)``."""
     x = _as_input(x, who)
-    faxes = _check_input(x, feature_axes, who)
+    faxes = _check_input(x, feature_axes, who, axis_name)
     feature_shape = tuple(x.shape[a] for a in faxes)
     for name, v in (("gamma", params.gamma), ("beta", params.beta), ("running mean", state.mean),
                     ("running var", state.var)):
@@ -409,7 +411,9 @@ def batch_norm_apply(
       params: from ``batch_norm_init``.
       state: running statistics from ``batch_norm_init`` or a previous call; floating point.
       x: ``[N, C]`` or ``[N, H, W, C]`` (any rank >= 2), floating point; any array-like (a float64 NumPy
-        array becomes float32 unless x64 is enabled). bf16/float16 inputs are normalised with float32
+        array becomes float32 unless x64 is enabled). With ``axis_name``, one example per call is allowed
+        (Equinox's per-example ``jax.vmap(..., axis_name=...)``): ``x`` of shape ``[C]`` (or ``[H, W, C]`` with
+        ``feature_axes=-1``), the batch being the named axis. bf16/float16 inputs are normalised with float32
         statistics and returned in their own dtype.
       train: the book's ``train_flg``, a Python bool, keyword-only and required. Sets the defaults of the next
         two flags: True -> normalise with batch statistics and update the running ones; False -> normalise
@@ -451,7 +455,7 @@ def batch_norm_apply(
     use_batch_stats = train if use_batch_stats is None else use_batch_stats
     update_stats = train if update_stats is None else update_stats
     _check_hyper(momentum, eps, who)
-    x, faxes, mask = _prepare(params, state, x, feature_axes, mask, who)
+    x, faxes, mask = _prepare(params, state, x, feature_axes, mask, who, axis_name)
     _check_per_feature(momentum, "momentum", tuple(x.shape[a] for a in faxes), who)
 
     new_state = state

@@ -9,8 +9,9 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
-from bnjax.norms._checks import _is_bool
+from bnjax.norms._checks import _check_mask, _is_bool
 from bnjax.norms.base import Norm, _common_fields, _start_apply
 from bnjax.norms.batch_norm import BatchNorm
 from bnjax.norms.core import (CONVENTIONS, BatchNormState, _batch_stats, _check_state, _normalize, _psum,
@@ -43,7 +44,7 @@ class GhostBatchNorm(Norm):
     init = BatchNorm.init
 
     def apply(self, params, state, x, *, train, momentum=None, mask=None, axis_name=None, update_stats=None,
-              feature_axes=-1):
+              feature_axes=-1, batch_axis_name=None):
         """Training: each group of ``virtual_batch_size`` consecutive rows (axis 0) is normalised with its own
         statistics; evaluation: the running statistics only (never virtual batches).
 
@@ -57,13 +58,19 @@ class GhostBatchNorm(Norm):
         The groups are made of axis 0 of each call, never across ``axis_name``: a group with one value per
         feature (one row of ``[N, C]``) has variance 0 and would normalise to ``beta``, so a call whose groups
         include one is refused. That is the case of a per-example ``jax.vmap(..., axis_name=...)`` (Equinox's
-        style: each call holds one example): apply Ghost BN to the batch instead. A conv layer's example
+        style: each call holds one example) called with ``axis_name``: pass ``batch_axis_name`` instead (below),
+        or apply Ghost BN to the batch. A conv layer's example
         ``[H, W, C]`` called per example would be grouped along H; give the batch ``[N, H, W, C]``.
 
         Args:
           params, state: from ``init``.
           x, train, momentum, mask, axis_name, update_stats, feature_axes: as ``BatchRenorm.apply`` (without
             ``r_max``/``d_max``); feature axes must not include axis 0.
+          batch_axis_name: one example per call: the named ``jax.vmap`` axis that holds the batch's rows (then
+            ``axis_name`` must be ``None``, ``x`` is one example, any rank >= 1, ``mask`` a scalar). The groups
+            are ``virtual_batch_size`` consecutive indices of that axis (``lax.axis_index``), the last one
+            smaller, exactly as the rows of a batch ``[N, ...]``; the same numbers as the batch call up to
+            rounding (the sums are taken across the axis).
 
         Returns:
           ``(y, new_state)``.
@@ -75,6 +82,14 @@ class GhostBatchNorm(Norm):
         """
         who = "ghost_batch_norm.apply"
         _check_state(state, who)
+        if batch_axis_name is not None:
+            return self._apply_per_example(params, state, x, train, momentum, mask, axis_name, update_stats,
+                                           feature_axes, batch_axis_name, who)
+        if np.ndim(x) == 1:
+            raise ValueError(f"{who}: x of shape {np.shape(x)} holds one example; the virtual batches are made of "
+                             "axis 0 of each call, never across a named axis, so a per-example jax.vmap(..., "
+                             "axis_name=...) cannot use Ghost BN that way: pass batch_axis_name=<that axis> (and no axis_name) for groups of "
+                             "consecutive examples of the named axis, or apply it to the batch [N, ...]")
         train, update_stats, momentum, x, faxes, mask = _start_apply(
             self, params, state, x, train, update_stats, momentum, feature_axes, mask, who)
         if 0 in faxes:
@@ -92,6 +107,46 @@ class GhostBatchNorm(Norm):
         else:
             y, pooled = self._groups(params, x, faxes, mask, axis_name)
         _refuse_overflow(x, mask, faxes, pooled[0], pooled[1], who)
+        new_state = state
+        if update_stats:
+            new_mean, new_var, _ = _running_update(state, *pooled, momentum)
+            new_state = BatchNormState(mean=new_mean, var=new_var)
+        if not train:
+            y = _normalize(x, state.mean, state.var, params.gamma, params.beta, self.eps, faxes)
+        return y, new_state
+
+    def _apply_per_example(self, params, state, x, train, momentum, mask, axis_name, update_stats, feature_axes,
+                           name, who):
+        """``apply`` with one example per call, the batch's rows being the named axis ``name``."""
+        if axis_name is not None:
+            raise ValueError(f"{who}: give the batch's named axis as batch_axis_name only (axis_name={axis_name!r} "
+                             f"with batch_axis_name={name!r}); virtual batches across devices are not formed")
+        train, update_stats, momentum, x, faxes, _ = _start_apply(
+            self, params, state, x, train, update_stats, momentum, feature_axes, None, who, name)
+        if mask is not None:
+            if np.ndim(mask) != 0:
+                raise ValueError(f"{who}: with batch_axis_name each call holds one example, so its mask is a scalar "
+                                 f"(this example valid or not), got shape {np.shape(mask)}")
+            mask = _check_mask(jnp.reshape(mask, (1,)), x[None], (0,), who)[0].astype(bool)
+        if not train and not update_stats:
+            return _normalize(x, state.mean, state.var, params.gamma, params.beta, self.eps, faxes), state
+        try:
+            n = int(lax.psum(1, name))  # the batch size; a Python int under vmap
+        except NameError as err:
+            raise ValueError(f"{who}: batch_axis_name={name!r} is not bound: call it inside "
+                             f"jax.vmap(..., axis_name={name!r})") from err
+        k = min(self.virtual_batch_size, n)
+        self._check_groups((n,) + tuple(x.shape), tuple(a + 1 for a in faxes), name, who)
+        group = lax.axis_index(name) // k
+        valid = jnp.ones((), bool) if mask is None else mask
+
+        def group_stats(j):
+            # The rows of group j, reduced across the named axis: batch norm's own statistics under a mask.
+            return _batch_stats(x, faxes, name, valid & (group == j))
+
+        means, variances, counts = jax.vmap(group_stats)(jnp.arange(-(-n // k)))
+        y = _normalize(x, means[group], variances[group], params.gamma, params.beta, self.eps, faxes)
+        pooled = _pool(means, variances, counts, None)  # already summed across the axis
         new_state = state
         if update_stats:
             new_mean, new_var, _ = _running_update(state, *pooled, momentum)
@@ -141,12 +196,18 @@ class GhostBatchNorm(Norm):
         yg, (means, variances, counts) = jax.vmap(one)(xg, mg) if mg is not None else \
             jax.vmap(lambda xi: one(xi, None))(xg)
         y = yg.reshape(num_groups * k, *x.shape[1:])[:n]
-        w = counts.reshape((num_groups,) + (1,) * (means.ndim - 1))
-        sums = (jnp.sum(w * means, axis=0), jnp.sum(w * variances, axis=0), jnp.sum(counts))
-        if axis_name is not None:
-            sums = _psum(sums, axis_name)
-        total = jnp.maximum(sums[2], 1.0)
-        return y, (sums[0] / total, sums[1] / total, sums[2])
+        return y, _pool(means, variances, counts, axis_name)
+
+
+def _pool(means, variances, counts, axis_name):
+    """The running update's statistics from the groups' ``[G, ...]`` ones: the count-weighted mean of the group
+    means and of the group variances, and the total count (summed over ``axis_name`` if given)."""
+    w = counts.reshape((counts.shape[0],) + (1,) * (means.ndim - 1))
+    sums = (jnp.sum(w * means, axis=0), jnp.sum(w * variances, axis=0), jnp.sum(counts))
+    if axis_name is not None:
+        sums = _psum(sums, axis_name)
+    total = jnp.maximum(sums[2], 1.0)
+    return sums[0] / total, sums[1] / total, sums[2]
 
 
 def ghost_batch_norm(

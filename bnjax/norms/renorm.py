@@ -175,7 +175,7 @@ class BatchRenorm(Norm):
             raise TypeError(f"{who}: state must be a BatchRenormState (from batch_renorm(...).init), got "
                             f"{type(state).__name__}; Batch Renorm counts its updates for the warm-up")
         train, update_stats, momentum, x, faxes, mask = _start_apply(
-            self, params, state, x, train, update_stats, momentum, feature_axes, mask, who)
+            self, params, state, x, train, update_stats, momentum, feature_axes, mask, who, axis_name)
         if not train and not update_stats:
             return _normalize(x, state.mean, state.var, params.gamma, params.beta, self.eps, faxes), state
         mean_b, var_b, count = _batch_stats(x, faxes, axis_name, mask)
