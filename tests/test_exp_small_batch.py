@@ -169,6 +169,8 @@ def test_measurements_after_training_are_the_models_own(tmp_path):
     # ghost BN with groups as large as the batch is batch norm: the same models, bit for bit
     for m in ("train_accuracy", "heldout_accuracy"):
         np.testing.assert_array_equal(result.metrics[m]["ghost@12"], result.metrics[m]["batchnorm@12"])
+    # jitted once per network (eager op-by-op dispatch made this loop most of the test's time)
+    apply = jax.jit(model.apply, static_argnums=0, static_argnames="train")
     for name in ("batchnorm@3", "renorm@3", "ghost@3"):
         arm = config.arms[name]
         net = config.network(arm, 784)
@@ -178,7 +180,7 @@ def test_measurements_after_training_are_the_models_own(tmp_path):
             state = jax.tree_util.tree_map(lambda l: l[s], result.final[name].state)
             right = 0
             for i in range(60 // b):  # training mode, the training images in order, batches of the arm's size
-                logits, _ = model.apply(net, params, state, ds.x_train[i * b:(i + 1) * b], train=True)
+                logits, _ = apply(net, params, state, ds.x_train[i * b:(i + 1) * b], train=True)
                 right += int(np.sum(np.argmax(np.asarray(logits), -1) == ds.t_train[i * b:(i + 1) * b]))
             assert post[name]["train_mode"][s] == pytest.approx(right / 60)
             assert post[name]["eval_mode"][s] == pytest.approx(

@@ -554,6 +554,21 @@ def test_rank_1_examples_under_a_named_vmap_equal_the_numpy_batch(name, masked):
     np.testing.assert_allclose(_a(y)[mask], y_np[mask], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(_a(new.mean), 0.2 * mu, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(_a(new.var), 0.8 + 0.2 * var, rtol=1e-5)
+    # gradients too (jax 0.7 could not transpose the masked per-example psum): equal to the batch call's
+    weights = jnp.asarray(rng.normal(size=(9, 4)), jnp.float32)
+
+    def per_example_loss(xs):
+        ys, _ = jax.vmap(lambda xi, mi: norm.apply(params, state, xi, train=True, axis_name="b", mask=mi),
+                         axis_name="b")(xs, jnp.asarray(mask))
+        return jnp.sum(ys * weights * jnp.asarray(mask)[:, None])
+
+    def batch_loss(xs):
+        ys, _ = norm.apply(params, state, xs, train=True, mask=jnp.asarray(mask))
+        return jnp.sum(ys * weights * jnp.asarray(mask)[:, None])
+
+    xs = jnp.asarray(x, jnp.float32)
+    np.testing.assert_allclose(_a(jax.jit(jax.grad(per_example_loss))(xs)), _a(jax.grad(batch_loss)(xs)),
+                               rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="its mask is a scalar"):
         jax.vmap(lambda xi: norm.apply(params, state, xi, train=True, axis_name="b", mask=jnp.ones(1, bool)),
                  axis_name="b")(jnp.asarray(x, jnp.float32))

@@ -266,7 +266,10 @@ def _batch_stats(x: Array, faxes: tuple[int, ...], axis_name: Any, mask: Array |
 
     total, count = wsum(xs), local_count
     if axis_name is not None:
-        total, count = _psum((total, count), axis_name)
+        # Two psums, not one over the pair: the count depends on the mask only, and jax 0.7's transpose of a psum
+        # that mixes a linear operand with a constant one per named-axis example fails (an AssertionError in
+        # grad through a masked per-example vmap).
+        total, count = _psum(total, axis_name), _psum(count, axis_name)
     # A fully masked batch has count 0; divide by 1 instead and let the caller skip the update.
     safe_count = jnp.maximum(count, 1.0)
     mean = total / safe_count

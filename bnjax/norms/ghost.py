@@ -140,11 +140,10 @@ class GhostBatchNorm(Norm):
         group = lax.axis_index(name) // k
         valid = jnp.ones((), bool) if mask is None else mask
 
-        def group_stats(j):
-            # The rows of group j, reduced across the named axis: batch norm's own statistics under a mask.
-            return _batch_stats(x, faxes, name, valid & (group == j))
-
-        means, variances, counts = jax.vmap(group_stats)(jnp.arange(-(-n // k)))
+        # The rows of group j, reduced across the named axis: batch norm's own statistics under a mask. One call
+        # per group, not a jax.vmap over groups: a psum inside an inner vmap has no transpose in jax 0.7.
+        stats = [_batch_stats(x, faxes, name, valid & (group == j)) for j in range(-(-n // k))]
+        means, variances, counts = (jnp.stack(v) for v in zip(*stats))
         y = _normalize(x, means[group], variances[group], params.gamma, params.beta, self.eps, faxes)
         pooled = _pool(means, variances, counts, None)  # already summed across the axis
         new_state = state
