@@ -56,6 +56,8 @@ class Section:
       argv: the experiment's own arguments in this section (e.g. ``--model convnet``), before ``--quick``'s.
       size: arguments that set its size, given only without ``--quick`` (whose own sizes replace them).
       label: what the section adds to the experiment's title (empty for its defaults).
+      quick: arguments given after the experiment's own ``quick`` ones under the report's ``--quick``: a smaller
+        check of the same pipeline where the report runs it (the experiment's own quick run is tested alone).
     """
 
     name: str
@@ -63,6 +65,7 @@ class Section:
     argv: tuple[str, ...] = ()
     size: tuple[str, ...] = ()
     label: str = ""
+    quick: tuple[str, ...] = ()
 
     @property
     def experiment(self) -> protocol.Experiment:
@@ -78,11 +81,14 @@ class Section:
 # Each reported experiment at its defaults, then claims 1 and 2 again on the book's ch. 7 conv net. A conv net
 # step costs ~10x an MLP step on a CPU, so these run one seed over fewer points (each ~2 min on 2 cores); the
 # experiments themselves keep their defaults with --model convnet.
-SECTIONS = (*(Section(e.name, e.name) for e in ENTRIES if e.in_report),
+# Under the report's --quick, the costliest sections shrink further (REPORT_QUICK): one batch size, one seed.
+REPORT_QUICK = {"small_batch": ("--batch-sizes", "4", "--reference-batch", "4")}
+SECTIONS = (*(Section(e.name, e.name, quick=REPORT_QUICK.get(e.name, ())) for e in ENTRIES if e.in_report),
             Section("learning_rate_convnet", "learning_rate", ("--model", "convnet"),
-                    ("--lrs", "0.001,0.01,0.1,1,10", "--num-seeds", "1"), "SimpleConvNet"),
+                    ("--lrs", "0.001,0.01,0.1,1,10", "--num-seeds", "1"), "SimpleConvNet",
+                    ("--num-seeds", "1", "--train-size", "100", "--probe-steps", "2")),
             Section("init_convnet", "init", ("--model", "convnet"), ("--num-scales", "8", "--num-seeds", "1"),
-                    "SimpleConvNet"))
+                    "SimpleConvNet", ("--num-seeds", "1")))
 REPORTED = tuple(s.name for s in SECTIONS)
 
 # The commands beside the experiments, listed after them in the README's table: (name, what it answers, time).

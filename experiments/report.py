@@ -155,7 +155,7 @@ def experiment_argv(args: argparse.Namespace, name: str) -> list[str]:
     Returns:
       Its arguments: the output folder (``DIR/.staging/<name>``, swapped in at the end), ``--resume`` when the
       report resumes and that folder exists, seed, data and process options, and with ``--quick`` its
-      ``quick`` options last.
+      ``quick`` options last, then the section's own (``registry.Section.quick``).
     """
     staged = args.out / STAGING / name
     argv = ["--out", str(staged), "--seed", str(args.seed), "--data", args.data]
@@ -169,7 +169,7 @@ def experiment_argv(args: argparse.Namespace, name: str) -> list[str]:
     if args.cpu_devices is not None:
         argv += ["--cpu-devices", str(args.cpu_devices)]
     part = registry.section(name)
-    return argv + list(part.argv) + list(part.experiment.quick if args.quick else part.size)
+    return argv + list(part.argv) + (list(part.experiment.quick + part.quick) if args.quick else list(part.size))
 
 
 def _command(name: str) -> str:

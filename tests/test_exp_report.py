@@ -57,6 +57,8 @@ def test_report_has_every_section_figure_and_verdict(quick_report):
         experiment = part.experiment
         assert f"## {part.title}\n\n{experiment.question}\n\n`python -m {' '.join(['experiments.' + part.module, *part.argv, *part.size])}`" in text
         results = json.loads((quick_report / name / "results.json").read_text())
+        if name == "small_batch":  # the section's own quick options reached the run: one batch size
+            assert results["batch_sizes"] == [int(part.quick[part.quick.index("--batch-sizes") + 1])]
         assert "verdict" in results
         # the section's own arguments reached its run (the conv-net sections trained the conv net)
         assert results["config"].get("model", "mlp") == ("convnet" if "convnet" in part.argv else "mlp"), name
@@ -177,6 +179,11 @@ def test_rerun_without_reuse_and_what_each_experiment_is_given(quick_report):
     assert "--resume" not in argv
     quick = report.experiment_argv(report.parse_args(["--quick", "--overwrite", "--out", str(quick_report)]), "init")
     assert quick[-len(registry.experiment("init").quick):] == list(registry.experiment("init").quick)
+    # a section's own quick options come after its experiment's, so they win
+    part = registry.section("small_batch")
+    assert part.quick
+    sb = report.experiment_argv(report.parse_args(["--quick", "--overwrite", "--out", str(quick_report)]), "small_batch")
+    assert sb[-len(part.experiment.quick + part.quick):] == list(part.experiment.quick + part.quick)
 
 
 def test_bad_options_exit_2(capsys):
