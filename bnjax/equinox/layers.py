@@ -193,8 +193,9 @@ class BatchNorm(_RunningNorm):
     statistics) with the same ``momentum`` and ``eps``.
 
     ``momentum`` defaults to 0.9, bnjax's, not Equinox's 0.99: on short runs a 0.99 running average lags the
-    weights, so evaluation normalises with statistics of weights long gone (issue 17 measured Flax's
-    ``nn.BatchNorm`` on MNIST after 200 steps: 0.739 held-out at 0.99 against 0.939 at 0.9). ``eps`` is
+    weights, so evaluation normalises with statistics of weights long gone (docs/frameworks.md: in
+    docs/examples/flax_renorm.py, 300 steps of 4 images, Flax's ``nn.BatchNorm`` ends at 0.836 held-out accuracy
+    with 0.99 and 0.844 with 0.9). ``eps`` is
     Equinox's 1e-5.
 
     Attributes:
