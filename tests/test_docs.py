@@ -77,6 +77,16 @@ def _check_data(out: str) -> None:
     assert counts == "[99, 106, 102, 92, 82, 117, 89, 107, 105, 101] bundled", out  # test_data's oracle
 
 
+def _check_linen(out: str) -> None:
+    steps, diff = out.strip().splitlines()
+    assert steps == "Batch Renorm updates counted: 3", out
+    assert diff.startswith("largest difference from bnjax.layers") and _number_after_colon(diff) < 1e-6, out
+
+
+def _check_equinox(out: str) -> None:
+    assert out.startswith("largest difference from bnjax.layers") and _number_after_colon(out) < 1e-5, out
+
+
 CHECKS = {
     ("README.md", "def train_step(params, state, opt_state"): _check_research,
     ("README.md", "batch_renorm"): _check_norms_readme,
@@ -85,6 +95,8 @@ CHECKS = {
     ("docs/norms.md", "conv_general_dilated"): _check_conv,
     ("docs/norms.md", "shard_map"): _check_data_parallel,
     ("docs/data.md", "load_bundled"): _check_data,
+    ("docs/frameworks.md", "bnn.BatchRenorm"): _check_linen,
+    ("docs/frameworks.md", "bnjax.equinox.GhostBatchNorm"): _check_equinox,
 }
 
 
@@ -205,7 +217,7 @@ def test_experiments_table_names_existing_experiments():
 # docs/api.md against the library
 # ------------------------------------------------------------------------------------------------
 
-API_MODULES = ("layers", "norms", "model", "convnet", "networks", "train", "grid", "data", "claims")
+API_MODULES = ("layers", "norms", "model", "convnet", "networks", "train", "grid", "data", "claims", "flax", "equinox")
 
 
 def _api_sections() -> dict[str, str]:
