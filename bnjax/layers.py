@@ -30,8 +30,8 @@ import jax.numpy as jnp
 from bnjax.norms import (CONVENTIONS, BatchNorm, BatchNormParams, BatchNormState, BatchRenorm, BatchRenormState,
                          GhostBatchNorm, GroupNorm, GroupNormState, LayerNorm, Norm, batch_norm, batch_norm_apply,
                          batch_norm_init, batch_norm_stats, batch_renorm, batch_statistics_as_state, book_batch_norm,
-                         fold_batch_norm, fold_conv_batch_norm, ghost_batch_norm, group_norm, layer_norm,
-                         recalibrate_norm, renorm_schedule, torch_batch_norm_to_bnjax)
+                         fold_batch_norm, fold_conv_batch_norm, ghost_batch_norm, group_norm, identity_running_var,
+                         layer_norm, recalibrate_norm, renorm_schedule, torch_batch_norm_to_bnjax)
 
 Array = jax.Array
 
@@ -75,6 +75,7 @@ __all__ = [
     "recalibrate_norm",
     "fold_batch_norm",
     "fold_conv_batch_norm",
+    "identity_running_var",
 ]
 
 

@@ -208,3 +208,23 @@ def test_fold_names_the_stale_statistic_and_what_it_expects():
         layers.fold_conv_batch_norm({"kernel": jnp.ones((1, 1, 2, 4))}, None, bn, params, state)
     with pytest.raises(TypeError, match="fold_conv_batch_norm: bias must be an array, got dict"):
         layers.fold_conv_batch_norm(jnp.ones((1, 1, 2, 4)), {"b": 0.0}, bn, params, state)
+
+
+@pytest.mark.parametrize("eps", [1e-5, 1e-6, 1e-7, 1e-3, 0.3])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, jnp.bfloat16])
+def test_identity_running_var_adds_up_to_one_exactly(eps, dtype):
+    v = layers.identity_running_var(eps, dtype)
+    assert v.dtype == np.dtype(dtype) and v + np.asarray(eps, dtype) == np.asarray(1.0, dtype)
+    with pytest.raises(ValueError, match="needs 0 < eps < 1"):
+        layers.identity_running_var(1.0, dtype)
+
+
+@pytest.mark.parametrize("eps", [1e-5, 1e-6, 0.3])
+def test_a_norm_with_the_identity_running_var_returns_its_input_bit_for_bit(eps):
+    # What the Flax and Equinox folds leave in a model: mean 0, gamma 1, beta 0 and v + eps == 1 exactly.
+    norm = layers.batch_norm(0.9, eps)
+    params, state = norm.init(3)
+    state = state._replace(mean=jnp.zeros(3), var=jnp.full((3,), layers.identity_running_var(eps)))
+    x = jnp.asarray(np.random.default_rng(7).normal(size=(5, 3)) * 100, jnp.float32)
+    y, _ = norm.apply(params, state, x, train=False)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(x))

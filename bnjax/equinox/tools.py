@@ -14,12 +14,11 @@ from typing import Any, Callable, Sequence
 import equinox as eqx
 import jax.numpy as jnp
 import jax.tree_util as jtu
-import numpy as np
 
 from bnjax.equinox.group import _ExampleNorm
 from bnjax.equinox.layers import _RunningNorm
 from bnjax.layers import AffineParams
-from bnjax.norms import BatchNormParams, fold_batch_norm, fold_conv_batch_norm
+from bnjax.norms import BatchNormParams, fold_batch_norm, fold_conv_batch_norm, identity_running_var
 from bnjax.norms import recalibrate as _recalibrate_network
 
 __all__ = ["recalibrate", "fold"]
@@ -156,19 +155,6 @@ def _sequential_pairs(model: Any) -> list:
     return pairs
 
 
-def _unit_var(eps: float, dtype: Any) -> Any:
-    """A variance ``v`` of ``dtype`` with ``v + eps == 1`` exactly in that dtype, so ``rsqrt(v + eps)`` is 1."""
-    dtype = np.dtype(dtype)
-    e, one = dtype.type(eps), dtype.type(1.0)
-    v = one - e
-    for _ in range(16):  # 1 - eps is within a few units in the last place
-        total = v + e
-        if total == one:
-            return v
-        v = np.nextafter(v, dtype.type(-np.inf) if total > one else dtype.type(np.inf))
-    raise AssertionError(f"no float {dtype} variance makes v + {eps} exactly 1")  # not reached for 0 < eps < 1
-
-
 def _fold_pair(layer: Any, norm: _RunningNorm, stats: Any, who: str) -> tuple:
     """The folded layer, the identity norm and its new running statistics."""
     if not 0.0 < norm.eps < 1.0:
@@ -189,7 +175,7 @@ def _fold_pair(layer: Any, norm: _RunningNorm, stats: Any, who: str) -> tuple:
     else:  # no bias to hold the shift: the norm adds it, as x - mean with mean = -shift
         layer = eqx.tree_at(lambda lay: lay.weight, layer, weight)
         mean = -bias.astype(dtype)
-    var = jnp.full(stats.var.shape, _unit_var(norm.eps, dtype), dtype)
+    var = jnp.full(stats.var.shape, identity_running_var(norm.eps, dtype), dtype)
     if norm.weight is not None:
         norm = eqx.tree_at(lambda n: n.weight, norm, jnp.ones_like(norm.weight))
     if norm.bias is not None:

@@ -35,27 +35,6 @@ class FoldReport(NamedTuple):
     skipped: tuple[tuple[str, str], ...]
 
 
-def identity_var(epsilon: float, dtype: Any = jnp.float32) -> np.ndarray:
-    """The running variance ``v`` (in ``dtype``) with ``v + epsilon == 1`` exactly in ``dtype``.
-
-    Args:
-      epsilon: the norm's epsilon.
-      dtype: the running statistics' dtype.
-
-    Returns:
-      ``v`` as a NumPy scalar of ``dtype``.
-    """
-    dt = np.dtype(dtype)
-    one, eps = dt.type(1), dt.type(epsilon)
-    v = one - eps
-    for _ in range(8):  # rounding leaves v + eps at most a few ulps from 1
-        total = dt.type(v + eps)
-        if total == one:
-            break
-        v = np.nextafter(v, dt.type(-np.inf) if total > one else dt.type(np.inf), dtype=dt)
-    return np.asarray(v, dt)
-
-
 def _fold_pair(kind: str, kernel: Any, bias: Any, norm: Any, nparams: Any, nstate: Any) -> tuple[Any, Any]:
     """bnjax's fold of one pair: ``(kernel, bias)`` (the bias always present)."""
     if kind == "dense":
@@ -76,7 +55,7 @@ def _identity(nparams: Any, nstate: Any, eps: float, offset: Any) -> tuple[dict,
         p["bias"] = jnp.zeros_like(nparams.beta) if offset is None else offset.astype(nparams.beta.dtype)
     s = dict(nstate._asdict())
     s["mean"] = jnp.zeros_like(nstate.mean)
-    s["var"] = jnp.full_like(nstate.var, identity_var(eps, nstate.var.dtype))
+    s["var"] = jnp.full_like(nstate.var, layers.identity_running_var(eps, nstate.var.dtype))
     return p, s
 
 

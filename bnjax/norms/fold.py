@@ -154,3 +154,33 @@ def _fold_scale_shift(norm, bn_params, bn_state, num_out, who, weights, bias):
     if bn_params.beta is not None:
         shift = shift + bn_params.beta.astype(dt)
     return scale, shift
+
+
+def identity_running_var(eps: float, dtype: Any = jnp.float32) -> np.ndarray:
+    """The running variance ``v`` with ``v + eps == 1`` exactly in ``dtype``.
+
+    With running mean 0, ``gamma`` 1 and ``beta`` 0, a norm then returns its input bit for bit in evaluation
+    (``rsqrt(v + eps)`` is exactly 1): how the Flax and Equinox tools leave a norm in a model as the identity
+    once it is folded into the layer before it (a framework model's call is code, so the layer stays).
+
+    Args:
+      eps: the norm's eps, in (0, 1).
+      dtype: the running statistics' floating dtype.
+
+    Returns:
+      ``v`` as a NumPy scalar array of ``dtype``.
+
+    Raises:
+      ValueError: ``eps`` not in (0, 1).
+    """
+    if not 0.0 < float(eps) < 1.0:
+        raise ValueError(f"identity_running_var: a variance v with v + eps == 1 needs 0 < eps < 1, got eps={eps!r}")
+    dt = np.dtype(dtype)
+    one, e = dt.type(1.0), dt.type(eps)
+    v = one - e
+    for _ in range(16):  # 1 - eps rounds to within a few units in the last place of the answer
+        total = dt.type(v + e)
+        if total == one:
+            break
+        v = np.nextafter(v, dt.type(-np.inf) if total > one else dt.type(np.inf), dtype=dt)
+    return np.asarray(v, dt)
