@@ -247,6 +247,27 @@ def test_fold_linen_keeps_outputs_and_makes_the_norms_identity():
     _close(new["batch_stats"]["BatchNorm_1"], v["batch_stats"]["BatchNorm_1"], rtol=0, atol=0)  # left alone
 
 
+class _SharedDense(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool):
+        dense = nn.Dense(4)  # one layer called twice: folding one norm into it would change the other call
+        a = bnn.BatchNorm(use_running_average=not train)(dense(x))
+        b = bnn.BatchNorm(use_running_average=not train)(dense(x * 2.0))
+        return a + b
+
+
+def test_fold_linen_leaves_a_norm_after_a_shared_layer_alone():
+    x = jnp.asarray(_rng(6).normal(size=(8, 3)), jnp.float32)
+    model = _SharedDense()
+    v = _init(model, x, train=False)
+    v = {**v, **model.apply(v, x, train=True, mutable=["batch_stats"])[1]}
+    new, report = tools.fold_linen(model.apply, v, x, train=False)
+    assert report.folded == ()
+    assert [name for name, _ in report.skipped] == ["BatchNorm_0", "BatchNorm_1"]
+    assert all("called more than once" in why for _, why in report.skipped), report.skipped
+    _close(new["params"], v["params"], rtol=0, atol=0)
+
+
 def test_fold_nnx_keeps_outputs_and_the_original_model():
     rng = _rng(6)
     model = _NNXNet(nnx.Rngs(0))
